@@ -1,0 +1,263 @@
+"""Hybrid decoder layers: a pretrained LLM attention block plus gated cross-attention to slow tokens.
+
+Design doc section 1.5. A chosen decoder layer keeps every pretrained weight under its own name;
+its `self_attn` is swapped for a `HybridAttention` that adopts the original projections and adds
+three new parameters (the torchtune "fusion layer" pattern):
+
+    self_attn.cross_attn_kv_proj      Linear(D, 2 * kv_heads * head_dim), rows laid out per kv-head
+                                      as (head, [key | value], head_dim), as in the reference weights
+    self_attn.cross_attn_gate_proj.0  Linear(heads * head_dim, 1)      (gate "tanh-warmup" only)
+    self_attn.cross_attn_warm_up_gate scalar, initialised to 0          (gate "tanh-warmup" only)
+
+Slow tokens travel through the forward call inside a `SlowCache`, which also caches their
+projected keys/values per layer for the whole of a generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
+
+from ..config import SlowFastConfig
+
+CROSS_ATTN_PARAM_PREFIXES = ("cross_attn_kv_proj", "cross_attn_gate_proj", "cross_attn_warm_up_gate")
+
+
+@dataclass
+class SlowCache:
+    """The slow tokens of a batch and, when `cache_kv`, their projected keys/values per hybrid layer.
+
+    Attributes:
+        tokens: `(B, N, D)` projected slow tokens, zero-padded to the longest sample.
+        mask: `(B, N)` bool, True at real slow tokens.
+        cache_kv: keep each layer's keys/values after their first computation (generation).
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    cache_kv: bool = True
+    key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def has_slow(self) -> torch.Tensor:
+        """`(B,)` bool: which samples have any slow token."""
+        return self.mask.any(dim=1)
+
+    def get(self, layer_idx: int, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once."""
+        if layer_idx in self.key_values:
+            return self.key_values[layer_idx]
+        key_value = project(self.tokens)
+        if self.cache_kv:
+            self.key_values[layer_idx] = key_value
+        return key_value
+
+    def select(self, index: torch.Tensor) -> SlowCache:
+        """The cache of the batch rows `index` (beam reordering, batch expansion)."""
+        return SlowCache(
+            tokens=self.tokens.index_select(0, index),
+            mask=self.mask.index_select(0, index),
+            cache_kv=self.cache_kv,
+            key_values={
+                i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.key_values.items()
+            },
+        )
+
+
+class HybridAttention(nn.Module):
+    """A Llama-family attention block (Qwen2/2.5/3, Llama, Mistral) with a slow-token cross-attention branch.
+
+    Built from an existing attention module, whose submodules (q/k/v/o projections, Qwen3's q/k
+    norms) it adopts under their original names. `slow_norm` is the decoder layer's
+    `input_layernorm`, shared with the self-attention input (design 1.5.1); it is held outside the
+    module tree so that its weight keeps its single name.
+    """
+
+    def __init__(self, attention: nn.Module, slow_norm: nn.Module, config: SlowFastConfig):
+        super().__init__()
+        for name, child in attention.named_children():
+            self.add_module(name, child)
+        for name in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout"):
+            setattr(self, name, getattr(attention, name))
+        self.is_causal = True
+        self.sliding_window = getattr(attention, "sliding_window", None)
+        self._slow_norm = (slow_norm,)
+        self.gate_type = config.gate_type
+
+        hidden_size = self.q_proj.in_features
+        self.num_heads = self.q_proj.out_features // self.head_dim
+        self.num_kv_heads = self.k_proj.out_features // self.head_dim
+        device, dtype = self.q_proj.weight.device, self.q_proj.weight.dtype
+        self.cross_attn_kv_proj = nn.Linear(
+            hidden_size, 2 * self.num_kv_heads * self.head_dim, bias=True, device=device, dtype=dtype
+        )
+        if self.gate_type == "tanh-warmup":
+            self.cross_attn_gate_proj = nn.Sequential(
+                nn.Linear(self.num_heads * self.head_dim, 1, device=device, dtype=dtype)
+            )
+            self.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
+
+    @property
+    def slow_norm(self) -> nn.Module:
+        return self._slow_norm[0]
+
+    @torch.no_grad()
+    def reset_cross_parameters(self, init_from_lm: bool, std: float = 0.02) -> None:
+        """Initialise the new parameters: gate off; key/value projection from k_proj/v_proj or random."""
+        kv_weight = self.cross_attn_kv_proj.weight.view(self.num_kv_heads, 2, self.head_dim, -1)
+        kv_bias = self.cross_attn_kv_proj.bias.view(self.num_kv_heads, 2, self.head_dim)
+        if init_from_lm:
+            for slot, proj in enumerate((self.k_proj, self.v_proj)):
+                kv_weight[:, slot].copy_(proj.weight.view(self.num_kv_heads, self.head_dim, -1))
+                kv_bias[:, slot].copy_(
+                    proj.bias.view(self.num_kv_heads, self.head_dim) if proj.bias is not None else 0.0
+                )
+        else:
+            nn.init.normal_(self.cross_attn_kv_proj.weight, std=std)
+            nn.init.zeros_(self.cross_attn_kv_proj.bias)
+        if self.gate_type == "tanh-warmup":
+            nn.init.normal_(self.cross_attn_gate_proj[0].weight, std=std)
+            nn.init.zeros_(self.cross_attn_gate_proj[0].bias)
+            nn.init.zeros_(self.cross_attn_warm_up_gate)
+
+    def project_slow(self, slow_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, N, D)` slow tokens -> keys and values `(B, kv_heads, N, head_dim)` (no RoPE on keys)."""
+        batch, num_slow, _ = slow_tokens.shape
+        kv = self.cross_attn_kv_proj(self.slow_norm(slow_tokens))
+        kv = kv.view(batch, num_slow, self.num_kv_heads, 2, self.head_dim)
+        return kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values=None,
+        slow_cache: SlowCache | None = None,
+        slow_query_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        # Self-attention exactly as in the host family; `query_states` is reused by the cross branch.
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if hasattr(self, "q_norm"):  # Qwen3
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, L, H*hd), before o_proj
+
+        if slow_cache is not None and slow_query_mask is not None:
+            attn_output = attn_output + self.cross_attention(query_states, attn_output, slow_cache, slow_query_mask)
+        return self.o_proj(attn_output), attn_weights
+
+    def cross_attention(
+        self,
+        query_states: torch.Tensor,
+        attn_output: torch.Tensor,
+        slow_cache: SlowCache,
+        query_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Gated cross-attention of the querying positions to the slow tokens.
+
+        Args:
+            query_states: `(B, H, L, hd)` self-attention queries after RoPE (shared, design 1.5.3).
+            attn_output: `(B, L, H*hd)` self-attention output before `o_proj` (the gate's input).
+            query_mask: `(B, L)` bool, positions that query the slow tokens.
+
+        Returns:
+            `(B, L, H*hd)`: `g * cross_out` at querying positions, zero elsewhere.
+        """
+        batch, num_heads, _, head_dim = query_states.shape
+        query_mask = query_mask & slow_cache.has_slow[:, None]
+        num_queries = int(query_mask.sum(dim=1).max())
+        if num_queries == 0:
+            return torch.zeros_like(attn_output)
+
+        # Gather the querying positions of each sample to the front: (B, Q), padded with other positions.
+        positions = torch.argsort((~query_mask).to(torch.int8), dim=1, stable=True)[:, :num_queries]
+        valid = query_mask.gather(1, positions)  # (B, Q)
+        queries = query_states.gather(2, positions[:, None, :, None].expand(batch, num_heads, num_queries, head_dim))
+
+        key, value = slow_cache.get(self.layer_idx, self.project_slow)
+        key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
+        # A sample without slow tokens would give an all-masked softmax (NaN); let it see its padding
+        # instead: its queries are discarded below anyway.
+        key_mask = slow_cache.mask | ~slow_cache.has_slow[:, None]
+        cross = F.scaled_dot_product_attention(
+            queries, key, value, attn_mask=key_mask[:, None, None, :], scale=self.scaling
+        )  # (B, H, Q, hd), non-causal
+        cross = cross.transpose(1, 2).reshape(batch, num_queries, num_heads * head_dim)
+
+        gather_index = positions[..., None].expand(batch, num_queries, attn_output.shape[-1])
+        if self.gate_type == "tanh-warmup":
+            gate_input = attn_output.gather(1, gather_index)
+            gate = torch.tanh(self.cross_attn_gate_proj(gate_input)) * torch.tanh(self.cross_attn_warm_up_gate)
+            cross = gate * cross
+        cross = torch.where(valid[..., None], cross, torch.zeros_like(cross))
+        return torch.zeros_like(attn_output).scatter_add(1, gather_index, cross)
+
+
+def add_hybrid_layers(language_model: nn.Module, config: SlowFastConfig, init_weights: bool = True) -> list[int]:
+    """Turn the decoder layers `config.hybrid_layer_indices` of `language_model` into hybrid layers, in place.
+
+    `language_model` is a transformers decoder (e.g. `Qwen2Model`) whose `.layers[i]` have `self_attn`
+    and `input_layernorm`. Every pretrained weight keeps its name and value. With `init_weights`,
+    the new parameters are initialised (from k_proj/v_proj when `config.init_cross_kv_from_lm`).
+    Returns the converted layer indices.
+    """
+    layers = language_model.layers
+    std = getattr(config.text_config, "initializer_range", 0.02)
+    for index in config.hybrid_layer_indices:
+        layer = layers[index]
+        attention = layer.self_attn
+        if isinstance(attention, HybridAttention):
+            continue
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attention, n)]
+        if missing or not hasattr(layer, "input_layernorm"):
+            raise TypeError(
+                f"layer {index} ({type(layer).__name__}) is not a Llama-family decoder layer "
+                f"(missing {missing or ['input_layernorm']}); hybrid layers support Qwen2/2.5/3, Llama and Mistral"
+            )
+        hybrid = HybridAttention(attention, layer.input_layernorm, config)
+        if init_weights:
+            hybrid.reset_cross_parameters(config.init_cross_kv_from_lm, std=std)
+        layer.self_attn = hybrid
+    return list(config.hybrid_layer_indices)
+
+
+def cross_attention_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The `(name, parameter)` pairs that the hybrid layers added (what stage 1 trains besides the projector)."""
+    return [
+        (name, param)
+        for name, param in model.named_parameters()
+        if any(f".{prefix}" in name for prefix in CROSS_ATTN_PARAM_PREFIXES)
+    ]

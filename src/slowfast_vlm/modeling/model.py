@@ -1,0 +1,370 @@
+"""`SlowFastForConditionalGeneration`: vision encoder + projector + an LLM with hybrid layers.
+
+Data flow for one sample (design doc sections 1.2-1.5):
+
+    frames (T, 3, H, W) --encoder, projector--> (T, h, w, D) --pool if T > 1--> slow tokens (T*h'*w', D)
+    slow tokens --build_fast_tokens--> fast tokens, scattered into the placeholder positions of the text
+    LLM(text + fast tokens), with hybrid layers cross-attending from text positions to the slow tokens
+
+Slow tokens never enter the sequence; they travel to the hybrid layers in a `SlowCache` passed
+through the forward call, which `generate` carries from step to step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from ..config import SlowFastConfig
+from .fast_tokens import build_fast_tokens, fast_token_count
+from .hybrid import HybridAttention, SlowCache, add_hybrid_layers
+from .vision import build_projector, encode_frames, pool_frames, vision_feature_size, vision_grid
+
+VisualInput = torch.Tensor | list[torch.Tensor] | None
+
+
+@dataclass
+class SlowFastModelOutput(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    slow_cache: SlowCache | None = None
+
+
+@dataclass
+class SlowFastCausalLMOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    slow_cache: SlowCache | None = None
+
+
+class SlowFastPreTrainedModel(PreTrainedModel):
+    config: SlowFastConfig
+    config_class = SlowFastConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+
+def _as_list(visual: VisualInput) -> list[torch.Tensor]:
+    """Videos `(B, T, 3, H, W)` / images `(N, 3, H, W)` or lists of either -> list of `(T, 3, H, W)`."""
+    if visual is None:
+        return []
+    if isinstance(visual, torch.Tensor):
+        return list(visual.unbind(0)) if visual.dim() == 5 else [image.unsqueeze(0) for image in visual]
+    return [item if item.dim() == 4 else item.unsqueeze(0) for item in visual]
+
+
+class SlowFastModel(SlowFastPreTrainedModel):
+    """The base model: returns the LLM's last hidden states (no LM head)."""
+
+    def __init__(self, config: SlowFastConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = build_projector(
+            config.projector_type, vision_feature_size(config.vision_config), config.text_config.hidden_size
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+        add_hybrid_layers(self.language_model, config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    # ----- visual inputs -------------------------------------------------------------------------
+    def visual_grid(self, num_frames: int) -> tuple[int, int]:
+        """`(h, w)` of the slow tokens of one frame: videos (T > 1) are pooled, still images are not."""
+        h, w = vision_grid(self.config.vision_config)
+        stride = self.config.video_pooling_stride if num_frames > 1 else 1
+        return h // stride, w // stride
+
+    def split_visual_inputs(
+        self, input_ids: torch.Tensor, videos: list[torch.Tensor], images: list[torch.Tensor]
+    ) -> list[list[tuple[str, torch.Tensor]]]:
+        """Assign videos and images to samples by their placeholder runs, in order of appearance.
+
+        Each visual item needs exactly `fast_token_count(T)` consecutive placeholder tokens of its
+        kind. Returns, per sample, its `(kind, frames (T, 3, H, W))` items in placeholder order.
+        """
+        queues = {}
+        for token_id, given, kind in (
+            (self.config.video_token_id, videos, "video"),
+            (self.config.image_token_id, images, "image"),
+        ):
+            if given and token_id is None:
+                raise ValueError(f"{kind}s given but config.{kind}_token_id is not set")
+            if token_id is not None:
+                queues[token_id] = (list(given), kind)
+        per_sample: list[list[tuple[str, torch.Tensor]]] = []
+        for b, ids in enumerate(input_ids.tolist()):
+            items: list[tuple[str, torch.Tensor]] = []
+            position = 0
+            while position < len(ids):
+                token = ids[position]
+                if token not in queues:
+                    position += 1
+                    continue
+                run_end = position
+                while run_end < len(ids) and ids[run_end] == token:
+                    run_end += 1
+                queue, kind = queues[token]
+                run, counts = run_end - position, []
+                while sum(counts) < run and queue:
+                    item = queue.pop(0)
+                    counts.append(fast_token_count(item.shape[0], self.visual_grid(item.shape[0]), self.config))
+                    items.append((kind, item))
+                if sum(counts) != run:
+                    raise ValueError(
+                        f"sample {b}: a run of {run} <{kind}> placeholder tokens at position {position} does not "
+                        f"match the fast-token counts of the {kind}s given for it ({counts or 'none left'}); each "
+                        f"{kind} needs exactly as many placeholder tokens as it has fast tokens"
+                    )
+                position = run_end
+            per_sample.append(items)
+        for queue, kind in queues.values():
+            if queue:
+                raise ValueError(f"{len(queue)} {kind}(s) given without a <{kind}> placeholder in the text")
+        return per_sample
+
+    def encode_visual_items(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Frames of each item `(T_i, 3, H, W)` -> its slow tokens `(T_i, h*w, D)` (pooled if a video)."""
+        frames = torch.cat(items)
+        grids = encode_frames(
+            self.vision_tower,
+            self.multi_modal_projector,
+            frames,
+            self.config.vision_feature_layer,
+            self.config.vision_frame_chunk_size,
+        )
+        slow = []
+        for item_grids in grids.split([item.shape[0] for item in items]):
+            if item_grids.shape[0] > 1:
+                item_grids = pool_frames(item_grids, self.config.video_pooling_stride)
+            slow.append(item_grids.flatten(1, 2))
+        return slow
+
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`(B, L)` bool: positions of video/image placeholder tokens (where fast tokens go)."""
+        ids = [i for i in (self.config.video_token_id, self.config.image_token_id) if i is not None]
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+    def slow_query_mask(self, is_visual: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`(B, L)` bool: positions whose queries read the slow tokens (design 1.5.3)."""
+        not_pad = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
+        queries = not_pad & ~is_visual if self.config.cross_attn_queries == "text" else not_pad
+        if self.config.mask_system_tokens:
+            queries = queries & (is_visual.cumsum(dim=1) > 0)
+        return queries
+
+    def prepare_visual_inputs(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        pixel_values_videos: VisualInput,
+        pixel_values: VisualInput,
+        cache_slow_kv: bool,
+    ) -> tuple[torch.Tensor, SlowCache]:
+        """Scatter fast tokens into `inputs_embeds` `(B, L, D)` and gather the slow tokens into a `SlowCache`."""
+        per_sample = self.split_visual_inputs(input_ids, _as_list(pixel_values_videos), _as_list(pixel_values))
+        items = [item for sample in per_sample for _, item in sample]
+        dim = inputs_embeds.shape[-1]
+        slow_per_sample: list[torch.Tensor] = []
+        fast = []
+        if items:
+            slow_items = iter(self.encode_visual_items(items))
+            for sample in per_sample:
+                sample_slow = [next(slow_items) for _ in sample]
+                for (_, item), slow in zip(sample, sample_slow):
+                    fast.append(build_fast_tokens(slow, self.visual_grid(item.shape[0]), self.config))
+                slow_per_sample.append(
+                    torch.cat([s.flatten(0, 1) for s in sample_slow]) if sample_slow else inputs_embeds.new_zeros(0, dim)
+                )
+            fast_tokens = torch.cat(fast).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(self.placeholder_mask(input_ids)[..., None], fast_tokens)
+        else:
+            slow_per_sample = [inputs_embeds.new_zeros(0, dim) for _ in per_sample]
+        lengths = torch.tensor([s.shape[0] for s in slow_per_sample], device=inputs_embeds.device)
+        tokens = pad_sequence(slow_per_sample, batch_first=True).to(inputs_embeds.dtype)
+        if tokens.shape[1] == 0:  # no visual input in the batch: one masked dummy slot keeps shapes valid
+            tokens = inputs_embeds.new_zeros(len(per_sample), 1, dim)
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+        return inputs_embeds, SlowCache(tokens=tokens, mask=mask, cache_kv=cache_slow_kv)
+
+    # ----- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values_videos: VisualInput = None,
+        pixel_values: VisualInput = None,
+        slow_cache: SlowCache | None = None,
+        cache_slow_kv: bool = True,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SlowFastModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        query_mask = None
+        if pixel_values_videos is not None or pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("visual inputs need input_ids to locate their placeholder tokens")
+            # K/V caching only pays off across generation steps; in training the cache dies with the step.
+            inputs_embeds, slow_cache = self.prepare_visual_inputs(
+                input_ids, inputs_embeds, pixel_values_videos, pixel_values, cache_slow_kv and not self.training
+            )
+            query_mask = self.slow_query_mask(self.placeholder_mask(input_ids), attention_mask)
+        elif slow_cache is not None and self.config.generated_tokens_see_slow:
+            # Tokens after the prompt (generated ones): text positions after the visual input.
+            query_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            slow_cache=slow_cache,
+            slow_query_mask=query_mask,
+            **kwargs,
+        )
+        return SlowFastModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            slow_cache=slow_cache,
+        )
+
+
+class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin):
+    """Slow-fast video LLM with a language-modelling head; supports `generate`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: SlowFastConfig):
+        super().__init__(config)
+        self.model = SlowFastModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    @property
+    def hybrid_layers(self) -> list[HybridAttention]:
+        """The cross-attention blocks of the hybrid decoder layers, in layer order."""
+        return [m for m in self.model.language_model.modules() if isinstance(m, HybridAttention)]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values_videos: VisualInput = None,
+        pixel_values: VisualInput = None,
+        labels: torch.LongTensor | None = None,
+        slow_cache: SlowCache | None = None,
+        cache_slow_kv: bool = True,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SlowFastCausalLMOutput:
+        r"""
+        Args:
+            input_ids: `(B, L)`; each video's placeholder run is exactly as long as its fast-token count.
+            pixel_values_videos: `(B_v, T, 3, H, W)` or a list of `(T_i, 3, H, W)`, in order of appearance.
+            pixel_values: still images `(N, 3, H, W)` or a list of `(3, H, W)`, in order of appearance.
+            labels: `(B, L)` with -100 where no loss is taken; the usual shifted cross-entropy.
+            slow_cache: the slow tokens of an earlier call (`generate` carries it between steps).
+            cache_slow_kv: keep the projected slow keys/values for later steps (False = re-project
+                them at every step, only useful to measure what caching saves).
+            logits_to_keep: compute logits for the last N positions only (0 = all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values_videos=pixel_values_videos,
+            pixel_values=pixel_values,
+            slow_cache=slow_cache,
+            cache_slow_kv=cache_slow_kv,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return SlowFastCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            slow_cache=outputs.slow_cache,
+        )
+
+    # ----- generation --------------------------------------------------------------------------
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        # The slow tokens (and their projected keys/values) of the prompt serve every later step.
+        if getattr(outputs, "slow_cache", None) is not None:
+            model_kwargs["slow_cache"] = outputs.slow_cache
+        return model_kwargs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Visual inputs are not one-per-sample tensors: repeat each sample's own items `expand_size` times.
+        videos, images = model_kwargs.get("pixel_values_videos"), model_kwargs.get("pixel_values")
+        if expand_size > 1 and input_ids is not None and (videos is not None or images is not None):
+            per_sample = self.model.split_visual_inputs(input_ids, _as_list(videos), _as_list(images))
+            expanded = {"video": [], "image": []}
+            for items in per_sample:
+                for _ in range(expand_size):
+                    for kind, item in items:
+                        expanded[kind].append(item)
+            model_kwargs["pixel_values_videos"] = expanded["video"] or None
+            model_kwargs["pixel_values"] = expanded["image"] or None
+        return super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+
