@@ -125,6 +125,13 @@ class HybridAttention(nn.Module):
             nn.init.normal_(self.cross_attn_gate_proj[0].weight, std=std)
             nn.init.zeros_(self.cross_attn_gate_proj[0].bias)
             nn.init.zeros_(self.cross_attn_warm_up_gate)
+        # Tell transformers' post-init weight pass that these are set (it would re-draw them at random).
+        for name, module in self.named_modules():
+            if name.startswith("cross_attn") or module is self:
+                module._is_hf_initialized = True
+        for name, param in self.named_parameters():
+            if name.startswith("cross_attn"):
+                param._is_hf_initialized = True
 
     def project_slow(self, slow_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(B, N, D)` slow tokens -> keys and values `(B, kv_heads, N, head_dim)` (no RoPE on keys)."""

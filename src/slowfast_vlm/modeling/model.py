@@ -165,7 +165,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
         ids = [i for i in (self.config.video_token_id, self.config.image_token_id) if i is not None]
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
-    def slow_query_mask(self, is_visual: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def query_positions(self, is_visual: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """`(B, L)` bool: positions whose queries read the slow tokens (design 1.5.3)."""
         not_pad = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
         queries = not_pad & ~is_visual if self.config.cross_attn_queries == "text" else not_pad
@@ -218,10 +218,13 @@ class SlowFastModel(SlowFastPreTrainedModel):
         pixel_values_videos: VisualInput = None,
         pixel_values: VisualInput = None,
         slow_cache: SlowCache | None = None,
+        slow_query_mask: torch.Tensor | None = None,
         cache_slow_kv: bool = True,
         use_cache: bool | None = None,
         **kwargs,
     ) -> SlowFastModelOutput:
+        r"""Inputs as in [`SlowFastForConditionalGeneration.forward`]; `slow_query_mask` `(B, L)` overrides
+        which positions query the slow tokens (default: from the token types and the config)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -235,11 +238,13 @@ class SlowFastModel(SlowFastPreTrainedModel):
             inputs_embeds, slow_cache = self.prepare_visual_inputs(
                 input_ids, inputs_embeds, pixel_values_videos, pixel_values, cache_slow_kv and not self.training
             )
-            query_mask = self.slow_query_mask(self.placeholder_mask(input_ids), attention_mask)
+            query_mask = self.query_positions(self.placeholder_mask(input_ids), attention_mask)
         elif slow_cache is not None and self.config.generated_tokens_see_slow:
             # Tokens after the prompt (generated ones): text positions after the visual input.
             query_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
 
+        if slow_query_mask is not None:
+            query_mask = slow_query_mask
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -298,6 +303,7 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
         pixel_values: VisualInput = None,
         labels: torch.LongTensor | None = None,
         slow_cache: SlowCache | None = None,
+        slow_query_mask: torch.Tensor | None = None,
         cache_slow_kv: bool = True,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -310,6 +316,7 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
             pixel_values: still images `(N, 3, H, W)` or a list of `(3, H, W)`, in order of appearance.
             labels: `(B, L)` with -100 where no loss is taken; the usual shifted cross-entropy.
             slow_cache: the slow tokens of an earlier call (`generate` carries it between steps).
+            slow_query_mask: `(B, L)` bool, overrides which positions query the slow tokens.
             cache_slow_kv: keep the projected slow keys/values for later steps (False = re-project
                 them at every step, only useful to measure what caching saves).
             logits_to_keep: compute logits for the last N positions only (0 = all).
@@ -323,6 +330,7 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
             pixel_values_videos=pixel_values_videos,
             pixel_values=pixel_values,
             slow_cache=slow_cache,
+            slow_query_mask=slow_query_mask,
             cache_slow_kv=cache_slow_kv,
             use_cache=use_cache,
             **kwargs,

@@ -1,0 +1,41 @@
+"""`slowfast-vlm` command line: one entry point, one subcommand per task.
+
+Each subcommand lives in the module that implements it, which exposes
+`add_arguments(parser)` and `main(args) -> int`; modules are imported only when their
+subcommand runs, so `slowfast-vlm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (name, module, one-line help)
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slowfast-vlm", description="Slow-Fast video LLMs: run, train, evaluate.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name, help_text in SUBCOMMANDS:
+        sub = subparsers.add_parser(name, help=help_text, add_help=False)
+        sub.set_defaults(_module=module_name)
+        # Arguments are added lazily in main(): only the chosen subcommand's module is imported.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    module = importlib.import_module(known._module)
+    sub = argparse.ArgumentParser(prog=f"slowfast-vlm {known.command}", description=module.__doc__)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

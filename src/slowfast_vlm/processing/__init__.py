@@ -1,0 +1,1 @@
+"""Turning videos, images and text into model inputs."""
