@@ -13,6 +13,7 @@ import sys
 
 # (name, module, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("flops", "slowfast_vlm.compute", "FLOPs and memory of a slow-fast model vs a self-attention-only LLM"),
 ]
 
 

@@ -214,7 +214,8 @@ VFR_PTS += [1700 + 7 * k * k for k in range(1, 21)]
 
 @pytest.mark.parametrize(("suffix", "codec"), [("mkv", "libx264"), ("mp4", "libx264"), ("webm", "libvpx-vp9")])
 def test_variable_frame_rate(tmp_path, suffix, codec):
-    path = write_video(tmp_path / f"vfr.{suffix}", codec, 30, len(VFR_PTS), pts_ms=VFR_PTS, gop=4)
+    # Starts at 250 ms: timestamps count from the first frame.
+    path = write_video(tmp_path / f"vfr.{suffix}", codec, 30, len(VFR_PTS), pts_ms=[250 + t for t in VFR_PTS], gop=4)
     for seek in (True, False):
         frames, meta = load_video(path, num_frames=9, sampling="uniform", seek=seek)
         expected = uniform_sample_indices(len(VFR_PTS), 9)
@@ -231,10 +232,9 @@ def test_duplicate_timestamps_fall_back_to_sequential_decoding(tmp_path):
     with av.open(str(src)) as inp, av.open(str(dup), "w") as out:
         in_stream = inp.streams.video[0]
         out_stream = out.add_stream_from_template(in_stream)
-        for i, packet in enumerate(p for p in inp.demux(in_stream) if p.size):
-            if i == 5:
-                packet.pts = packet.dts = previous
-            previous = packet.pts
+        packets = [p for p in inp.demux(in_stream) if p.size]
+        packets[5].pts = packets[5].dts = packets[4].pts
+        for packet in packets:
             packet.stream = out_stream
             out.mux(packet)
     frames, meta = load_video(dup, num_frames=12, sampling="uniform")
@@ -337,7 +337,7 @@ def faststart_mp4(tmp_path) -> Path:
         "libx264",
         10,
         30,
-        options={"bframes": "0"},
+        options={"bf": "0"},
         container_options={"movflags": "faststart"},
     )
 
@@ -356,12 +356,32 @@ def test_truncated_mp4_at_a_frame_boundary_warns_and_uses_the_frames_present(tmp
     assert decoded_indices(frames) == meta.frame_indices == uniform_sample_indices(20, 5)
 
 
-def test_mp4_cut_inside_a_frame_is_a_corrupt_stream(tmp_path, faststart_mp4):
-    path = tmp_path / "broken.mp4"
-    path.write_bytes(faststart_mp4.read_bytes()[: _packet_ends(faststart_mp4)[19] - 5])
-    with pytest.warns(UserWarning), pytest.raises(VideoDecodeError, match=r"broken\.mp4: corrupt video stream"):
-        # Uniform sampling always takes the last frame: the cut one.
-        load_video(path, num_frames=5, sampling="uniform", seek=False)
+def test_garbage_inside_the_stream_is_a_corrupt_stream(tmp_path, faststart_mp4):
+    data = bytearray(faststart_mp4.read_bytes())
+    start = _packet_ends(faststart_mp4)[9]  # frame 10 begins here
+    data[start : start + 4] = b"\xff" * 4  # its NAL length prefix now overruns the packet
+    path = tmp_path / "garbled.mp4"
+    path.write_bytes(bytes(data))
+    with pytest.raises(VideoDecodeError, match=r"garbled\.mp4: corrupt video stream"):
+        load_video(path, num_frames=30, sampling="uniform", seek=False)
+
+
+def test_frames_that_do_not_decode_are_not_counted(tmp_path):
+    src = write_video(tmp_path / "src.mkv", "libx264", 30, 20, gop=5, options={"bf": "0"})
+    path = tmp_path / "nokey.mkv"
+    # Drop the first keyframe: frames 1-4 lose their reference and never come out of the decoder.
+    with av.open(str(src)) as inp, av.open(str(path), "w") as out:
+        in_stream = inp.streams.video[0]
+        out_stream = out.add_stream_from_template(in_stream)
+        for packet in [p for p in inp.demux(in_stream) if p.size][1:]:
+            packet.stream = out_stream
+            out.mux(packet)
+    with pytest.warns(UserWarning, match=r"nokey\.mkv: only 15 of the 19 frames in the container decode"):
+        frames, meta = load_video(path, num_frames=5, sampling="uniform")
+    assert meta.total_frames == 15
+    assert meta.frame_indices == uniform_sample_indices(15, 5)
+    assert decoded_indices(frames) == [5 + i for i in meta.frame_indices]
+    assert meta.timestamps == pytest.approx([i / 30 for i in meta.frame_indices], abs=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,14 @@ from transformers.modeling_outputs import ModelOutput
 from ..config import SlowFastConfig
 from .fast_tokens import build_fast_tokens, fast_token_count
 from .hybrid import HybridAttention, SlowCache, add_hybrid_layers
-from .vision import build_projector, encode_frames, pool_frames, vision_feature_size, vision_grid
+from .vision import (
+    build_projector,
+    build_vision_tower,
+    encode_frames,
+    pool_frames,
+    vision_feature_size,
+    vision_grid,
+)
 
 VisualInput = torch.Tensor | list[torch.Tensor] | None
 
@@ -74,7 +81,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
 
     def __init__(self, config: SlowFastConfig):
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.vision_tower = build_vision_tower(config.vision_config)
         self.multi_modal_projector = build_projector(
             config.projector_type, vision_feature_size(config.vision_config), config.text_config.hidden_size
         )

@@ -13,10 +13,18 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoModel, PretrainedConfig
 
 CNN_MODEL_TYPES = ("convnext", "convnextv2")
 VIT_WITH_CLASS_TOKEN = ("clip_vision_model",)
+
+
+def build_vision_tower(vision_config: PretrainedConfig) -> nn.Module:
+    """A randomly initialised encoder for `vision_config` (weights come from `from_pretrained` later)."""
+    if vision_config.model_type in CNN_MODEL_TYPES:
+        # CNNs have no attention; the composite model's "sdpa" request must not reach them.
+        return AutoModel.from_config(vision_config, attn_implementation="eager")
+    return AutoModel.from_config(vision_config)
 
 
 def vision_grid(vision_config: PretrainedConfig) -> tuple[int, int]:

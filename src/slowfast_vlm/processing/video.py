@@ -161,6 +161,7 @@ class _Probe:
     total_frames: int
     frame_pts: list[int] | None  # presentation-order pts of every frame; None: unusable for seeking
     keyframe_pts: list[int]  # sorted
+    keyframe_seek_ts: list[int]  # per keyframe: the timestamp that makes a seek land on it
     time_base: Fraction
     average_fps: float
     duration: float
@@ -192,7 +193,7 @@ def _probe(path: str) -> _Probe:
     with _open(path) as container:
         stream = _video_stream(container, path)
         pts: list[int | None] = []
-        keyframes: list[int] = []
+        keyframes: list[tuple[int, int]] = []
         try:
             for packet in container.demux(stream):
                 # size 0 is the end-of-stream flush packet; discard-flagged packets
@@ -201,7 +202,11 @@ def _probe(path: str) -> _Probe:
                     continue
                 pts.append(packet.pts)
                 if packet.is_keyframe and packet.pts is not None:
-                    keyframes.append(packet.pts)
+                    # Some demuxers (mp4) seek by decode timestamp: a seek to a keyframe's pts
+                    # can land on a later keyframe whose dts is still <= that pts. dts <= pts,
+                    # so seeking to this keyframe's dts lands on it (or on an earlier one).
+                    seek_ts = packet.pts if packet.dts is None else min(packet.pts, packet.dts)
+                    keyframes.append((packet.pts, seek_ts))
         except av.error.FFmpegError as e:
             raise VideoDecodeError(f"{path}: corrupt video stream ({e})") from e
         total = len(pts)
@@ -235,10 +240,12 @@ def _probe(path: str) -> _Probe:
             duration = container.duration / av.time_base
         else:
             duration = total / average_fps
+        keyframes.sort()
         return _Probe(
             total_frames=total,
             frame_pts=frame_pts,
-            keyframe_pts=sorted(keyframes),
+            keyframe_pts=[pts for pts, _ in keyframes],
+            keyframe_seek_ts=[ts for _, ts in keyframes],
             time_base=time_base,
             average_fps=average_fps,
             duration=duration,
@@ -322,9 +329,11 @@ def _decode_seeking(
             if k and probe.keyframe_pts[k - 1] > cursor:
                 frames.close()
                 try:
-                    container.seek(target, stream=stream, backward=True, any_frame=False)
+                    container.seek(
+                        probe.keyframe_seek_ts[k - 1], stream=stream, backward=True, any_frame=False
+                    )
                 except av.error.FFmpegError as e:
-                    raise _SeekMiss(f"seek to pts {target} failed ({e})") from e
+                    raise _SeekMiss(f"seek towards pts {target} failed ({e})") from e
                 seeks += 1
                 frames = _decoded_frames(container, stream, path)
             for frame in frames:
@@ -360,9 +369,14 @@ def _load_pyav(path: str, choose: _Chooser, seek: bool | None) -> tuple[np.ndarr
     if found is None:
         found, decoded = _decode_sequential(path, indices, probe)
         if len(found) < len(set(indices)):
-            # The container promised more frames than decode: sample again from the real count.
+            # The container lists frames that do not decode (e.g. missing references):
+            # sample again from the frames that do.
             if decoded == 0:
                 raise VideoDecodeError(f"{path}: no decodable video frames")
+            warnings.warn(
+                f"{path}: only {decoded} of the {total} frames in the container decode; sampling from those",
+                stacklevel=3,
+            )
             total = decoded
             indices = choose(total, probe.average_fps)
             found, _ = _decode_sequential(path, indices, probe)

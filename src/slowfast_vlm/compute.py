@@ -1,0 +1,399 @@
+"""Count the FLOPs and memory of a slow-fast model at given frame counts, against a self-attention-only LLM.
+
+Everything is computed from the config alone; no weights are loaded. Conventions:
+- one multiply-add = 2 FLOPs; only matrix products and convolutions are counted (norms, activations,
+  softmax, RoPE, pooling, biases and residual adds are elementwise and ignored);
+- attention scores are counted in full (L x L for causal self-attention), as dense kernels (eager,
+  SDPA's math path) compute them; flash kernels skip about half of the masked triangle;
+- prefill computes logits for the last position only, as `generate` does (`logits_to_keep=1`);
+- batch size 1; decoding cost is that of the first generated token (context = prefill length + 1).
+
+Two designs per frame count:
+- "slowfast": the fast tokens of the video are in the LLM sequence; all slow tokens go through the
+  hybrid layers' cross-attention (design doc 1.3-1.5);
+- "self-attention": the same LLM without hybrid layers, with every frame's pooled tokens (all slow
+  tokens) in the sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import ConvNextConfig, PretrainedConfig, Qwen2Config
+
+from .config import SlowFastConfig
+from .modeling.fast_tokens import fast_token_count
+from .modeling.vision import CNN_MODEL_TYPES, VIT_WITH_CLASS_TOKEN, vision_feature_size, vision_grid
+
+DESIGNS = ("slowfast", "self-attention")
+VIT_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")
+
+
+def reference_7b(**overrides) -> SlowFastConfig:
+    """The released models' geometry: Qwen2-7B-Instruct + ConvNeXt-XXL CLIP at 576 px (18 x 18 grid)."""
+    text_config = Qwen2Config(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+    )
+    vision_config = ConvNextConfig(
+        hidden_sizes=[384, 768, 1536, 3072], depths=[3, 4, 30, 3], patch_size=4, num_stages=4, image_size=576
+    )
+    return SlowFastConfig(text_config=text_config, vision_config=vision_config, **overrides)
+
+
+# Released checkpoints: frame64-s1t4, frame96-s1t6, frame128-s2t4 (s = temporal sampling, t = pooling stride).
+PRESETS = {
+    "reference-7b": lambda: reference_7b(),
+    "reference-7b-s1t4": lambda: reference_7b(),
+    "reference-7b-s1t6": lambda: reference_7b(fast_temporal_pooling_stride=6),
+    "reference-7b-s2t4": lambda: reference_7b(fast_temporal_sampling_stride=2),
+}
+
+
+@dataclass
+class ParameterCount:
+    """Parameters of each part of a `SlowFastForConditionalGeneration` (tied weights counted once)."""
+
+    llm: int  # embeddings, decoder layers and LM head, without the hybrid layers' additions
+    cross_attention: int  # cross_attn_kv_proj and gate of all hybrid layers
+    vision: int
+    projector: int
+
+
+@dataclass
+class ComputeRecord:
+    """FLOPs and memory of one design at one frame count (batch size 1)."""
+
+    design: str
+    frames: int
+    prompt_tokens: int  # text tokens of the prompt
+    fast_tokens: int  # visual tokens in the LLM sequence in the slow-fast design (0 in "self-attention")
+    slow_tokens: int  # pooled tokens of all frames: cross-attended ("slowfast") or in the sequence
+    sequence_length: int  # prefill length
+    query_tokens: int  # positions that cross-attend to the slow tokens at prefill
+    hybrid_layers: int
+    llm_prefill_flops: int  # the sum of the four parts below
+    prefill_self_attention_flops: int  # q/k/v/o projections, QK^T and AV of every layer
+    prefill_mlp_flops: int
+    prefill_hybrid_flops: int  # slow key/value projection, cross QK^T and AV, gate
+    prefill_lm_head_flops: int  # last position only
+    decode_context: int
+    decode_flops_per_token: int  # LLM only; slow keys/values come from the cache
+    vision_flops: int  # encoder + projector over all frames
+    vision_encoder_flops: int
+    projector_flops: int
+    dtype: str
+    parameters: int
+    parameter_bytes: int
+    kv_cache_bytes: int  # self-attention keys/values of the prefill sequence, all layers
+    slow_kv_cache_bytes: int  # projected slow keys/values of all hybrid layers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _text_dims(text_config: PretrainedConfig) -> tuple[int, int, int, int, int, int, int]:
+    """(hidden D, heads H, kv heads, head_dim, intermediate, vocab, layers) of a Llama-family config."""
+    hidden, heads = text_config.hidden_size, text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    return (
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+        text_config.intermediate_size,
+        text_config.vocab_size,
+        text_config.num_hidden_layers,
+    )
+
+
+def decoder_flops(
+    text_config: PretrainedConfig,
+    new_tokens: int,
+    context: int,
+    hybrid_layers: int = 0,
+    query_tokens: int = 0,
+    slow_tokens: int = 0,
+    project_slow: bool = True,
+) -> dict[str, int]:
+    """FLOPs of one LLM forward over `new_tokens` positions attending to `context` keys (KV cache included).
+
+    `hybrid_layers` layers also cross-attend from `query_tokens` positions to `slow_tokens` slow tokens,
+    projecting their keys/values first when `project_slow` (prefill; decoding reads them from the cache).
+    Logits are computed for the last position only. Returns the parts: self_attention, mlp, hybrid, lm_head.
+    """
+    hidden, heads, kv_heads, head_dim, intermediate, vocab, layers = _text_dims(text_config)
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    projections = 2 * new_tokens * hidden * (2 * q_width + 2 * kv_width)  # q, k, v, o
+    scores = 2 * 2 * heads * new_tokens * context * head_dim  # QK^T and AV
+    hybrid = 0
+    if hybrid_layers and query_tokens and slow_tokens:
+        kv_projection = 2 * slow_tokens * hidden * 2 * kv_width if project_slow else 0
+        cross = 2 * 2 * heads * query_tokens * slow_tokens * head_dim
+        gate = 2 * query_tokens * q_width  # Linear(H * hd, 1)
+        hybrid = hybrid_layers * (kv_projection + cross + gate)
+    return {
+        "self_attention": layers * (projections + scores),
+        "mlp": layers * 3 * 2 * new_tokens * hidden * intermediate,  # SwiGLU: gate, up, down
+        "hybrid": hybrid,
+        "lm_head": 2 * hidden * vocab,
+    }
+
+
+def vision_encoder_flops(vision_config: PretrainedConfig) -> int:
+    """FLOPs of the vision encoder on one frame at its native resolution (every layer runs)."""
+    size, channels = vision_config.image_size, vision_config.num_channels
+    if vision_config.model_type in CNN_MODEL_TYPES:
+        # ConvNeXt: stem conv (patch x patch, stride patch), then per stage a 2x2/2 downsampling conv
+        # (stages > 0) and blocks of depthwise 7x7 conv + pointwise MLP C -> 4C -> C.
+        dims, patch = vision_config.hidden_sizes, vision_config.patch_size
+        side = size // patch
+        flops = 2 * side * side * channels * patch * patch * dims[0]
+        for stage, (dim, depth) in enumerate(zip(dims, vision_config.depths)):
+            if stage > 0:
+                side //= 2
+                flops += 2 * side * side * dims[stage - 1] * 4 * dim
+            flops += depth * 2 * side * side * (49 * dim + 2 * dim * 4 * dim)
+        return flops
+    if vision_config.model_type in VIT_MODEL_TYPES:
+        patch, hidden = vision_config.patch_size, vision_config.hidden_size
+        intermediate = vision_config.intermediate_size
+        patches = (size // patch) ** 2
+        tokens = patches + (vision_config.model_type in VIT_WITH_CLASS_TOKEN)
+        flops = 2 * patches * channels * patch * patch * hidden
+        layer = 2 * tokens * 4 * hidden * hidden + 2 * 2 * tokens * tokens * hidden + 2 * 2 * tokens * hidden * intermediate
+        flops += vision_config.num_hidden_layers * layer
+        if getattr(vision_config, "vision_use_head", False):
+            # SigLIP attention-pooling head: one probe query over all patches, then an MLP on the probe.
+            flops += 2 * 2 * hidden * hidden + 2 * 2 * tokens * hidden * hidden + 2 * 2 * tokens * hidden
+            flops += 2 * 2 * hidden * intermediate
+        return flops
+    raise ValueError(
+        f"vision_config.model_type {vision_config.model_type!r} is not supported by the FLOP count "
+        f"(supported: {CNN_MODEL_TYPES + VIT_MODEL_TYPES})"
+    )
+
+
+def projector_flops(config: SlowFastConfig) -> int:
+    """FLOPs of the projector on one frame's full (unpooled) feature grid."""
+    h, w = vision_grid(config.vision_config)
+    in_features, hidden = vision_feature_size(config.vision_config), config.text_config.hidden_size
+    match = re.fullmatch(r"mlp(\d+)x_gelu", config.projector_type)
+    depth = int(match.group(1)) if match else 1
+    return 2 * h * w * (in_features * hidden + (depth - 1) * hidden * hidden)
+
+
+def count_parameters(config: SlowFastConfig) -> ParameterCount:
+    """Count the parameters of the model `config` describes, by building it on the meta device (no memory)."""
+    from .modeling import SlowFastForConditionalGeneration, cross_attention_parameters
+
+    with torch.device("meta"):
+        model = SlowFastForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    cross = sum(p.numel() for _, p in cross_attention_parameters(model))
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    return ParameterCount(llm=total - cross - vision - projector, cross_attention=cross, vision=vision, projector=projector)
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a torch dtype named like "bfloat16"."""
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32')")
+    return torch.empty(0, dtype=torch_dtype).element_size()
+
+
+def estimate(
+    config: SlowFastConfig,
+    frames: int,
+    prompt_tokens: int = 64,
+    design: str = "slowfast",
+    dtype: str = "bfloat16",
+    parameters: ParameterCount | None = None,
+) -> ComputeRecord:
+    """FLOPs and memory of `design` ("slowfast" or "self-attention") on one video of `frames` frames.
+
+    `prompt_tokens` counts the text tokens of the prompt (every one of them queries the slow tokens;
+    with `mask_system_tokens` the video is assumed to come first). `parameters` may be passed to
+    avoid recounting them (`count_parameters(config)`) across calls.
+    """
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
+    if not isinstance(prompt_tokens, int) or prompt_tokens < 0:
+        raise ValueError(f"prompt_tokens must be an integer >= 0, got {prompt_tokens!r}")
+    parameters = parameters or count_parameters(config)
+    element = dtype_bytes(dtype)
+    _, _, kv_heads, head_dim, _, _, layers = _text_dims(config.text_config)
+
+    # Slow tokens: every frame's grid, pooled when the input is a video (as SlowFastModel.visual_grid).
+    h, w = vision_grid(config.vision_config)
+    stride = config.video_pooling_stride if frames > 1 else 1
+    grid = (h // stride, w // stride)
+    slow = frames * grid[0] * grid[1]
+    if design == "slowfast":
+        fast = fast_token_count(frames, grid, config)
+        sequence = prompt_tokens + fast
+        hybrid_layers = len(config.hybrid_layer_indices)
+        queries = prompt_tokens + (fast if config.cross_attn_queries == "all" else 0)
+    else:
+        fast, sequence, hybrid_layers, queries = 0, prompt_tokens + slow, 0, 0
+
+    prefill = decoder_flops(config.text_config, sequence, sequence, hybrid_layers, queries, slow)
+    decode_queries = 1 if config.generated_tokens_see_slow else 0
+    decode = decoder_flops(
+        config.text_config, 1, sequence + 1, hybrid_layers, decode_queries, slow, project_slow=False
+    )
+    encoder, projector = frames * vision_encoder_flops(config.vision_config), frames * projector_flops(config)
+    param_total = parameters.llm + parameters.vision + parameters.projector
+    param_total += parameters.cross_attention if design == "slowfast" else 0
+    return ComputeRecord(
+        design=design,
+        frames=frames,
+        prompt_tokens=prompt_tokens,
+        fast_tokens=fast,
+        slow_tokens=slow,
+        sequence_length=sequence,
+        query_tokens=queries,
+        hybrid_layers=hybrid_layers,
+        llm_prefill_flops=sum(prefill.values()),
+        prefill_self_attention_flops=prefill["self_attention"],
+        prefill_mlp_flops=prefill["mlp"],
+        prefill_hybrid_flops=prefill["hybrid"],
+        prefill_lm_head_flops=prefill["lm_head"],
+        decode_context=sequence + 1,
+        decode_flops_per_token=sum(decode.values()),
+        vision_flops=encoder + projector,
+        vision_encoder_flops=encoder,
+        projector_flops=projector,
+        dtype=dtype,
+        parameters=param_total,
+        parameter_bytes=param_total * element,
+        kv_cache_bytes=2 * layers * kv_heads * head_dim * sequence * element,
+        slow_kv_cache_bytes=2 * hybrid_layers * kv_heads * head_dim * slow * element,
+    )
+
+
+# ----- command line: `slowfast-vlm flops` ------------------------------------------------------------
+def parse_value(text: str):
+    """A `--set` value: JSON (int, float, true/false/null, lists) or Python's True/False/None, else a string."""
+    python_literals = {"True": True, "False": False, "None": None}
+    if text in python_literals:
+        return python_literals[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: SlowFastConfig, overrides: list[str]) -> SlowFastConfig:
+    """Apply `key=value` overrides in place (`text_config.key` / `vision_config.key` reach the sub-configs)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        target, name = config, key
+        if "." in key:
+            sub, name = key.split(".", 1)
+            if sub not in ("text_config", "vision_config"):
+                raise ValueError(f"--set {item!r}: only text_config.<key> and vision_config.<key> may be dotted")
+            target = getattr(config, sub)
+        if not hasattr(target, name):
+            raise ValueError(f"--set {item!r}: {type(target).__name__} has no field {name!r}")
+        setattr(target, name, parse_value(text))
+    config.validate_slowfast()
+    return config
+
+
+def load_config(preset: str | None, path: str | None) -> SlowFastConfig:
+    if path is not None:
+        location = Path(path)
+        if not location.exists():
+            raise ValueError(f"--config {path}: no such file or directory")
+        if location.is_file():
+            return SlowFastConfig.from_json_file(str(location))
+        return SlowFastConfig.from_pretrained(str(location))
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]()
+
+
+def _human(value: float, unit: str = "") -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}".rstrip()
+
+
+TABLE_COLUMNS = (
+    ("design", "design", str),
+    ("frames", "frames", str),
+    ("fast", "fast_tokens", str),
+    ("slow", "slow_tokens", str),
+    ("seq", "sequence_length", str),
+    ("prefill", "llm_prefill_flops", lambda v: _human(v, "FLOP")),
+    ("self-attn", "prefill_self_attention_flops", _human),
+    ("mlp", "prefill_mlp_flops", _human),
+    ("hybrid", "prefill_hybrid_flops", _human),
+    ("decode/token", "decode_flops_per_token", _human),
+    ("vision", "vision_flops", _human),
+    ("params", "parameter_bytes", lambda v: _human(v, "B")),
+    ("kv cache", "kv_cache_bytes", lambda v: _human(v, "B")),
+    ("slow kv", "slow_kv_cache_bytes", lambda v: _human(v, "B")),
+)
+
+
+def format_table(records: list[ComputeRecord]) -> str:
+    """An aligned plain-text table, one row per record."""
+    rows = [[title for title, _, _ in TABLE_COLUMNS]]
+    rows += [[fmt(getattr(record, field)) for _, field, fmt in TABLE_COLUMNS] for record in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="reference-7b", help=f"one of {sorted(PRESETS)} (default reference-7b)")
+    source.add_argument("--config", help="a saved SlowFastConfig: model directory or config.json")
+    parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="frame counts")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the prompt (default 64)")
+    parser.add_argument("--design", choices=DESIGNS, nargs="+", default=list(DESIGNS), help="designs to report")
+    parser.add_argument("--dtype", default="bfloat16", help="parameter and cache dtype (default bfloat16)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. fast_temporal_sampling_stride=2 or text_config.num_hidden_layers=32",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print a JSON array of records")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = apply_overrides(load_config(args.preset, args.config), args.overrides)
+        parameters = count_parameters(config)
+        records = [
+            estimate(config, frames, args.prompt_tokens, design, args.dtype, parameters)
+            for frames in args.frames
+            for design in args.design
+        ]
+    except ValueError as error:
+        print(f"slowfast-vlm flops: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps([r.to_dict() for r in records], indent=2) if args.json else format_table(records))
+    return 0

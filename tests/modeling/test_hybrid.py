@@ -1,0 +1,215 @@
+"""Hybrid layers against a naive einsum/softmax transcription of design doc section 1.5."""
+
+import pytest
+import torch
+from helpers import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, open_gates, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
+from slowfast_vlm.modeling.hybrid import HybridAttention, SlowCache
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def naive_hybrid_attention(attn, hidden, cos, sin, valid, slow, slow_mask, query_mask):
+    """Self-attention + gated cross-attention, one sample, head and query at a time.
+
+    hidden (B, L, D) already normalised; cos/sin (B, L, hd); valid (B, L) non-padding;
+    slow (B, N, D) un-normalised slow tokens; slow_mask (B, N); query_mask (B, L).
+    """
+    batch, length, _ = hidden.shape
+    hd, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    group = heads // kv_heads
+    q = attn.q_proj(hidden).view(batch, length, heads, hd)
+    k = attn.k_proj(hidden).view(batch, length, kv_heads, hd)
+    v = attn.v_proj(hidden).view(batch, length, kv_heads, hd)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = q * cos[:, :, None] + rotate_half(q) * sin[:, :, None]
+    k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
+
+    # cross keys/values from the fused projection, sliced per kv-head as (head, [key|value], hd)
+    normed = attn.slow_norm(slow)
+    weight, bias = attn.cross_attn_kv_proj.weight, attn.cross_attn_kv_proj.bias
+    cross_k = torch.stack(
+        [normed @ weight[g * 2 * hd : g * 2 * hd + hd].T + bias[g * 2 * hd : g * 2 * hd + hd] for g in range(kv_heads)], 2
+    )
+    cross_v = torch.stack(
+        [normed @ weight[g * 2 * hd + hd : (g + 1) * 2 * hd].T + bias[g * 2 * hd + hd : (g + 1) * 2 * hd] for g in range(kv_heads)],
+        2,
+    )
+
+    out = torch.zeros(batch, length, heads * hd, dtype=hidden.dtype)
+    for b in range(batch):
+        for i in range(length):
+            for h in range(heads):
+                keys = [j for j in range(i + 1) if valid[b, j]]
+                scores = torch.stack([q[b, i, h] @ k[b, j, h // group] for j in keys]) / hd**0.5
+                probs = scores.softmax(0)
+                out[b, i, h * hd : (h + 1) * hd] = sum(p * v[b, j, h // group] for p, j in zip(probs, keys))
+    final = out.clone()
+    for b in range(batch):
+        slots = [n for n in range(slow.shape[1]) if slow_mask[b, n]]
+        if not slots:
+            continue
+        for i in range(length):
+            if not query_mask[b, i]:
+                continue
+            cross = torch.zeros(heads * hd, dtype=hidden.dtype)
+            for h in range(heads):
+                scores = torch.stack([q[b, i, h] @ cross_k[b, n, h // group] for n in slots]) / hd**0.5
+                probs = scores.softmax(0)
+                cross[h * hd : (h + 1) * hd] = sum(p * cross_v[b, n, h // group] for p, n in zip(probs, slots))
+            if attn.gate_type == "tanh-warmup":
+                gate_linear = attn.cross_attn_gate_proj[0]
+                gate = torch.tanh(out[b, i] @ gate_linear.weight[0] + gate_linear.bias[0])
+                cross = gate * torch.tanh(attn.cross_attn_warm_up_gate[0]) * cross
+            final[b, i] += cross
+    return attn.o_proj(final)
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("gate_type", ["tanh-warmup", "none"])
+def test_hybrid_attention_matches_naive(llm, attn_impl, gate_type):
+    model = tiny_model(llm=llm, attn=attn_impl, gate_type=gate_type, seed=1).double()
+    open_gates(model, 0.7)
+    layer = model.model.language_model.layers[2]
+    attn = layer.self_attn
+    assert isinstance(attn, HybridAttention)
+    with torch.no_grad():  # make the gate input matter: random, non-zero gate weights
+        if gate_type == "tanh-warmup":
+            attn.cross_attn_gate_proj[0].weight.normal_(0, 0.5)
+            attn.cross_attn_gate_proj[0].bias.fill_(0.3)
+
+    torch.manual_seed(0)
+    batch, length, dim, num_slow = 3, 7, 64, 6
+    hidden = layer.input_layernorm(torch.randn(batch, length, dim, dtype=torch.float64))
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, 5:] = False  # right padding
+    slow = torch.randn(batch, num_slow, dim, dtype=torch.float64)
+    slow_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [0] * 6], dtype=torch.bool)  # sample 2: no visual input
+    query_mask = torch.rand(batch, length) > 0.4
+    query_mask[1, 5:] = False
+
+    position_ids = torch.arange(length)[None].expand(batch, -1)
+    cos, sin = model.model.language_model.rotary_emb(hidden, position_ids)
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    allowed = causal[None] & valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, -1e30)[:, None]
+
+    with torch.no_grad():
+        got, _ = attn(
+            hidden,
+            position_embeddings=(cos, sin),
+            attention_mask=mask,
+            slow_cache=SlowCache(tokens=slow, mask=slow_mask, cache_kv=False),
+            slow_query_mask=query_mask,
+        )
+        expected = naive_hybrid_attention(attn, hidden, cos, sin, valid, slow, slow_mask, query_mask)
+    # float64 throughout, except the float32 softmax inside transformers' eager attention
+    torch.testing.assert_close(got[valid], expected[valid], rtol=1e-6, atol=1e-7)
+    # the branch is live: without slow tokens the output differs wherever a query reads them
+    with torch.no_grad():
+        plain, _ = attn(hidden, position_embeddings=(cos, sin), attention_mask=mask)
+    reads = query_mask & slow_mask.any(1)[:, None] & valid
+    assert not torch.allclose(plain[reads], got[reads])
+    torch.testing.assert_close(plain[~reads & valid], got[~reads & valid], rtol=0, atol=0)
+
+
+def reference_query_mask(types, mode, mask_system):
+    """Design 1.4/1.5.3 from token types: 1 prompt, 2 response, 3 fast visual, 4 padding."""
+    result = []
+    for row in types:
+        seen_visual, out = False, []
+        for t in row:
+            seen_visual |= t == 3
+            is_query = t in (1, 2) if mode == "text" else t in (1, 2, 3)
+            out.append(is_query and (seen_visual or not mask_system))
+        result.append(out)
+    return torch.tensor(result)
+
+
+@pytest.mark.parametrize("mode", ["text", "all"])
+@pytest.mark.parametrize("mask_system", [False, True])
+def test_query_positions(mode, mask_system):
+    model = tiny_model(cross_attn_queries=mode, mask_system_tokens=mask_system)
+    V, I = VIDEO_TOKEN_ID, IMAGE_TOKEN_ID  # noqa: E741
+    input_ids = torch.tensor([[5, 6, V, V, 7, 8, 0], [5, I, I, 6, 7, 0, 0], [5, 6, 7, 8, 9, 10, 11]])
+    attention_mask = torch.tensor([[1] * 6 + [0], [1] * 5 + [0] * 2, [1] * 7])
+    types = torch.where(model.model.placeholder_mask(input_ids), 3, 1)
+    types = torch.where(attention_mask.bool(), types, 4).tolist()
+    got = model.model.query_positions(model.model.placeholder_mask(input_ids), attention_mask)
+    assert torch.equal(got, reference_query_mask(types, mode, mask_system))
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_initial_gates_give_the_plain_llm(llm, attn_impl):
+    """Freshly converted: logits equal the unmodified LLM's on the same input embeddings."""
+    model = tiny_model(llm=llm, attn=attn_impl, seed=2)
+    plain = AutoModelForCausalLM.from_config(model.config.text_config, attn_implementation=attn_impl).eval()
+    state = {k.replace("model.language_model.", "model."): v for k, v in model.state_dict().items()}
+    missing, unexpected = plain.load_state_dict(
+        {k: v for k, v in state.items() if k.startswith(("model.layers", "model.embed", "model.norm", "lm_head"))},
+        strict=False,
+    )
+    assert not missing
+    assert all("cross_attn" in k for k in unexpected)
+
+    captured = {}
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    n = 8  # fast tokens of a 4-frame video: 2 frames x 2x2
+    ids = torch.tensor([[3, 4] + [VIDEO_TOKEN_ID] * n + [5, 6, 7]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values_videos=torch.randn(1, 4, 3, 32, 32)).logits
+        expected = plain(inputs_embeds=captured["embeds"]).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+
+
+def test_kv_projection_initialised_from_lm():
+    """init_cross_kv_from_lm: the cross keys/values equal k_proj/v_proj of the normalised slow tokens."""
+    model = tiny_model(seed=3)
+    attn = model.hybrid_layers[0]
+    slow = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        key, value = attn.project_slow(slow)
+        normed = attn.slow_norm(slow)
+        expected_k = attn.k_proj(normed).view(2, 5, 2, 16).transpose(1, 2)
+        expected_v = attn.v_proj(normed).view(2, 5, 2, 16).transpose(1, 2)
+    torch.testing.assert_close(key, expected_k)
+    torch.testing.assert_close(value, expected_v)
+    assert attn.cross_attn_warm_up_gate.item() == 0.0
+
+
+def test_random_kv_init_and_weight_names():
+    model = tiny_model(init_cross_kv_from_lm=False, seed=4)
+    attn = model.hybrid_layers[0]
+    assert not torch.allclose(attn.cross_attn_kv_proj.weight[:16], attn.k_proj.weight[:16])
+    names = {n for n, _ in model.named_parameters()}
+    # pretrained weights keep their names; the new ones sit under self_attn as in the reference
+    for suffix in ("q_proj.weight", "k_proj.weight", "o_proj.weight", "cross_attn_kv_proj.weight",
+                   "cross_attn_kv_proj.bias", "cross_attn_gate_proj.0.weight", "cross_attn_warm_up_gate"):
+        assert f"model.language_model.layers.2.self_attn.{suffix}" in names
+    assert not any("layers.1.self_attn.cross" in n for n in names)
+    assert not any("slow_norm" in n for n in names)
+
+
+def test_unsupported_layer_is_rejected():
+    from torch import nn
+
+    from slowfast_vlm import add_hybrid_layers
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Module() for _ in range(4)])
+            for layer in self.layers:
+                layer.self_attn = nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="not a Llama-family decoder layer"):
+        add_hybrid_layers(Odd(), tiny_config())
