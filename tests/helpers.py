@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration
 
@@ -19,15 +21,31 @@ TEXT_CONFIGS = {
 VISION_CONFIGS = {
     # 32 px frames; 4x4 grids
     "siglip": dict(
-        model_type="siglip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, image_size=32, patch_size=8,
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
     ),
     "clip": dict(
-        model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, image_size=32, patch_size=8, projection_dim=32,
+        model_type="clip_vision_model",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
     ),
     "convnext": dict(
-        model_type="convnext", hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=4, image_size=32,
+        model_type="convnext",
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        num_stages=2,
+        patch_size=4,
+        image_size=32,
     ),
 }
 
@@ -36,11 +54,20 @@ def tiny_config(llm: str = "qwen2", vision: str = "siglip", **overrides) -> Slow
     """A 4-layer, 64-wide LLM (4 heads, 2 kv heads) with hybrid layers 0 and 2, and a 32 px encoder."""
     text = dict(
         TEXT_CONFIGS[llm],
-        num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False,
+        num_hidden_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
     )
     knobs = dict(
-        hybrid_every_n_layers=2, min_fast_frames=2, video_token_id=VIDEO_TOKEN_ID, image_token_id=IMAGE_TOKEN_ID,
+        hybrid_every_n_layers=2,
+        min_fast_frames=2,
+        video_token_id=VIDEO_TOKEN_ID,
+        image_token_id=IMAGE_TOKEN_ID,
     )
     knobs.update(overrides)
     return SlowFastConfig(text_config=text, vision_config=dict(VISION_CONFIGS[vision]), **knobs)
@@ -60,3 +87,29 @@ def open_gates(model: SlowFastForConditionalGeneration, value: float = 1.0) -> N
         for layer in model.hybrid_layers:
             if layer.gate_type == "tanh-warmup":
                 layer.cross_attn_warm_up_gate.fill_(value)
+
+
+TOKENIZER_CORPUS = [
+    "You are a helpful assistant.",
+    "What happens in this video? Describe it in detail.",
+    "A cat jumps over the fence and runs into the garden.",
+    "The man is cooking pasta in a small kitchen.",
+    "Is there a dog in the image? Yes, a brown dog is sleeping.",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (300 tokens) trained here on a few sentences, with Qwen's ChatML
+    special tokens: `<|endoftext|>` (id 0, padding), `<|im_start|>` (1), `<|im_end|>` (2, end of turn).
+    It has no `<video>` / `<image>` token; `SlowFastProcessor` adds them (ids 300, 301)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")

@@ -18,7 +18,9 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slowfast-vlm", description="Slow-Fast video LLMs: run, train, evaluate.")
+    parser = argparse.ArgumentParser(
+        prog="slowfast-vlm", description="Slow-Fast video LLMs: run, train, evaluate."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name, help_text in SUBCOMMANDS:
         sub = subparsers.add_parser(name, help=help_text, add_help=False)

@@ -102,7 +102,10 @@ class SlowFastConfig(PretrainedConfig):
                 f"SlowFastConfig.hybrid_min_depth={self.hybrid_min_depth} is outside the LLM's "
                 f"{num_layers} layers (0..{num_layers - 1})"
             )
-        if self.hybrid_max_depth is not None and not self.hybrid_min_depth < self.hybrid_max_depth <= num_layers:
+        if (
+            self.hybrid_max_depth is not None
+            and not self.hybrid_min_depth < self.hybrid_max_depth <= num_layers
+        ):
             raise ValueError(
                 f"SlowFastConfig.hybrid_max_depth={self.hybrid_max_depth} must be in "
                 f"({self.hybrid_min_depth}, {num_layers}] for an LLM with {num_layers} layers"
@@ -111,7 +114,9 @@ class SlowFastConfig(PretrainedConfig):
     @property
     def hybrid_layer_indices(self) -> list[int]:
         """Indices of the LLM decoder layers that carry a cross-attention branch."""
-        stop = self.hybrid_max_depth if self.hybrid_max_depth is not None else self.text_config.num_hidden_layers
+        stop = (
+            self.hybrid_max_depth if self.hybrid_max_depth is not None else self.text_config.num_hidden_layers
+        )
         return list(range(self.hybrid_min_depth, stop, self.hybrid_every_n_layers))
 
 

@@ -34,10 +34,17 @@ def naive_hybrid_attention(attn, hidden, cos, sin, valid, slow, slow_mask, query
     normed = attn.slow_norm(slow)
     weight, bias = attn.cross_attn_kv_proj.weight, attn.cross_attn_kv_proj.bias
     cross_k = torch.stack(
-        [normed @ weight[g * 2 * hd : g * 2 * hd + hd].T + bias[g * 2 * hd : g * 2 * hd + hd] for g in range(kv_heads)], 2
+        [
+            normed @ weight[g * 2 * hd : g * 2 * hd + hd].T + bias[g * 2 * hd : g * 2 * hd + hd]
+            for g in range(kv_heads)
+        ],
+        2,
     )
     cross_v = torch.stack(
-        [normed @ weight[g * 2 * hd + hd : (g + 1) * 2 * hd].T + bias[g * 2 * hd + hd : (g + 1) * 2 * hd] for g in range(kv_heads)],
+        [
+            normed @ weight[g * 2 * hd + hd : (g + 1) * 2 * hd].T + bias[g * 2 * hd + hd : (g + 1) * 2 * hd]
+            for g in range(kv_heads)
+        ],
         2,
     )
 
@@ -61,7 +68,9 @@ def naive_hybrid_attention(attn, hidden, cos, sin, valid, slow, slow_mask, query
             for h in range(heads):
                 scores = torch.stack([q[b, i, h] @ cross_k[b, n, h // group] for n in slots]) / hd**0.5
                 probs = scores.softmax(0)
-                cross[h * hd : (h + 1) * hd] = sum(p * cross_v[b, n, h // group] for p, n in zip(probs, slots))
+                cross[h * hd : (h + 1) * hd] = sum(
+                    p * cross_v[b, n, h // group] for p, n in zip(probs, slots)
+                )
             if attn.gate_type == "tanh-warmup":
                 gate_linear = attn.cross_attn_gate_proj[0]
                 gate = torch.tanh(out[b, i] @ gate_linear.weight[0] + gate_linear.bias[0])
@@ -90,7 +99,9 @@ def test_hybrid_attention_matches_naive(llm, attn_impl, gate_type):
     valid = torch.ones(batch, length, dtype=torch.bool)
     valid[1, 5:] = False  # right padding
     slow = torch.randn(batch, num_slow, dim, dtype=torch.float64)
-    slow_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [0] * 6], dtype=torch.bool)  # sample 2: no visual input
+    slow_mask = torch.tensor(
+        [[1] * 6, [1] * 3 + [0] * 3, [0] * 6], dtype=torch.bool
+    )  # sample 2: no visual input
     query_mask = torch.rand(batch, length) > 0.4
     query_mask[1, 5:] = False
 
@@ -153,7 +164,11 @@ def test_initial_gates_give_the_plain_llm(llm, attn_impl):
     plain = AutoModelForCausalLM.from_config(model.config.text_config, attn_implementation=attn_impl).eval()
     state = {k.replace("model.language_model.", "model."): v for k, v in model.state_dict().items()}
     missing, unexpected = plain.load_state_dict(
-        {k: v for k, v in state.items() if k.startswith(("model.layers", "model.embed", "model.norm", "lm_head"))},
+        {
+            k: v
+            for k, v in state.items()
+            if k.startswith(("model.layers", "model.embed", "model.norm", "lm_head"))
+        },
         strict=False,
     )
     assert not missing
@@ -192,8 +207,15 @@ def test_random_kv_init_and_weight_names():
     assert not torch.allclose(attn.cross_attn_kv_proj.weight[:16], attn.k_proj.weight[:16])
     names = {n for n, _ in model.named_parameters()}
     # pretrained weights keep their names; the new ones sit under self_attn as in the reference
-    for suffix in ("q_proj.weight", "k_proj.weight", "o_proj.weight", "cross_attn_kv_proj.weight",
-                   "cross_attn_kv_proj.bias", "cross_attn_gate_proj.0.weight", "cross_attn_warm_up_gate"):
+    for suffix in (
+        "q_proj.weight",
+        "k_proj.weight",
+        "o_proj.weight",
+        "cross_attn_kv_proj.weight",
+        "cross_attn_kv_proj.bias",
+        "cross_attn_gate_proj.0.weight",
+        "cross_attn_warm_up_gate",
+    ):
         assert f"model.language_model.layers.2.self_attn.{suffix}" in names
     assert not any("layers.1.self_attn.cross" in n for n in names)
     assert not any("slow_norm" in n for n in names)

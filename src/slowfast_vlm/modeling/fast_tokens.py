@@ -44,7 +44,9 @@ def fast_token_count(num_frames: int, grid: tuple[int, int], config: SlowFastCon
     return fast_frame_count(num_frames, config) * h * w
 
 
-def build_fast_tokens(frame_tokens: torch.Tensor, grid: tuple[int, int], config: SlowFastConfig) -> torch.Tensor:
+def build_fast_tokens(
+    frame_tokens: torch.Tensor, grid: tuple[int, int], config: SlowFastConfig
+) -> torch.Tensor:
     """Build one sample's fast tokens from its slow tokens (design doc section 1.3).
 
     Args:

@@ -65,7 +65,8 @@ class SlowCache:
             mask=self.mask.index_select(0, index),
             cache_kv=self.cache_kv,
             key_values={
-                i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.key_values.items()
+                i: (k.index_select(0, index), v.index_select(0, index))
+                for i, (k, v) in self.key_values.items()
             },
         )
 
@@ -83,7 +84,14 @@ class HybridAttention(nn.Module):
         super().__init__()
         for name, child in attention.named_children():
             self.add_module(name, child)
-        for name in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout"):
+        for name in (
+            "config",
+            "layer_idx",
+            "head_dim",
+            "num_key_value_groups",
+            "scaling",
+            "attention_dropout",
+        ):
             setattr(self, name, getattr(attention, name))
         self.is_causal = True
         self.sliding_window = getattr(attention, "sliding_window", None)
@@ -183,7 +191,9 @@ class HybridAttention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, L, H*hd), before o_proj
 
         if slow_cache is not None and slow_query_mask is not None:
-            attn_output = attn_output + self.cross_attention(query_states, attn_output, slow_cache, slow_query_mask)
+            attn_output = attn_output + self.cross_attention(
+                query_states, attn_output, slow_cache, slow_query_mask
+            )
         return self.o_proj(attn_output), attn_weights
 
     def cross_attention(
@@ -212,7 +222,9 @@ class HybridAttention(nn.Module):
         # Gather the querying positions of each sample to the front: (B, Q), padded with other positions.
         positions = torch.argsort((~query_mask).to(torch.int8), dim=1, stable=True)[:, :num_queries]
         valid = query_mask.gather(1, positions)  # (B, Q)
-        queries = query_states.gather(2, positions[:, None, :, None].expand(batch, num_heads, num_queries, head_dim))
+        queries = query_states.gather(
+            2, positions[:, None, :, None].expand(batch, num_heads, num_queries, head_dim)
+        )
 
         key, value = slow_cache.get(self.layer_idx, self.project_slow)
         key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
@@ -227,13 +239,17 @@ class HybridAttention(nn.Module):
         gather_index = positions[..., None].expand(batch, num_queries, attn_output.shape[-1])
         if self.gate_type == "tanh-warmup":
             gate_input = attn_output.gather(1, gather_index)
-            gate = torch.tanh(self.cross_attn_gate_proj(gate_input)) * torch.tanh(self.cross_attn_warm_up_gate)
+            gate = torch.tanh(self.cross_attn_gate_proj(gate_input)) * torch.tanh(
+                self.cross_attn_warm_up_gate
+            )
             cross = gate * cross
         cross = torch.where(valid[..., None], cross, torch.zeros_like(cross))
         return torch.zeros_like(attn_output).scatter_add(1, gather_index, cross)
 
 
-def add_hybrid_layers(language_model: nn.Module, config: SlowFastConfig, init_weights: bool = True) -> list[int]:
+def add_hybrid_layers(
+    language_model: nn.Module, config: SlowFastConfig, init_weights: bool = True
+) -> list[int]:
     """Turn the decoder layers `config.hybrid_layer_indices` of `language_model` into hybrid layers, in place.
 
     `language_model` is a transformers decoder (e.g. `Qwen2Model`) whose `.layers[i]` have `self_attn`

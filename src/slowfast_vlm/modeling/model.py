@@ -135,7 +135,9 @@ class SlowFastModel(SlowFastPreTrainedModel):
                 run, counts = run_end - position, []
                 while sum(counts) < run and queue:
                     item = queue.pop(0)
-                    counts.append(fast_token_count(item.shape[0], self.visual_grid(item.shape[0]), self.config))
+                    counts.append(
+                        fast_token_count(item.shape[0], self.visual_grid(item.shape[0]), self.config)
+                    )
                     items.append((kind, item))
                 if sum(counts) != run:
                     raise ValueError(
@@ -189,7 +191,9 @@ class SlowFastModel(SlowFastPreTrainedModel):
         cache_slow_kv: bool,
     ) -> tuple[torch.Tensor, SlowCache]:
         """Scatter fast tokens into `inputs_embeds` `(B, L, D)` and gather the slow tokens into a `SlowCache`."""
-        per_sample = self.split_visual_inputs(input_ids, _as_list(pixel_values_videos), _as_list(pixel_values))
+        per_sample = self.split_visual_inputs(
+            input_ids, _as_list(pixel_values_videos), _as_list(pixel_values)
+        )
         items = [item for sample in per_sample for _, item in sample]
         dim = inputs_embeds.shape[-1]
         slow_per_sample: list[torch.Tensor] = []
@@ -201,10 +205,14 @@ class SlowFastModel(SlowFastPreTrainedModel):
                 for (_, item), slow in zip(sample, sample_slow):
                     fast.append(build_fast_tokens(slow, self.visual_grid(item.shape[0]), self.config))
                 slow_per_sample.append(
-                    torch.cat([s.flatten(0, 1) for s in sample_slow]) if sample_slow else inputs_embeds.new_zeros(0, dim)
+                    torch.cat([s.flatten(0, 1) for s in sample_slow])
+                    if sample_slow
+                    else inputs_embeds.new_zeros(0, dim)
                 )
             fast_tokens = torch.cat(fast).to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(self.placeholder_mask(input_ids)[..., None], fast_tokens)
+            inputs_embeds = inputs_embeds.masked_scatter(
+                self.placeholder_mask(input_ids)[..., None], fast_tokens
+            )
         else:
             slow_per_sample = [inputs_embeds.new_zeros(0, dim) for _ in per_sample]
         lengths = torch.tensor([s.shape[0] for s in slow_per_sample], device=inputs_embeds.device)
@@ -243,7 +251,11 @@ class SlowFastModel(SlowFastPreTrainedModel):
                 raise ValueError("visual inputs need input_ids to locate their placeholder tokens")
             # K/V caching only pays off across generation steps; in training the cache dies with the step.
             inputs_embeds, slow_cache = self.prepare_visual_inputs(
-                input_ids, inputs_embeds, pixel_values_videos, pixel_values, cache_slow_kv and not self.training
+                input_ids,
+                inputs_embeds,
+                pixel_values_videos,
+                pixel_values,
+                cache_slow_kv and not self.training,
             )
             query_mask = self.query_positions(self.placeholder_mask(input_ids), attention_mask)
         elif slow_cache is not None and self.config.generated_tokens_see_slow:
@@ -358,7 +370,9 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
         )
 
     # ----- generation --------------------------------------------------------------------------
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
+    ):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
@@ -367,7 +381,9 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
             model_kwargs["slow_cache"] = outputs.slow_cache
         return model_kwargs
 
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+    def _expand_inputs_for_generation(
+        self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs
+    ):
         # Visual inputs are not one-per-sample tensors: repeat each sample's own items `expand_size` times.
         videos, images = model_kwargs.get("pixel_values_videos"), model_kwargs.get("pixel_values")
         if expand_size > 1 and input_ids is not None and (videos is not None or images is not None):
@@ -380,6 +396,8 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
             model_kwargs["pixel_values_videos"] = expanded["video"] or None
             model_kwargs["pixel_values"] = expanded["image"] or None
         return super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+            expand_size=expand_size,
+            is_encoder_decoder=is_encoder_decoder,
+            input_ids=input_ids,
+            **model_kwargs,
         )
-
