@@ -37,12 +37,15 @@ class SlowCache:
         tokens: `(B, N, D)` projected slow tokens, zero-padded to the longest sample.
         mask: `(B, N)` bool, True at real slow tokens.
         cache_kv: keep each layer's keys/values after their first computation (generation).
+        record_attention: accumulate the cross-attention probabilities per layer (attention maps).
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     cache_kv: bool = True
+    record_attention: bool = False
     key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def has_slow(self) -> torch.Tensor:
@@ -58,17 +61,17 @@ class SlowCache:
             self.key_values[layer_idx] = key_value
         return key_value
 
-    def select(self, index: torch.Tensor) -> SlowCache:
-        """The cache of the batch rows `index` (beam reordering, batch expansion)."""
-        return SlowCache(
-            tokens=self.tokens.index_select(0, index),
-            mask=self.mask.index_select(0, index),
-            cache_kv=self.cache_kv,
-            key_values={
-                i: (k.index_select(0, index), v.index_select(0, index))
-                for i, (k, v) in self.key_values.items()
-            },
-        )
+    def record(self, layer_idx: int, probs_sum: torch.Tensor, num_queries: torch.Tensor) -> None:
+        """Accumulate one call's cross-attention: `probs_sum` `(B, H, N)` summed over its `num_queries` `(B,)`."""
+        total, count = self.attention.get(layer_idx, (0.0, 0))
+        self.attention[layer_idx] = (total + probs_sum.detach().float(), count + num_queries.detach())
+
+    def attention_map(self) -> torch.Tensor:
+        """`(B, hybrid layers, H, N)`: cross-attention probabilities averaged over every recorded query token."""
+        if not self.attention:
+            raise ValueError("no cross-attention was recorded: pass record_slow_attention=True")
+        maps = [total / count.clamp(min=1)[:, None, None] for total, count in self.attention.values()]
+        return torch.stack(maps, dim=1)
 
 
 class HybridAttention(nn.Module):
@@ -231,9 +234,16 @@ class HybridAttention(nn.Module):
         # A sample without slow tokens would give an all-masked softmax (NaN); let it see its padding
         # instead: its queries are discarded below anyway.
         key_mask = slow_cache.mask | ~slow_cache.has_slow[:, None]
-        cross = F.scaled_dot_product_attention(
-            queries, key, value, attn_mask=key_mask[:, None, None, :], scale=self.scaling
-        )  # (B, H, Q, hd), non-causal
+        if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities
+            scores = (queries @ key.transpose(-1, -2)) * self.scaling  # (B, H, Q, N)
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+            probs = scores.float().softmax(dim=-1)
+            cross = probs.to(value.dtype) @ value
+            slow_cache.record(self.layer_idx, (probs * valid[:, None, :, None]).sum(dim=2), valid.sum(dim=1))
+        else:
+            cross = F.scaled_dot_product_attention(
+                queries, key, value, attn_mask=key_mask[:, None, None, :], scale=self.scaling
+            )  # (B, H, Q, hd), non-causal
         cross = cross.transpose(1, 2).reshape(batch, num_queries, num_heads * head_dim)
 
         gather_index = positions[..., None].expand(batch, num_queries, attn_output.shape[-1])

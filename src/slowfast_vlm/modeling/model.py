@@ -189,6 +189,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
         pixel_values_videos: VisualInput,
         pixel_values: VisualInput,
         cache_slow_kv: bool,
+        record_slow_attention: bool = False,
     ) -> tuple[torch.Tensor, SlowCache]:
         """Scatter fast tokens into `inputs_embeds` `(B, L, D)` and gather the slow tokens into a `SlowCache`."""
         per_sample = self.split_visual_inputs(
@@ -220,7 +221,10 @@ class SlowFastModel(SlowFastPreTrainedModel):
         if tokens.shape[1] == 0:  # no visual input in the batch: one masked dummy slot keeps shapes valid
             tokens = inputs_embeds.new_zeros(len(per_sample), 1, dim)
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
-        return inputs_embeds, SlowCache(tokens=tokens, mask=mask, cache_kv=cache_slow_kv)
+        slow_cache = SlowCache(
+            tokens=tokens, mask=mask, cache_kv=cache_slow_kv, record_attention=record_slow_attention
+        )
+        return inputs_embeds, slow_cache
 
     # ----- forward -----------------------------------------------------------------------------
     def forward(
@@ -235,6 +239,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
         slow_cache: SlowCache | None = None,
         slow_query_mask: torch.Tensor | None = None,
         cache_slow_kv: bool = True,
+        record_slow_attention: bool = False,
         use_cache: bool | None = None,
         **kwargs,
     ) -> SlowFastModelOutput:
@@ -255,7 +260,8 @@ class SlowFastModel(SlowFastPreTrainedModel):
                 inputs_embeds,
                 pixel_values_videos,
                 pixel_values,
-                cache_slow_kv and not self.training,
+                cache_slow_kv=cache_slow_kv and not self.training,
+                record_slow_attention=record_slow_attention,
             )
             query_mask = self.query_positions(self.placeholder_mask(input_ids), attention_mask)
         elif slow_cache is not None and self.config.generated_tokens_see_slow:
@@ -324,6 +330,7 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
         slow_cache: SlowCache | None = None,
         slow_query_mask: torch.Tensor | None = None,
         cache_slow_kv: bool = True,
+        record_slow_attention: bool = False,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -338,6 +345,8 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
             slow_query_mask: `(B, L)` bool, overrides which positions query the slow tokens.
             cache_slow_kv: keep the projected slow keys/values for later steps (False = re-project
                 them at every step, only useful to measure what caching saves).
+            record_slow_attention: accumulate the hybrid layers' cross-attention probabilities in the
+                returned `slow_cache` (`slow_cache.attention_map()`), for attention maps.
             logits_to_keep: compute logits for the last N positions only (0 = all).
         """
         outputs = self.model(
@@ -351,6 +360,7 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
             slow_cache=slow_cache,
             slow_query_mask=slow_query_mask,
             cache_slow_kv=cache_slow_kv,
+            record_slow_attention=record_slow_attention,
             use_cache=use_cache,
             **kwargs,
         )
