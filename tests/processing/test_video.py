@@ -161,7 +161,12 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-CFR = [("mp4_h264_10", 10, 37), ("webm_vp9_24", 24, 50), ("mkv_h264_30", 30, 61), ("mp4_h264_30_gop5", 30, 90)]
+CFR = [
+    ("mp4_h264_10", 10, 37),
+    ("webm_vp9_24", 24, 50),
+    ("mkv_h264_30", 30, 61),
+    ("mp4_h264_30_gop5", 30, 90),
+]
 
 
 @pytest.mark.parametrize(("name", "fps", "n"), CFR)
@@ -212,10 +217,14 @@ VFR_PTS = [0, 10, 50, 60, 200, 210, 220, 400, 401, 500, 600, 610, 620, 700, 800,
 VFR_PTS += [1700 + 7 * k * k for k in range(1, 21)]
 
 
-@pytest.mark.parametrize(("suffix", "codec"), [("mkv", "libx264"), ("mp4", "libx264"), ("webm", "libvpx-vp9")])
+@pytest.mark.parametrize(
+    ("suffix", "codec"), [("mkv", "libx264"), ("mp4", "libx264"), ("webm", "libvpx-vp9")]
+)
 def test_variable_frame_rate(tmp_path, suffix, codec):
     # Starts at 250 ms: timestamps count from the first frame.
-    path = write_video(tmp_path / f"vfr.{suffix}", codec, 30, len(VFR_PTS), pts_ms=[250 + t for t in VFR_PTS], gop=4)
+    path = write_video(
+        tmp_path / f"vfr.{suffix}", codec, 30, len(VFR_PTS), pts_ms=[250 + t for t in VFR_PTS], gop=4
+    )
     for seek in (True, False):
         frames, meta = load_video(path, num_frames=9, sampling="uniform", seek=seek)
         expected = uniform_sample_indices(len(VFR_PTS), 9)
@@ -246,7 +255,7 @@ def test_duplicate_timestamps_fall_back_to_sequential_decoding(tmp_path):
 
 @pytest.mark.parametrize("rotation", [90, 180, 270])
 def test_display_rotation_is_applied(tmp_path, rotation):
-    # set_display_rotation (PyAV >= 17) writes the display matrix; older PyAV cannot write it.
+    # PyAV writes the display matrix with set_display_rotation; older PyAV has no way to write it.
     if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
         pytest.skip("this PyAV cannot write display rotation metadata")
     path = write_video(tmp_path / "rot.mp4", "libx264", 10, 12, rotation=rotation)
@@ -356,14 +365,15 @@ def test_truncated_mp4_at_a_frame_boundary_warns_and_uses_the_frames_present(tmp
     assert decoded_indices(frames) == meta.frame_indices == uniform_sample_indices(20, 5)
 
 
-def test_garbage_inside_the_stream_is_a_corrupt_stream(tmp_path, faststart_mp4):
+@pytest.mark.parametrize("seek", [None, False])
+def test_garbage_inside_the_stream_is_a_corrupt_stream(tmp_path, faststart_mp4, seek):
     data = bytearray(faststart_mp4.read_bytes())
     start = _packet_ends(faststart_mp4)[9]  # frame 10 begins here
     data[start : start + 4] = b"\xff" * 4  # its NAL length prefix now overruns the packet
     path = tmp_path / "garbled.mp4"
     path.write_bytes(bytes(data))
     with pytest.raises(VideoDecodeError, match=r"garbled\.mp4: corrupt video stream"):
-        load_video(path, num_frames=30, sampling="uniform", seek=False)
+        load_video(path, num_frames=30, sampling="uniform", seek=seek)
 
 
 def test_frames_that_do_not_decode_are_not_counted(tmp_path):
@@ -401,14 +411,23 @@ def test_bad_arguments(videos, kwargs, match):
 # -------------------------------------------------------------------------- decord
 
 
-def test_decord_backend_matches_pyav(videos):
+def test_decord_backend_matches_pyav(videos, tmp_path):
     pytest.importorskip("decord")
-    for name in ("mp4_h264_10", "mkv_h264_30"):
-        frames, meta = load_video(videos[name], num_frames=6, fps=3.0, backend="decord")
-        reference, ref_meta = load_video(videos[name], num_frames=6, fps=3.0)
+    rotated = write_video(tmp_path / "rot.mp4", "libx264", 10, 12, rotation=90)
+    for path in (videos["mp4_h264_10"], videos["mkv_h264_30"], rotated):
+        frames, meta = load_video(path, num_frames=6, fps=3.0, backend="decord")
+        reference, ref_meta = load_video(path, num_frames=6, fps=3.0)
         assert meta.backend == "decord"
         assert meta.frame_indices == ref_meta.frame_indices
-        assert decoded_indices(frames) == meta.frame_indices
         assert meta.total_frames == ref_meta.total_frames
         assert meta.timestamps == pytest.approx(ref_meta.timestamps, abs=1e-3)
+        assert frames.shape == reference.shape  # rotated the same way
         assert np.abs(frames.astype(int) - reference.astype(int)).mean() < 3
+
+
+def test_decord_backend_errors_name_the_file(tmp_path):
+    pytest.importorskip("decord")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 50)
+    with pytest.raises(VideoDecodeError, match=r"notes\.mp4: not a readable video container"):
+        load_video(text, num_frames=4, backend="decord")

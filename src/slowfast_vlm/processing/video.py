@@ -256,7 +256,7 @@ def _probe(path: str) -> _Probe:
 
 def _to_rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
     """(H, W, 3) uint8, upright. Scaled to the stream's size so a mid-stream resolution change still stacks."""
-    rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
+    rgb = frame.to_ndarray(format="rgb24", width=width or None, height=height or None)
     # frame.rotation is the counter-clockwise display rotation; np.rot90 turns counter-clockwise.
     # Only quarter turns are applied; other angles go to the nearest one.
     quarter_turns = round(frame.rotation / 90) % 4
@@ -312,7 +312,7 @@ def _decode_seeking(
     or before it lies beyond the last decoded frame (seeking then skips decoding
     work); otherwise decoding simply continues. Returns ``{index: (rgb, seconds)}``
     and the number of seeks. Raises :class:`_SeekMiss` if a frame's exact pts never
-    comes out of the decoder.
+    comes out of the decoder or decoding fails.
     """
     assert probe.frame_pts is not None
     frame_pts = probe.frame_pts
@@ -336,14 +336,19 @@ def _decode_seeking(
                     raise _SeekMiss(f"seek towards pts {target} failed ({e})") from e
                 seeks += 1
                 frames = _decoded_frames(container, stream, path)
-            for frame in frames:
-                if frame.pts is None:
-                    raise _SeekMiss("decoded frame without pts")
-                cursor = frame.pts
-                if frame.pts >= target:
-                    break
-            else:
-                raise _SeekMiss(f"stream ended before pts {target}")
+            try:
+                for frame in frames:
+                    if frame.pts is None:
+                        raise _SeekMiss("decoded frame without pts")
+                    cursor = frame.pts
+                    if frame.pts >= target:
+                        break
+                else:
+                    raise _SeekMiss(f"stream ended before pts {target}")
+            except VideoDecodeError as e:
+                # Possibly caused by the seek (a bad container index); a front-to-back
+                # pass tells a really corrupt stream apart.
+                raise _SeekMiss(str(e)) from e
             if frame.pts != target:
                 raise _SeekMiss(f"wanted pts {target}, decoder gave {frame.pts}")
             seconds = float((target - frame_pts[0]) * probe.time_base)
@@ -399,21 +404,16 @@ def _load_pyav(path: str, choose: _Chooser, seek: bool | None) -> tuple[np.ndarr
 # ------------------------------------------------------------------------- decord
 
 
-def _rotation_quarter_turns(path: str) -> int:
-    """Display rotation of the first frame, read with PyAV (decord ignores it)."""
-    with _open(path) as container:
-        stream = _video_stream(container, path)
-        for frame in _decoded_frames(container, stream, path):
-            return round(frame.rotation / 90) % 4
-    return 0
-
-
 def _load_decord(path: str, choose: _Chooser) -> tuple[np.ndarray, VideoMetadata]:
     try:
         import decord
     except ImportError as e:
         raise ImportError("backend='decord' needs decord: pip install 'slowfast-vlm[decord]'") from e
+    # Header checks with PyAV so both backends fail the same way on a bad file.
+    with _open(path) as container:
+        _video_stream(container, path)
     try:
+        # decord applies the display rotation itself.
         reader = decord.VideoReader(path, ctx=decord.cpu(0))
         total = len(reader)
         if total == 0:
@@ -424,11 +424,8 @@ def _load_decord(path: str, choose: _Chooser) -> tuple[np.ndarray, VideoMetadata
         # Start times of the chosen frames and of frame 0, to count from the first frame.
         starts = reader.get_frame_timestamp([*indices, 0])[:, 0]
         duration = float(reader.get_frame_timestamp(total - 1)[1] - starts[-1])
-    except decord.DECORDError as e:
+    except (decord.DECORDError, RuntimeError) as e:  # decord raises both
         raise VideoDecodeError(f"{path}: decord cannot decode it ({e})") from e
-    quarter_turns = _rotation_quarter_turns(path)
-    if quarter_turns:
-        frames = np.ascontiguousarray(np.rot90(frames, quarter_turns, axes=(1, 2)))
     metadata = VideoMetadata(
         path=path,
         total_frames=total,
