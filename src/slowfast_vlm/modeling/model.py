@@ -29,6 +29,7 @@ from .vision import (
     build_vision_tower,
     encode_frames,
     pool_frames,
+    slow_grid,
     vision_feature_size,
     vision_grid,
 )
@@ -98,9 +99,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
     # ----- visual inputs -------------------------------------------------------------------------
     def visual_grid(self, num_frames: int) -> tuple[int, int]:
         """`(h, w)` of the slow tokens of one frame: videos (T > 1) are pooled, still images are not."""
-        h, w = vision_grid(self.config.vision_config)
-        stride = self.config.video_pooling_stride if num_frames > 1 else 1
-        return h // stride, w // stride
+        return slow_grid(vision_grid(self.config.vision_config), num_frames, self.config.video_pooling_stride)
 
     def split_visual_inputs(
         self, input_ids: torch.Tensor, videos: list[torch.Tensor], images: list[torch.Tensor]

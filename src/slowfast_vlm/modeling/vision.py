@@ -38,6 +38,12 @@ def vision_grid(vision_config: PretrainedConfig) -> tuple[int, int]:
     return size // stride, size // stride
 
 
+def slow_grid(frame_grid: tuple[int, int], num_frames: int, video_pooling_stride: int) -> tuple[int, int]:
+    """`(h, w)` of one frame's slow tokens: video frames (T > 1) are pooled, still images are not."""
+    stride = video_pooling_stride if num_frames > 1 else 1
+    return frame_grid[0] // stride, frame_grid[1] // stride
+
+
 def vision_feature_size(vision_config: PretrainedConfig) -> int:
     """Channels C of the encoder's feature grid."""
     if vision_config.model_type in CNN_MODEL_TYPES:

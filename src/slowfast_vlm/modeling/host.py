@@ -1,0 +1,477 @@
+"""Plug and play: add the slow branch to a transformers LLaVA-OneVision or LLaVA-NeXT-Video model.
+
+The host model keeps every weight under its own name and computes exactly what it always computed,
+on a uniform subset of the frames: its video tokens are the fast tokens. All the frames, projected and
+optionally lightly pooled, are the slow tokens, read by hybrid layers added to its LLM
+(`add_hybrid_layers`, design section 1.5):
+
+    frames (B, T, 3, H, W) --host vision tower (feature layer) + projector--> (B, T, h*w, D)
+        fast: the host's own video tokens of `fast_frames` frames chosen uniformly out of T
+              LLaVA-OneVision: each grid bilinearly resized to ceil(h/2) x ceil(w/2), then one `image_newline`
+              LLaVA-NeXT-Video: its `vision_resampler` pooling of the encoder grid, then the projector
+        slow: all T grids, average-pooled with `slow_pooling_stride`, (T * h' * w', D) -> SlowCache
+
+The model takes all the frames in `pixel_values_videos` and picks the fast ones itself, so every
+`<video>` placeholder run in `input_ids` is as long as the host's run for the fast frames; the host's
+processor, converted by `processor_from_host`, expands it that way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+    PretrainedConfig,
+    ProcessorMixin,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from ..config import SlowFastConfig
+from ..processing.video import uniform_sample_indices
+from .hybrid import HybridAttention, SlowCache, add_hybrid_layers, cross_attention_parameters
+from .model import SlowFastModel
+from .vision import pool_frames, vision_grid
+
+# The SlowFastConfig knobs of the hybrid layers, shared with the native model.
+HYBRID_KNOBS = (
+    "hybrid_every_n_layers",
+    "hybrid_min_depth",
+    "hybrid_max_depth",
+    "cross_attn_queries",
+    "mask_system_tokens",
+    "gate_type",
+    "init_cross_kv_from_lm",
+    "generated_tokens_see_slow",
+)
+# Arguments of the host's `get_image_features` beyond pixels and sizes, when images come with videos.
+IMAGE_FEATURE_KWARGS = (
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "vision_aspect_ratio",
+    "batch_num_images",
+)
+
+
+def select_fast_frames(num_frames: int, fast_frames: int) -> list[int]:
+    """Which of a video's `num_frames` frames the host sees: `min(fast_frames, num_frames)` uniform ones."""
+    return uniform_sample_indices(num_frames, min(fast_frames, num_frames))
+
+
+# ----- configs ------------------------------------------------------------------------------------
+class SlowFastHostConfig(PretrainedConfig):
+    r"""The slow-fast knobs, mixed into a host config class (one per host family, below).
+
+    Args:
+        frames: frames per video the model is meant to be given (what to decode, e.g.
+            `load_video(path, config.frames)`); the model accepts any number.
+        fast_frames: how many of a video's frames, chosen uniformly, the host sees as its video.
+        slow_pooling_stride: spatial average pooling of every frame's projected grid for the slow
+            tokens (1 = unpooled).
+        vision_frame_chunk_size: frames encoded at once (bounds the encoder's activation memory).
+        hybrid_every_n_layers, hybrid_min_depth, hybrid_max_depth, cross_attn_queries, mask_system_tokens,
+        gate_type, init_cross_kv_from_lm, generated_tokens_see_slow: as in [`SlowFastConfig`].
+    """
+
+    frames: int = 64
+    fast_frames: int = 16
+    slow_pooling_stride: int = 1
+    vision_frame_chunk_size: int = 16
+    hybrid_every_n_layers: int = 8
+    hybrid_min_depth: int = 0
+    hybrid_max_depth: int | None = None
+    cross_attn_queries: str = "text"
+    mask_system_tokens: bool = False
+    gate_type: str = "tanh-warmup"
+    init_cross_kv_from_lm: bool = True
+    generated_tokens_see_slow: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        name = type(self).__name__
+        for field in ("frames", "fast_frames", "slow_pooling_stride", "vision_frame_chunk_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}.{field} must be an integer >= 1, got {value!r}")
+        if self.fast_frames > self.frames:
+            raise ValueError(f"{name}.fast_frames={self.fast_frames} is more than frames={self.frames}")
+        self.slowfast_config  # noqa: B018 -- validates the hybrid knobs against the LLM
+
+    @property
+    def slowfast_config(self) -> SlowFastConfig:
+        """The hybrid-layer knobs as the `SlowFastConfig` that `add_hybrid_layers` reads."""
+        knobs = {name: getattr(self, name) for name in HYBRID_KNOBS}
+        # Copies: a new config would reset the attention backend of sub-configs it is handed.
+        return SlowFastConfig(
+            text_config=self.text_config.to_dict(), vision_config=self.vision_config.to_dict(), **knobs
+        )
+
+
+class SlowFastLlavaOnevisionConfig(SlowFastHostConfig, LlavaOnevisionConfig):
+    """A `LlavaOnevisionConfig` (LLaVA-OneVision, LLaVA-Video) with the slow-fast knobs."""
+
+    model_type = "slowfast_llava_onevision"
+
+
+class SlowFastLlavaNextVideoConfig(SlowFastHostConfig, LlavaNextVideoConfig):
+    """A `LlavaNextVideoConfig` with the slow-fast knobs."""
+
+    model_type = "slowfast_llava_next_video"
+
+
+# The fields a host config gets on top of its own (what `from_host` takes as knobs).
+KNOBS = tuple(SlowFastHostConfig.__annotations__)
+
+
+# ----- models -------------------------------------------------------------------------------------
+@dataclass
+class SlowFastHostOutput(ModelOutput):
+    """The host's causal-LM output plus the `slow_cache` that `generate` carries between steps."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    video_hidden_states: torch.FloatTensor | None = None
+    slow_cache: SlowCache | None = None
+
+
+class SlowFastHostMixin:
+    """The slow branch on top of a host `...ForConditionalGeneration` (mixed in before the host class).
+
+    Videos: `pixel_values_videos` `(B_v, T, 3, H, W)` holds every frame. The host's vision tower runs
+    once per frame; the fast tokens go to the host as its precomputed video encoder output
+    (`mm_encoder_outputs`), so everything else (images, placeholders, loss) is the host's own code.
+    The slow tokens reach the hybrid layers as `slow_cache=` / `slow_query_mask=` through the host's
+    forward kwargs, as in `SlowFastForConditionalGeneration`.
+    """
+
+    config: SlowFastHostConfig
+
+    def __init__(self, config: SlowFastHostConfig):
+        super().__init__(config)
+        add_hybrid_layers(self.model.language_model, config.slowfast_config)
+
+    @property
+    def hybrid_layers(self) -> list[HybridAttention]:
+        """The cross-attention blocks of the hybrid decoder layers, in layer order."""
+        return [m for m in self.model.language_model.modules() if isinstance(m, HybridAttention)]
+
+    def fast_video_tokens(self, features: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """The host's video tokens `(B_v, N_fast, D)` from the fast frames' encoder features
+        `(B_v, F, P, C)` and their projections `(B_v, F, P, D)`."""
+        raise NotImplementedError
+
+    def vision_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """`(N, 3, H, W)` frames -> the encoder features the host selects `(N, P, C)` (its feature layer(s),
+        its select strategy), `vision_frame_chunk_size` frames at a time."""
+        layer, strategy = self.config.vision_feature_layer, self.config.vision_feature_select_strategy
+        chunks = []
+        for chunk in frames.split(self.config.vision_frame_chunk_size):
+            hidden = self.model.vision_tower(chunk, output_hidden_states=True, return_dict=True).hidden_states
+            selected = (
+                hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+            )
+            chunks.append(selected[:, 1:] if strategy == "default" else selected)  # "default" drops CLS
+        return torch.cat(chunks)
+
+    def video_tokens(self, pixel_values_videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B_v, T, 3, H, W)` videos -> fast tokens `(B_v, N_fast, D)` and slow tokens `(B_v, T * h' * w', D)`."""
+        if not isinstance(pixel_values_videos, torch.Tensor) or pixel_values_videos.dim() != 5:
+            shape = getattr(pixel_values_videos, "shape", type(pixel_values_videos).__name__)
+            raise ValueError(f"pixel_values_videos must be a (videos, frames, 3, H, W) tensor, got {shape}")
+        num_videos, num_frames = pixel_values_videos.shape[:2]
+        features = self.vision_features(pixel_values_videos.flatten(0, 1))  # (B_v*T, P, C)
+        projected = self.model.multi_modal_projector(features)  # (B_v*T, P, D)
+        features = features.unflatten(0, (num_videos, num_frames))
+        projected = projected.unflatten(0, (num_videos, num_frames))
+        fast_index = select_fast_frames(num_frames, self.config.fast_frames)
+        fast = self.fast_video_tokens(features[:, fast_index], projected[:, fast_index])
+        h, w = vision_grid(self.config.vision_config)
+        grids = projected.reshape(num_videos * num_frames, h, w, -1)
+        slow = pool_frames(grids, self.config.slow_pooling_stride).reshape(num_videos, -1, grids.shape[-1])
+        return fast, slow
+
+    def slow_cache_for(self, input_ids: torch.Tensor, slow: torch.Tensor, fast_per_video: int) -> SlowCache:
+        """Gather each row's slow tokens: video k fills the k-th run of `fast_per_video` `<video>` tokens
+        of `input_ids` in row-major order, as the host scatters them."""
+        rows = (input_ids == self.config.video_token_id).nonzero()[:, 0]  # row of every <video> token
+        num_videos = slow.shape[0]
+        starts, ends = rows[::fast_per_video], rows[fast_per_video - 1 :: fast_per_video]
+        if rows.numel() != num_videos * fast_per_video or not torch.equal(starts, ends):
+            raise ValueError(
+                f"input_ids hold {rows.numel()} <video> tokens, but the {num_videos} video(s) given need one run "
+                f"of {fast_per_video} each (the host's tokens for {self.config.fast_frames} fast frames); expand "
+                "<video> with the processor from `processor_from_host` and pass all frames of every video"
+            )
+        per_row: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
+        for row, tokens in zip(starts.tolist(), slow):
+            per_row[row].append(tokens)
+        tokens = pad_sequence(
+            [torch.cat(t) if t else slow.new_zeros(0, slow.shape[-1]) for t in per_row], True
+        )
+        lengths = torch.tensor([sum(t.shape[0] for t in ts) for ts in per_row], device=tokens.device)
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+        # K/V caching only pays off across generation steps; in training the cache dies with the step.
+        return SlowCache(tokens=tokens, mask=mask, cache_kv=not self.training)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        slow_cache: SlowCache | None = None,
+        slow_query_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SlowFastHostOutput:
+        r"""The host's forward (same arguments), with all frames of each video in `pixel_values_videos`.
+
+        Args:
+            input_ids: `(B, L)`; each `<video>` run is the host's run for the video's fast frames.
+            pixel_values_videos: `(B_v, T, 3, H, W)`, every frame; the fast ones are `select_fast_frames`.
+            slow_cache: the slow tokens of an earlier call (`generate` carries it between steps).
+            slow_query_mask: `(B, L)` bool, overrides which positions query the slow tokens.
+        """
+        query_mask = None
+        if pixel_values_videos is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values_videos need input_ids to locate their <video> tokens")
+            fast, slow = self.video_tokens(pixel_values_videos)
+            slow_cache = self.slow_cache_for(input_ids, slow, fast.shape[1])
+            encoder_outputs = {"video": BaseModelOutputWithPooling(pooler_output=fast)}
+            if kwargs.get("pixel_values") is not None:  # the host takes no pixels next to encoder outputs
+                image_kwargs = {k: kwargs[k] for k in IMAGE_FEATURE_KWARGS if k in kwargs}
+                encoder_outputs["image"] = self.model.get_image_features(
+                    kwargs.pop("pixel_values"), kwargs.get("image_sizes"), return_dict=True, **image_kwargs
+                )
+            kwargs["mm_encoder_outputs"] = encoder_outputs
+            visual_ids = torch.tensor([self.config.video_token_id, self.config.image_token_id])
+            is_visual = torch.isin(input_ids, visual_ids.to(input_ids.device))
+            # The native model's rule (it reads only config.cross_attn_queries / mask_system_tokens).
+            query_mask = SlowFastModel.query_positions(self, is_visual, attention_mask)
+        elif slow_cache is not None and self.config.generated_tokens_see_slow:
+            # Tokens after the prompt (generated ones) read the slow tokens like the prompt's text.
+            new = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+            query_mask = torch.ones(new.shape[:2], dtype=torch.bool, device=new.device)
+        if slow_query_mask is not None:
+            query_mask = slow_query_mask
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            slow_cache=slow_cache,
+            slow_query_mask=query_mask,
+            **kwargs,
+        )
+        return SlowFastHostOutput(**outputs, slow_cache=slow_cache)
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
+    ):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        # The slow tokens (and their projected keys/values) of the prompt serve every later step.
+        if getattr(outputs, "slow_cache", None) is not None:
+            model_kwargs["slow_cache"] = outputs.slow_cache
+        return model_kwargs
+
+
+class SlowFastLlavaOnevisionForConditionalGeneration(
+    SlowFastHostMixin, LlavaOnevisionForConditionalGeneration
+):
+    """LLaVA-OneVision / LLaVA-Video with the slow branch."""
+
+    config: SlowFastLlavaOnevisionConfig
+    config_class = SlowFastLlavaOnevisionConfig
+
+    def fast_video_tokens(self, features: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """The host's `get_video_features`: every projected grid bilinearly resized to ceil(h/2) x ceil(w/2)
+        (`apply_pooling`), frames flattened, then one `image_newline` after the video."""
+        num_videos, num_frames = projected.shape[:2]
+        pooled = self.model.apply_pooling(projected.flatten(0, 1)).unflatten(0, (num_videos, num_frames))
+        newline = self.model.image_newline.to(pooled.dtype).expand(num_videos, 1, -1)
+        return torch.cat([pooled.flatten(1, 2), newline], dim=1)
+
+
+class SlowFastLlavaNextVideoForConditionalGeneration(
+    SlowFastHostMixin, LlavaNextVideoForConditionalGeneration
+):
+    """LLaVA-NeXT-Video with the slow branch."""
+
+    config: SlowFastLlavaNextVideoConfig
+    config_class = SlowFastLlavaNextVideoConfig
+
+    def fast_video_tokens(self, features: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """The host's `get_video_features`: the encoder grid pooled by `vision_resampler`, then projected."""
+        num_videos, num_frames = features.shape[:2]
+        pooled = self.model.multi_modal_projector(self.model.vision_resampler(features.flatten(0, 1)))
+        return pooled.unflatten(0, (num_videos, num_frames)).flatten(1, 2)
+
+
+# ----- processors ---------------------------------------------------------------------------------
+class SlowFastHostProcessorMixin:
+    """Expands each `<video>` for the video's fast frames only, while `pixel_values_videos` keeps every
+    frame (the model picks the fast ones with the same `select_fast_frames`)."""
+
+    fast_frames: int | None = None
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        if self.fast_frames is None:
+            raise ValueError(
+                f"{type(self).__name__}.fast_frames is not set: build the processor with "
+                "processor_from_host(processor_or_path, model.config)"
+            )
+        video = video_inputs["pixel_values_videos"][video_idx]
+        index = select_fast_frames(len(video), self.fast_frames)
+        fast = video[index] if isinstance(video, torch.Tensor) else [video[i] for i in index]
+        return super().replace_video_token({"pixel_values_videos": {video_idx: fast}}, video_idx, **kwargs)
+
+
+class SlowFastLlavaOnevisionProcessor(SlowFastHostProcessorMixin, LlavaOnevisionProcessor):
+    """`LlavaOnevisionProcessor` whose `<video>` expansion counts the fast frames."""
+
+
+class SlowFastLlavaNextVideoProcessor(SlowFastHostProcessorMixin, LlavaNextVideoProcessor):
+    """`LlavaNextVideoProcessor` whose `<video>` expansion counts the fast frames."""
+
+
+# ----- conversion ---------------------------------------------------------------------------------
+HOST_MODELS = {
+    LlavaOnevisionForConditionalGeneration: SlowFastLlavaOnevisionForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration: SlowFastLlavaNextVideoForConditionalGeneration,
+}
+HOST_PROCESSORS = {
+    LlavaOnevisionProcessor: SlowFastLlavaOnevisionProcessor,
+    LlavaNextVideoProcessor: SlowFastLlavaNextVideoProcessor,
+}
+HOST_MODEL_TYPES = {
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "llava_next_video": LlavaNextVideoForConditionalGeneration,
+}
+
+
+def from_host(model_or_path: nn.Module | str | os.PathLike, **options) -> SlowFastHostMixin:
+    """Add the slow branch to a LLaVA-OneVision / LLaVA-NeXT-Video model, in place.
+
+    Args:
+        model_or_path: a loaded `LlavaOnevisionForConditionalGeneration` /
+            `LlavaNextVideoForConditionalGeneration` (converted in place and returned), or a checkpoint
+            path / hub id of one, loaded with the host class's `from_pretrained`.
+        options: the slow-fast knobs (fields of `SlowFastHostConfig`: `frames`, `fast_frames`,
+            `hybrid_every_n_layers`, `hybrid_min_depth`, `hybrid_max_depth`, `slow_pooling_stride`,
+            `gate_type`, `init_cross_kv_from_lm`, ...); with a path, any other option goes to
+            `from_pretrained` (`dtype`, `device_map`, `attn_implementation`, ...).
+
+    Returns:
+        The slow-fast model: the host's weights under their own names plus the hybrid layers' new
+        `...self_attn.cross_attn_*` parameters; with the gates closed it computes what the host computes
+        on the fast frames.
+    """
+    knobs = {k: options.pop(k) for k in list(options) if k in KNOBS}
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model_type = AutoConfig.from_pretrained(model_or_path).model_type
+        if model_type not in HOST_MODEL_TYPES:
+            raise ValueError(
+                f"from_host: {model_or_path} is a {model_type!r} checkpoint; supported hosts are "
+                f"{sorted(HOST_MODEL_TYPES)} (a slow-fast checkpoint loads with from_pretrained)"
+            )
+        model = HOST_MODEL_TYPES[model_type].from_pretrained(model_or_path, **options)
+    elif options:
+        raise TypeError(f"from_host: unknown options {sorted(options)} (slow-fast knobs are {list(KNOBS)})")
+    else:
+        model = model_or_path
+    target = HOST_MODELS.get(type(model))
+    if target is None:
+        raise TypeError(
+            f"from_host: expected one of {[c.__name__ for c in HOST_MODELS]}, got {type(model).__name__}"
+        )
+    host_config = model.config
+    fields = {f.name: getattr(host_config, f.name) for f in dataclasses.fields(host_config)}
+    # The sub-configs are passed (and kept) as the same objects the LLM and vision tower hold; a new
+    # config sets its attention backend on them, so hand it theirs.
+    attention = {key: getattr(host_config, key)._attn_implementation for key in host_config.sub_configs}
+    attention[""] = host_config._attn_implementation
+    config = target.config_class(**{**fields, **knobs}, attn_implementation=attention)
+    config._name_or_path = host_config._name_or_path
+    # The host class's instance becomes the slow-fast subclass: no weight is copied or moved.
+    model.__class__ = target
+    model.config = model.model.config = config
+    add_hybrid_layers(model.model.language_model, config.slowfast_config)
+    return model
+
+
+def processor_from_host(processor_or_path: ProcessorMixin | str | os.PathLike, config: SlowFastHostConfig):
+    """The host's processor (loaded or at a path), converted in place to expand `<video>` for
+    `config.fast_frames` frames; give it all the frames of each video."""
+    processor = (
+        AutoProcessor.from_pretrained(processor_or_path)
+        if isinstance(processor_or_path, (str, os.PathLike))
+        else processor_or_path
+    )
+    target = HOST_PROCESSORS.get(type(processor), type(processor))
+    if not issubclass(target, SlowFastHostProcessorMixin):
+        raise TypeError(
+            f"processor_from_host: expected one of {[c.__name__ for c in HOST_PROCESSORS]}, "
+            f"got {type(processor).__name__}"
+        )
+    processor.__class__ = target
+    processor.fast_frames = config.fast_frames
+    return processor
+
+
+def convert_host(src: str | os.PathLike, dst: str | os.PathLike, **options) -> SlowFastHostMixin:
+    """`from_host(src, **options)` saved to `dst` with the host's processor files (for `convert --from-host`).
+
+    Reload with `AutoModelForImageTextToText.from_pretrained(dst)` and `processor_from_host(dst, model.config)`.
+    """
+    model = from_host(src, **options)
+    model.save_pretrained(dst)
+    AutoProcessor.from_pretrained(src).save_pretrained(dst)
+    return model
+
+
+def freeze_all_but_slow_branch(model: nn.Module) -> list[nn.Parameter]:
+    """Stage 1 of plug-and-play training: freeze every host weight; only the hybrid layers' new
+    parameters (`cross_attention_parameters`) keep `requires_grad`. Returns them, for the optimizer."""
+    trainable = [param for _, param in cross_attention_parameters(model)]
+    if not trainable:
+        raise ValueError(f"freeze_all_but_slow_branch: {type(model).__name__} has no hybrid layers")
+    keep = {id(param) for param in trainable}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+    return trainable
+
+
+for _config, _model, _processor in (
+    (
+        SlowFastLlavaOnevisionConfig,
+        SlowFastLlavaOnevisionForConditionalGeneration,
+        SlowFastLlavaOnevisionProcessor,
+    ),
+    (
+        SlowFastLlavaNextVideoConfig,
+        SlowFastLlavaNextVideoForConditionalGeneration,
+        SlowFastLlavaNextVideoProcessor,
+    ),
+):
+    AutoConfig.register(_config.model_type, _config)
+    AutoModelForImageTextToText.register(_config, _model)
+    AutoProcessor.register(_config, _processor)
