@@ -113,3 +113,35 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     bpe.train_from_iterator(TOKENIZER_CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def write_random_video(path, num_frames: int = 8, size: int = 32, fps: int = 8, seed: int = 0):
+    """Write an h264 mp4 of random frames with PyAV; returns the frames `(T, size, size, 3)` uint8."""
+    import av
+    import numpy as np
+
+    frames = np.random.default_rng(seed).integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return frames
+
+
+def save_tiny_checkpoint(path, seed: int = 0, gates: float | None = 1.0, **overrides):
+    """Save a tiny model + processor (tiny tokenizer, placeholders wired) as a checkpoint directory."""
+    from slowfast_vlm import SlowFastProcessor
+
+    model = tiny_model(seed=seed, **overrides)
+    if gates is not None:
+        open_gates(model, gates)
+    processor = SlowFastProcessor.from_model_config(model.config, tiny_tokenizer())
+    processor.prepare_model(model)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor

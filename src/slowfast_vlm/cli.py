@@ -13,7 +13,10 @@ import sys
 
 # (name, module, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("ask", "slowfast_vlm.ask", "answer a question about a video (streams the answer to stdout)"),
     ("flops", "slowfast_vlm.compute", "FLOPs and memory of a slow-fast model vs a self-attention-only LLM"),
+    ("synth", "slowfast_vlm.synth", "write the synthetic fine-detail video QA benchmark"),
+    ("convert", "slowfast_vlm.convert", "convert a released reference checkpoint to this library's format"),
 ]
 
 
