@@ -30,7 +30,13 @@ from transformers import ConvNextConfig, PretrainedConfig, Qwen2Config
 
 from .config import SlowFastConfig
 from .modeling.fast_tokens import fast_token_count
-from .modeling.vision import CNN_MODEL_TYPES, VIT_WITH_CLASS_TOKEN, vision_feature_size, vision_grid
+from .modeling.vision import (
+    CNN_MODEL_TYPES,
+    VIT_WITH_CLASS_TOKEN,
+    slow_grid,
+    vision_feature_size,
+    vision_grid,
+)
 
 DESIGNS = ("slowfast", "self-attention")
 VIT_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")
@@ -176,7 +182,11 @@ def vision_encoder_flops(vision_config: PretrainedConfig) -> int:
         patches = (size // patch) ** 2
         tokens = patches + (vision_config.model_type in VIT_WITH_CLASS_TOKEN)
         flops = 2 * patches * channels * patch * patch * hidden
-        layer = 2 * tokens * 4 * hidden * hidden + 2 * 2 * tokens * tokens * hidden + 2 * 2 * tokens * hidden * intermediate
+        layer = (
+            2 * tokens * 4 * hidden * hidden
+            + 2 * 2 * tokens * tokens * hidden
+            + 2 * 2 * tokens * hidden * intermediate
+        )
         flops += vision_config.num_hidden_layers * layer
         if getattr(vision_config, "vision_use_head", False):
             # SigLIP attention-pooling head: one probe query over all patches, then an MLP on the probe.
@@ -208,7 +218,9 @@ def count_parameters(config: SlowFastConfig) -> ParameterCount:
     cross = sum(p.numel() for _, p in cross_attention_parameters(model))
     vision = sum(p.numel() for p in model.model.vision_tower.parameters())
     projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-    return ParameterCount(llm=total - cross - vision - projector, cross_attention=cross, vision=vision, projector=projector)
+    return ParameterCount(
+        llm=total - cross - vision - projector, cross_attention=cross, vision=vision, projector=projector
+    )
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -243,10 +255,7 @@ def estimate(
     element = dtype_bytes(dtype)
     _, _, kv_heads, head_dim, _, _, layers = _text_dims(config.text_config)
 
-    # Slow tokens: every frame's grid, pooled when the input is a video (as SlowFastModel.visual_grid).
-    h, w = vision_grid(config.vision_config)
-    stride = config.video_pooling_stride if frames > 1 else 1
-    grid = (h // stride, w // stride)
+    grid = slow_grid(vision_grid(config.vision_config), frames, config.video_pooling_stride)
     slow = frames * grid[0] * grid[1]
     if design == "slowfast":
         fast = fast_token_count(frames, grid, config)
@@ -313,7 +322,9 @@ def apply_overrides(config: SlowFastConfig, overrides: list[str]) -> SlowFastCon
         if "." in key:
             sub, name = key.split(".", 1)
             if sub not in ("text_config", "vision_config"):
-                raise ValueError(f"--set {item!r}: only text_config.<key> and vision_config.<key> may be dotted")
+                raise ValueError(
+                    f"--set {item!r}: only text_config.<key> and vision_config.<key> may be dotted"
+                )
             target = getattr(config, sub)
         if not hasattr(target, name):
             raise ValueError(f"--set {item!r}: {type(target).__name__} has no field {name!r}")
@@ -370,16 +381,20 @@ def format_table(records: list[ComputeRecord]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="reference-7b", help=f"one of {sorted(PRESETS)} (default reference-7b)")
+    source.add_argument("--preset", default="reference-7b", help=f"one of {', '.join(PRESETS)}")
     source.add_argument("--config", help="a saved SlowFastConfig: model directory or config.json")
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="frame counts")
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the prompt (default 64)")
-    parser.add_argument("--design", choices=DESIGNS, nargs="+", default=list(DESIGNS), help="designs to report")
-    parser.add_argument("--dtype", default="bfloat16", help="parameter and cache dtype (default bfloat16)")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens in the prompt")
+    parser.add_argument("--design", choices=DESIGNS, nargs="+", default=list(DESIGNS))
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of parameters and caches")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field, e.g. fast_temporal_sampling_stride=2 or text_config.num_hidden_layers=32",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON array of records")
 
 
