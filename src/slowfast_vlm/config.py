@@ -30,6 +30,8 @@ class SlowFastConfig(PretrainedConfig):
         min_fast_frames: how fast tokens are built from slow tokens (design section 1.3).
         hybrid_every_n_layers, hybrid_min_depth, hybrid_max_depth: hybrid layers are
             `range(hybrid_min_depth, hybrid_max_depth or num_hidden_layers, hybrid_every_n_layers)`.
+        hybrid_layers: an explicit list of hybrid layer indices instead of that range; `[]` gives a
+            self-attention-only video LLM (no slow branch), the baseline of the paper's comparisons.
         cross_attn_queries: `"text"` (published: text tokens query the slow tokens) or `"all"`.
         mask_system_tokens: also drop the text tokens before the first visual token from the queries.
         gate_type: `"tanh-warmup"` (published "whole-dynamic-tanh-warmup") or `"none"`.
@@ -57,6 +59,7 @@ class SlowFastConfig(PretrainedConfig):
     hybrid_every_n_layers: int = 8
     hybrid_min_depth: int = 0
     hybrid_max_depth: int | None = None
+    hybrid_layers: list[int] | None = None
     cross_attn_queries: str = "text"
     mask_system_tokens: bool = False
     gate_type: str = "tanh-warmup"
@@ -111,9 +114,18 @@ class SlowFastConfig(PretrainedConfig):
                 f"({self.hybrid_min_depth}, {num_layers}] for an LLM with {num_layers} layers"
             )
 
+        if self.hybrid_layers is not None:
+            outside = [i for i in self.hybrid_layers if not 0 <= i < num_layers]
+            if outside:
+                raise ValueError(
+                    f"SlowFastConfig.hybrid_layers {outside} are outside the LLM's {num_layers} layers"
+                )
+
     @property
     def hybrid_layer_indices(self) -> list[int]:
         """Indices of the LLM decoder layers that carry a cross-attention branch."""
+        if self.hybrid_layers is not None:
+            return sorted(set(self.hybrid_layers))
         stop = (
             self.hybrid_max_depth if self.hybrid_max_depth is not None else self.text_config.num_hidden_layers
         )
