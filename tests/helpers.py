@@ -116,20 +116,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def write_random_video(path, num_frames: int = 8, size: int = 32, fps: int = 8, seed: int = 0):
-    """Write an h264 mp4 of random frames with PyAV; returns the frames `(T, size, size, 3)` uint8."""
-    import av
+    """Write an h264 mp4 of random frames; returns the frames `(T, size, size, 3)` uint8."""
     import numpy as np
 
+    from slowfast_vlm.processing.video import write_video
+
     frames = np.random.default_rng(seed).integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, frames, fps)
     return frames
 
 
@@ -145,3 +138,32 @@ def save_tiny_checkpoint(path, seed: int = 0, gates: float | None = 1.0, **overr
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return model, processor
+
+
+def write_video(path, num_frames: int = 8, size: int = 32, fps: int = 4, seed: int = 0):
+    """Write a random-noise h264 mp4 of `num_frames` `size` x `size` frames with PyAV; return its path."""
+    import av
+    import numpy as np
+
+    frames = np.random.default_rng(seed).integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def save_tiny_model(path, seed: int = 0, gate: float = 0.7, **overrides):
+    """Save a tiny random model (gates open at `gate`) and its `SlowFastProcessor` (tiny tokenizer) to `path`."""
+    from slowfast_vlm.processing.processor import SlowFastProcessor
+
+    config = tiny_config(**overrides)
+    processor = SlowFastProcessor.from_model_config(config, tiny_tokenizer())
+    model = processor.prepare_model(tiny_model(config, seed=seed))
+    open_gates(model, gate)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

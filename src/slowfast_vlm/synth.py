@@ -13,14 +13,12 @@ import argparse
 import json
 import math
 import sys
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from tqdm import tqdm
 
-from .processing.video import fps_sample_indices, uniform_sample_indices
+from .processing.video import fps_sample_indices, uniform_sample_indices, write_video
 
 SPLITS = ("train", "val", "test")
 MIN_FRAMES = 64  # below this, 4-frame pooling gives fewer than min_fast_frames (16) windows
@@ -219,18 +217,6 @@ def generate_sample(
     return video, records[index % QUESTIONS_PER_CLIP]
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
-    """Encode RGB uint8 frames `(T, H, W, 3)` as h264 yuv420p mp4 at CRF 12."""
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(CRF)}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
 def write_split(
     out: str | Path,
     num: int,
@@ -256,7 +242,7 @@ def write_split(
         range(num_clips), desc=f"synth {split}", unit="clip", file=sys.stderr, disable=not progress
     ):
         video, records = generate_clip(clip, seed, split, frames, size, fps)
-        write_video(out / records[0]["video"], video, fps)
+        write_video(out / records[0]["video"], video, fps, crf=CRF)
         lines += [json.dumps(r) for r in records[: num - clip * QUESTIONS_PER_CLIP]]
     path = out / f"{split}.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Literal
 
 import av
@@ -438,3 +439,19 @@ def _load_decord(path: str, choose: _Chooser) -> tuple[np.ndarray, VideoMetadata
         backend="decord",
     )
     return frames, metadata
+
+
+def write_video(path: str | os.PathLike[str], frames: np.ndarray, fps: float, crf: int | None = None) -> Path:
+    """Encode RGB uint8 frames `(T, H, W, 3)` as an h264 (yuv420p) mp4; `crf` sets the quality (lower = better)."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if crf is not None:
+            stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24"))
+            )
+        container.mux(stream.encode())
+    return Path(path)
