@@ -311,6 +311,16 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, also accepting the reference release's checkpoint format
+        (LLaVA-style `llava_qwen_slow_fast` configs and weight names), converted on the fly."""
+        from ..convert import is_reference_checkpoint, load_reference_checkpoint  # convert imports modeling
+
+        if is_reference_checkpoint(pretrained_model_name_or_path, **kwargs):
+            return load_reference_checkpoint(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     @property
     def hybrid_layers(self) -> list[HybridAttention]:
         """The cross-attention blocks of the hybrid decoder layers, in layer order."""
