@@ -442,27 +442,21 @@ def _load_decord(path: str, choose: _Chooser) -> tuple[np.ndarray, VideoMetadata
 
 
 def write_video(path: str | os.PathLike[str], frames: np.ndarray, fps: float, crf: int | None = None) -> Path:
-    """Encode RGB uint8 frames `(T, H, W, 3)` as an h264 (yuv420p) mp4; `crf` sets the quality (lower = better).
+    """Encode RGB uint8 frames `(T, H, W, 3)` as an h264 yuv420p mp4; `crf` sets the quality (lower = better).
 
-    The output is byte-identical for identical frames: each frame is copied into an FFmpeg-allocated
-    (aligned) buffer first, since the RGB->YUV conversion rounds differently on unaligned numpy memory,
-    and x264 runs a fixed number of threads (its bitstream depends on the thread count, which it
-    would otherwise derive from the CPU affinity that OpenMP may have narrowed).
+    The output is byte-identical for identical frames: x264 is told to be CPU-independent, since it
+    otherwise picks CPU-specific algorithms, and the cores of one machine may differ.
     """
-    height, width = frames.shape[1:3]
+    options = {"x264-params": "cpu-independent=1"}
+    if crf is not None:
+        options["crf"] = str(crf)
     with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = width, height
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 2
-        if crf is not None:
-            stream.options = {"crf": str(crf)}
         for image in frames:
-            frame = av.VideoFrame(width, height, "rgb24")
-            plane = frame.planes[0]
-            np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)[:, : width * 3] = image.reshape(
-                height, -1
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
             )
-            container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return Path(path)
