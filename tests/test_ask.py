@@ -42,6 +42,28 @@ def test_ask_streams_the_greedy_answer(tmp_path, capsys):
     assert out.strip() == expected.strip()
 
 
+def test_ask_uses_the_processors_video_defaults(tmp_path, capsys):
+    _, processor = save_tiny_checkpoint(tmp_path / "model")
+    processor.video_defaults = {"num_frames": 6, "fps": 3.0, "sampling": "uniform"}
+    processor.save_pretrained(tmp_path / "model")
+    write_random_video(tmp_path / "clip.mp4", num_frames=12)
+    assert (
+        main(
+            [
+                "ask",
+                "--model",
+                str(tmp_path / "model"),
+                str(tmp_path / "clip.mp4"),
+                "q",
+                "--max-new-tokens",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert "(6 frames, uniform sampling at 3.0 fps)" in capsys.readouterr().err
+
+
 def test_ask_attention_map(tmp_path, capsys):
     save_tiny_checkpoint(tmp_path / "model")
     write_random_video(tmp_path / "clip.mp4", num_frames=8)

@@ -9,6 +9,9 @@ from .modeling import (
     add_hybrid_layers,
     build_fast_tokens,
     fast_token_count,
+    freeze_all_but_slow_branch,
+    from_host,
+    processor_from_host,
 )
 from .processing.processor import SlowFastProcessor, image_processor_for
 from .processing.video import VideoDecodeError, VideoMetadata, load_video
@@ -27,7 +30,10 @@ __all__ = [
     "add_hybrid_layers",
     "build_fast_tokens",
     "fast_token_count",
+    "freeze_all_but_slow_branch",
+    "from_host",
     "image_processor_for",
     "load_video",
+    "processor_from_host",
 ]
 __version__ = "0.1.0"

@@ -68,17 +68,37 @@ def answer(
 ) -> tuple[str, torch.Tensor, torch.Tensor]:
     """Generate an answer for `frames` `(T, H, W, 3)` uint8; returns (text, full ids (1, L), video tensor)."""
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    return reply(model, processor, conversation, frames, max_new_tokens, temperature, streamer)
+
+
+def reply(
+    model,
+    processor,
+    conversation: list[dict],
+    frames=None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    streamer=None,
+    **generate_kwargs,
+) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """Generate the assistant's next turn of a (multi-turn) chat-template `conversation`.
+
+    `frames` `(T, H, W, 3)` uint8 fill its one `{"type": "video"}` part (None: a text-only chat);
+    `generate_kwargs` go to `model.generate`. Returns (text, full ids (1, L), video tensor or None).
+    """
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(text=prompt, videos=[frames], return_tensors="pt").to(model.device)
-    video = inputs["pixel_values_videos"][0].to(model.dtype)
+    videos = None if frames is None else [frames]
+    inputs = processor(text=prompt, videos=videos, return_tensors="pt").to(model.device)
+    video = None if frames is None else inputs["pixel_values_videos"][0].to(model.dtype)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     output = model.generate(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
-        pixel_values_videos=[video],
+        pixel_values_videos=None if video is None else [video],
         max_new_tokens=max_new_tokens,
         streamer=streamer,
         **sampling,
+        **generate_kwargs,
     )
     text = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     return text.strip(), output, video
@@ -104,10 +124,10 @@ def main(args: argparse.Namespace) -> int:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"slowfast-vlm ask: cannot load model {model_id!r}: {reason}", file=sys.stderr)
         return 2
-    defaults = getattr(processor, "video_defaults", None) or {}
-    num_frames = args.frames or defaults.get("num_frames", 64)
-    fps = args.fps or defaults.get("fps", 2.0)
-    sampling = args.sampling or defaults.get("sampling", "fps")
+    defaults = processor.sampling_defaults()
+    num_frames = args.frames or defaults["num_frames"]
+    fps = args.fps or defaults["fps"]
+    sampling = args.sampling or defaults["sampling"]
 
     _progress(f"decoding {args.video} ({num_frames} frames, {sampling} sampling at {fps} fps)")
     try:

@@ -15,8 +15,12 @@ import sys
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("ask", "slowfast_vlm.ask", "answer a question about a video (streams the answer to stdout)"),
     ("flops", "slowfast_vlm.compute", "FLOPs and memory of a slow-fast model vs a self-attention-only LLM"),
+    ("train", "slowfast_vlm.training.runner", "train a slow-fast model (stage 1 / stage 2 / custom)"),
+    ("eval", "slowfast_vlm.evaluation.evaluator", "evaluate a model on a local video QA set"),
     ("synth", "slowfast_vlm.synth", "write the synthetic fine-detail video QA benchmark"),
     ("convert", "slowfast_vlm.convert", "convert a released reference checkpoint to this library's format"),
+    ("demo", "slowfast_vlm.serving.demo", "browser demo: chat about a video, see which frames it read"),
+    ("serve", "slowfast_vlm.serving.server", "OpenAI-compatible HTTP API (/v1/chat/completions) for a model"),
 ]
 
 

@@ -598,7 +598,7 @@ def convert_checkpoint(
 
 # ----- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="reference checkpoint: directory or hub repository id")
+    parser.add_argument("src", help="reference (or, with --from-host, host) checkpoint: directory or hub id")
     parser.add_argument("dst", help="output directory (save_pretrained format)")
     parser.add_argument(
         "--vision-config",
@@ -607,6 +607,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a config.json file or a transformers model directory",
     )
     parser.add_argument("--dtype", help="weight dtype, e.g. bfloat16 (default: the checkpoint's)")
+    host = parser.add_argument_group("plug-and-play: add the slow branch to a transformers video LLM")
+    host.add_argument(
+        "--from-host",
+        action="store_true",
+        help="SRC is a LLaVA-OneVision / LLaVA-NeXT-Video checkpoint in transformers' format",
+    )
+    host.add_argument("--frames", type=int, default=64, help="frames per video given to the model")
+    host.add_argument("--fast-frames", type=int, default=16, help="of those, the frames the host sees")
+    host.add_argument("--hybrid-every-n-layers", type=int, default=8)
+    host.add_argument("--slow-pooling-stride", type=int, default=1)
+    host.add_argument("--no-processor", action="store_true", help="do not copy the host's processor files")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -615,11 +626,25 @@ def main(args: argparse.Namespace) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        if not is_reference_checkpoint(args.src):
+        if args.from_host:
+            from .modeling.host import convert_host
+
+            convert_host(
+                args.src,
+                args.dst,
+                save_processor=not args.no_processor,
+                frames=args.frames,
+                fast_frames=args.fast_frames,
+                hybrid_every_n_layers=args.hybrid_every_n_layers,
+                slow_pooling_stride=args.slow_pooling_stride,
+                **({"dtype": getattr(torch, args.dtype)} if args.dtype else {}),
+            )
+        elif not is_reference_checkpoint(args.src):
             raise ValueError(
                 f"{args.src} is not a reference checkpoint (no config.json with model_type {REFERENCE_MODEL_TYPES})"
             )
-        convert_checkpoint(args.src, args.dst, vision_config=args.vision_config, dtype=args.dtype)
+        else:
+            convert_checkpoint(args.src, args.dst, vision_config=args.vision_config, dtype=args.dtype)
     except (ValueError, OSError) as error:
         print(f"slowfast-vlm convert: error: {error}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ import torch
 from helpers import VIDEO_TOKEN_ID, open_gates, tiny_model
 
 from slowfast_vlm import fast_token_count
+from slowfast_vlm.modeling.hybrid import query_positions
 
 
 def prompt(model, frames, before=(3, 4), after=(5, 6, 7)):
@@ -18,7 +19,7 @@ def recompute_greedy(model, ids, video, steps, see_slow):
     Which positions read the slow tokens is spelled out: the prompt's text positions, plus the
     generated positions only when `see_slow`.
     """
-    prompt_queries = model.model.query_positions(model.model.placeholder_mask(ids), None)
+    prompt_queries = query_positions(model.model.placeholder_mask(ids), None, model.config)
     sequence, logits = ids, []
     for _ in range(steps):
         generated = sequence.shape[1] - ids.shape[1]

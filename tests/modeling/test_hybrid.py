@@ -5,7 +5,7 @@ import torch
 from helpers import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, open_gates, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from slowfast_vlm.modeling.hybrid import HybridAttention, SlowCache
+from slowfast_vlm.modeling.hybrid import HybridAttention, SlowCache, query_positions
 
 
 def rotate_half(x):
@@ -152,7 +152,7 @@ def test_query_positions(mode, mask_system):
     attention_mask = torch.tensor([[1] * 6 + [0], [1] * 5 + [0] * 2, [1] * 7])
     types = torch.where(model.model.placeholder_mask(input_ids), 3, 1)
     types = torch.where(attention_mask.bool(), types, 4).tolist()
-    got = model.model.query_positions(model.model.placeholder_mask(input_ids), attention_mask)
+    got = query_positions(model.model.placeholder_mask(input_ids), attention_mask, model.config)
     assert torch.equal(got, reference_query_mask(types, mode, mask_system))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -39,13 +39,16 @@ from transformers import (
     PretrainedConfig,
     ProcessorMixin,
 )
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from ..config import SlowFastConfig
 from ..processing.video import uniform_sample_indices
-from .hybrid import HybridAttention, SlowCache, add_hybrid_layers, cross_attention_parameters
-from .model import SlowFastModel
+from .hybrid import HybridAttention, SlowCache, add_hybrid_layers, cross_attention_parameters, query_positions
 from .vision import pool_frames, vision_grid
 
 # The SlowFastConfig knobs of the hybrid layers, shared with the native model.
@@ -60,12 +63,7 @@ HYBRID_KNOBS = (
     "generated_tokens_see_slow",
 )
 # Arguments of the host's `get_image_features` beyond pixels and sizes, when images come with videos.
-IMAGE_FEATURE_KWARGS = (
-    "vision_feature_layer",
-    "vision_feature_select_strategy",
-    "vision_aspect_ratio",
-    "batch_num_images",
-)
+IMAGE_FEATURE_KWARGS = ("vision_aspect_ratio", "batch_num_images")
 
 
 def select_fast_frames(num_frames: int, fast_frames: int) -> list[int]:
@@ -110,7 +108,7 @@ class SlowFastHostConfig(PretrainedConfig):
                 raise ValueError(f"{name}.{field} must be an integer >= 1, got {value!r}")
         if self.fast_frames > self.frames:
             raise ValueError(f"{name}.fast_frames={self.fast_frames} is more than frames={self.frames}")
-        self.slowfast_config  # noqa: B018 -- validates the hybrid knobs against the LLM
+        _ = self.slowfast_config  # building it validates the hybrid knobs against the LLM
 
     @property
     def slowfast_config(self) -> SlowFastConfig:
@@ -193,7 +191,7 @@ class SlowFastHostMixin:
         return torch.cat(chunks)
 
     def video_tokens(self, pixel_values_videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B_v, T, 3, H, W)` videos -> fast tokens `(B_v, N_fast, D)` and slow tokens `(B_v, T * h' * w', D)`."""
+        """`(B_v, T, 3, H, W)` videos -> fast tokens `(B_v, N_fast, D)`, slow tokens `(B_v, T*h'*w', D)`."""
         if not isinstance(pixel_values_videos, torch.Tensor) or pixel_values_videos.dim() != 5:
             shape = getattr(pixel_values_videos, "shape", type(pixel_values_videos).__name__)
             raise ValueError(f"pixel_values_videos must be a (videos, frames, 3, H, W) tensor, got {shape}")
@@ -217,18 +215,18 @@ class SlowFastHostMixin:
         starts, ends = rows[::fast_per_video], rows[fast_per_video - 1 :: fast_per_video]
         if rows.numel() != num_videos * fast_per_video or not torch.equal(starts, ends):
             raise ValueError(
-                f"input_ids hold {rows.numel()} <video> tokens, but the {num_videos} video(s) given need one run "
-                f"of {fast_per_video} each (the host's tokens for {self.config.fast_frames} fast frames); expand "
-                "<video> with the processor from `processor_from_host` and pass all frames of every video"
+                f"input_ids hold {rows.numel()} <video> tokens, but the {num_videos} video(s) given need "
+                f"one run of {fast_per_video} each (the host's tokens for {self.config.fast_frames} fast "
+                "frames); expand <video> with the processor from `processor_from_host` and pass all frames "
+                "of every video"
             )
         per_row: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
-        for row, tokens in zip(starts.tolist(), slow):
-            per_row[row].append(tokens)
-        tokens = pad_sequence(
-            [torch.cat(t) if t else slow.new_zeros(0, slow.shape[-1]) for t in per_row], True
-        )
-        lengths = torch.tensor([sum(t.shape[0] for t in ts) for ts in per_row], device=tokens.device)
-        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+        for row, video_slow in zip(starts.tolist(), slow):
+            per_row[row].append(video_slow)
+        row_slow = [torch.cat(videos) if videos else slow.new_zeros(0, slow.shape[-1]) for videos in per_row]
+        lengths = torch.tensor([row.shape[0] for row in row_slow], device=slow.device)
+        tokens = pad_sequence(row_slow, batch_first=True)  # (B, N, D), zero-padded
+        mask = torch.arange(tokens.shape[1], device=slow.device)[None] < lengths[:, None]
         # K/V caching only pays off across generation steps; in training the cache dies with the step.
         return SlowCache(tokens=tokens, mask=mask, cache_kv=not self.training)
 
@@ -265,8 +263,7 @@ class SlowFastHostMixin:
             kwargs["mm_encoder_outputs"] = encoder_outputs
             visual_ids = torch.tensor([self.config.video_token_id, self.config.image_token_id])
             is_visual = torch.isin(input_ids, visual_ids.to(input_ids.device))
-            # The native model's rule (it reads only config.cross_attn_queries / mask_system_tokens).
-            query_mask = SlowFastModel.query_positions(self, is_visual, attention_mask)
+            query_mask = query_positions(is_visual, attention_mask, self.config)
         elif slow_cache is not None and self.config.generated_tokens_see_slow:
             # Tokens after the prompt (generated ones) read the slow tokens like the prompt's text.
             new = input_ids if input_ids is not None else kwargs["inputs_embeds"]
@@ -354,18 +351,32 @@ class SlowFastLlavaNextVideoProcessor(SlowFastHostProcessorMixin, LlavaNextVideo
 
 
 # ----- conversion ---------------------------------------------------------------------------------
-HOST_MODELS = {
-    LlavaOnevisionForConditionalGeneration: SlowFastLlavaOnevisionForConditionalGeneration,
-    LlavaNextVideoForConditionalGeneration: SlowFastLlavaNextVideoForConditionalGeneration,
-}
-HOST_PROCESSORS = {
-    LlavaOnevisionProcessor: SlowFastLlavaOnevisionProcessor,
-    LlavaNextVideoProcessor: SlowFastLlavaNextVideoProcessor,
-}
-HOST_MODEL_TYPES = {
-    "llava_onevision": LlavaOnevisionForConditionalGeneration,
-    "llava_next_video": LlavaNextVideoForConditionalGeneration,
-}
+class HostFamily(NamedTuple):
+    """A supported host: its transformers classes and their slow-fast subclasses."""
+
+    host_model_type: str
+    host_model: type
+    host_processor: type
+    model: type
+    processor: type
+
+
+HOST_FAMILIES = (
+    HostFamily(
+        "llava_onevision",
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        SlowFastLlavaOnevisionForConditionalGeneration,
+        SlowFastLlavaOnevisionProcessor,
+    ),
+    HostFamily(
+        "llava_next_video",
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        SlowFastLlavaNextVideoForConditionalGeneration,
+        SlowFastLlavaNextVideoProcessor,
+    ),
+)
 
 
 def from_host(model_or_path: nn.Module | str | os.PathLike, **options) -> SlowFastHostMixin:
@@ -388,63 +399,68 @@ def from_host(model_or_path: nn.Module | str | os.PathLike, **options) -> SlowFa
     knobs = {k: options.pop(k) for k in list(options) if k in KNOBS}
     if isinstance(model_or_path, (str, os.PathLike)):
         model_type = AutoConfig.from_pretrained(model_or_path).model_type
-        if model_type not in HOST_MODEL_TYPES:
+        family = next((f for f in HOST_FAMILIES if f.host_model_type == model_type), None)
+        if family is None:
             raise ValueError(
-                f"from_host: {model_or_path} is a {model_type!r} checkpoint; supported hosts are "
-                f"{sorted(HOST_MODEL_TYPES)} (a slow-fast checkpoint loads with from_pretrained)"
+                f"from_host: {model_or_path} is a {model_type!r} checkpoint; the supported hosts are "
+                f"{[f.host_model_type for f in HOST_FAMILIES]} (a slow-fast checkpoint: from_pretrained)"
             )
-        model = HOST_MODEL_TYPES[model_type].from_pretrained(model_or_path, **options)
+        model = family.host_model.from_pretrained(model_or_path, **options)
     elif options:
-        raise TypeError(f"from_host: unknown options {sorted(options)} (slow-fast knobs are {list(KNOBS)})")
+        raise TypeError(
+            f"from_host: unknown options {sorted(options)}; the slow-fast knobs are {list(KNOBS)}"
+        )
     else:
         model = model_or_path
-    target = HOST_MODELS.get(type(model))
-    if target is None:
-        raise TypeError(
-            f"from_host: expected one of {[c.__name__ for c in HOST_MODELS]}, got {type(model).__name__}"
-        )
+    family = next((f for f in HOST_FAMILIES if type(model) is f.host_model), None)
+    if family is None:
+        expected = " or ".join(f.host_model.__name__ for f in HOST_FAMILIES)
+        raise TypeError(f"from_host: expected a {expected}, got {type(model).__name__}")
     host_config = model.config
     fields = {f.name: getattr(host_config, f.name) for f in dataclasses.fields(host_config)}
     # The sub-configs are passed (and kept) as the same objects the LLM and vision tower hold; a new
     # config sets its attention backend on them, so hand it theirs.
     attention = {key: getattr(host_config, key)._attn_implementation for key in host_config.sub_configs}
     attention[""] = host_config._attn_implementation
-    config = target.config_class(**{**fields, **knobs}, attn_implementation=attention)
+    config = family.model.config_class(**{**fields, **knobs}, attn_implementation=attention)
     config._name_or_path = host_config._name_or_path
-    # The host class's instance becomes the slow-fast subclass: no weight is copied or moved.
-    model.__class__ = target
+    # The host's instance becomes the slow-fast subclass: no weight is copied, moved or renamed.
+    model.__class__ = family.model
     model.config = model.model.config = config
     add_hybrid_layers(model.model.language_model, config.slowfast_config)
     return model
 
 
 def processor_from_host(processor_or_path: ProcessorMixin | str | os.PathLike, config: SlowFastHostConfig):
-    """The host's processor (loaded or at a path), converted in place to expand `<video>` for
-    `config.fast_frames` frames; give it all the frames of each video."""
+    """The host's processor (loaded, or at a path), converted in place to expand `<video>` for
+    `config.fast_frames` frames; it is then given all the frames of each video."""
     processor = (
         AutoProcessor.from_pretrained(processor_or_path)
         if isinstance(processor_or_path, (str, os.PathLike))
         else processor_or_path
     )
-    target = HOST_PROCESSORS.get(type(processor), type(processor))
-    if not issubclass(target, SlowFastHostProcessorMixin):
-        raise TypeError(
-            f"processor_from_host: expected one of {[c.__name__ for c in HOST_PROCESSORS]}, "
-            f"got {type(processor).__name__}"
-        )
-    processor.__class__ = target
+    family = next((f for f in HOST_FAMILIES if type(processor) in (f.host_processor, f.processor)), None)
+    if family is None:
+        expected = " or ".join(f.host_processor.__name__ for f in HOST_FAMILIES)
+        raise TypeError(f"processor_from_host: expected a {expected}, got {type(processor).__name__}")
+    processor.__class__ = family.processor
     processor.fast_frames = config.fast_frames
     return processor
 
 
-def convert_host(src: str | os.PathLike, dst: str | os.PathLike, **options) -> SlowFastHostMixin:
-    """`from_host(src, **options)` saved to `dst` with the host's processor files (for `convert --from-host`).
+def convert_host(
+    src: str | os.PathLike, dst: str | os.PathLike, save_processor: bool = True, **options
+) -> SlowFastHostMixin:
+    """`from_host(src, **options)` saved to `dst`, with the host's processor files unless `save_processor`
+    is False (they need torchvision to load). The function behind `convert --from-host`.
 
-    Reload with `AutoModelForImageTextToText.from_pretrained(dst)` and `processor_from_host(dst, model.config)`.
+    Reload with `AutoModelForImageTextToText.from_pretrained(dst)` and
+    `processor_from_host(dst, model.config)`.
     """
     model = from_host(src, **options)
     model.save_pretrained(dst)
-    AutoProcessor.from_pretrained(src).save_pretrained(dst)
+    if save_processor:
+        AutoProcessor.from_pretrained(src).save_pretrained(dst)
     return model
 
 
@@ -460,18 +476,13 @@ def freeze_all_but_slow_branch(model: nn.Module) -> list[nn.Parameter]:
     return trainable
 
 
-for _config, _model, _processor in (
-    (
-        SlowFastLlavaOnevisionConfig,
-        SlowFastLlavaOnevisionForConditionalGeneration,
-        SlowFastLlavaOnevisionProcessor,
-    ),
-    (
-        SlowFastLlavaNextVideoConfig,
-        SlowFastLlavaNextVideoForConditionalGeneration,
-        SlowFastLlavaNextVideoProcessor,
-    ),
-):
-    AutoConfig.register(_config.model_type, _config)
-    AutoModelForImageTextToText.register(_config, _model)
-    AutoProcessor.register(_config, _processor)
+for _family in HOST_FAMILIES:
+    AutoConfig.register(_family.model.config_class.model_type, _family.model.config_class)
+    AutoModelForImageTextToText.register(_family.model.config_class, _family.model)
+    AutoProcessor.register(_family.model.config_class, _family.processor)
+    # Checkpoints keep the host's on-disk key layout (transformers saves a loaded host in it).
+    register_checkpoint_conversion_mapping(
+        _family.model.config_class.model_type,
+        get_checkpoint_conversion_mapping(_family.host_model_type),
+        overwrite=True,
+    )

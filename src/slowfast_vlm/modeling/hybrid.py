@@ -257,6 +257,22 @@ class HybridAttention(nn.Module):
         return torch.zeros_like(attn_output).scatter_add(1, gather_index, cross)
 
 
+def query_positions(
+    is_visual: torch.Tensor, attention_mask: torch.Tensor | None, config: SlowFastConfig
+) -> torch.Tensor:
+    """`(B, L)` bool: the prompt positions whose queries read the slow tokens (design 1.5.3).
+
+    Text positions (`cross_attn_queries="text"`) or all non-padding ones (`"all"`); with
+    `mask_system_tokens`, none before the first visual token. `is_visual` `(B, L)` marks the fast
+    tokens (visual placeholders), `attention_mask` `(B, L)` the non-padding positions.
+    """
+    not_pad = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
+    queries = not_pad & ~is_visual if config.cross_attn_queries == "text" else not_pad
+    if config.mask_system_tokens:
+        queries = queries & (is_visual.cumsum(dim=1) > 0)
+    return queries
+
+
 def add_hybrid_layers(
     language_model: nn.Module, config: SlowFastConfig, init_weights: bool = True
 ) -> list[int]:

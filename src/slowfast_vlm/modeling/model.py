@@ -23,7 +23,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from ..config import SlowFastConfig
 from .fast_tokens import build_fast_tokens, fast_token_count
-from .hybrid import HybridAttention, SlowCache, add_hybrid_layers
+from .hybrid import HybridAttention, SlowCache, add_hybrid_layers, query_positions
 from .vision import (
     build_projector,
     build_vision_tower,
@@ -173,14 +173,6 @@ class SlowFastModel(SlowFastPreTrainedModel):
         ids = [i for i in (self.config.video_token_id, self.config.image_token_id) if i is not None]
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
-    def query_positions(self, is_visual: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """`(B, L)` bool: positions whose queries read the slow tokens (design 1.5.3)."""
-        not_pad = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
-        queries = not_pad & ~is_visual if self.config.cross_attn_queries == "text" else not_pad
-        if self.config.mask_system_tokens:
-            queries = queries & (is_visual.cumsum(dim=1) > 0)
-        return queries
-
     def prepare_visual_inputs(
         self,
         input_ids: torch.Tensor,
@@ -262,7 +254,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
                 cache_slow_kv=cache_slow_kv and not self.training,
                 record_slow_attention=record_slow_attention,
             )
-            query_mask = self.query_positions(self.placeholder_mask(input_ids), attention_mask)
+            query_mask = query_positions(self.placeholder_mask(input_ids), attention_mask, self.config)
         elif slow_cache is not None and self.config.generated_tokens_see_slow:
             # Tokens after the prompt (generated ones): text positions after the visual input.
             query_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)

@@ -178,6 +178,8 @@ class SlowFastProcessor(ProcessorMixin):
         fast_spatial_pooling_stride, min_fast_frames: as in `SlowFastConfig`; together with `frame_grid`
             they give each placeholder's token count. `from_model_config` copies them from a config.
         video_token, image_token: the placeholder strings.
+        video_defaults: how to sample frames for this model by default, e.g.
+            `{"num_frames": 64, "fps": 2.0, "sampling": "fps"}` (read by `slowfast-vlm ask` / `serve`).
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class SlowFastProcessor(ProcessorMixin):
         min_fast_frames: int = SlowFastConfig.min_fast_frames,
         video_token: str = "<video>",
         image_token: str = "<image>",
+        video_defaults: dict | None = None,
     ):
         self.frame_grid = tuple(frame_grid) if frame_grid is not None else None
         self.video_pooling_stride = video_pooling_stride
@@ -201,6 +204,7 @@ class SlowFastProcessor(ProcessorMixin):
         self.fast_spatial_pooling_stride = fast_spatial_pooling_stride
         self.min_fast_frames = min_fast_frames
         self.video_token, self.image_token = video_token, image_token
+        self.video_defaults = dict(video_defaults or {})
         if chat_template is None:
             chat_template = CHATML_TEMPLATE.replace("<video>", video_token).replace("<image>", image_token)
         if tokenizer is not None:
@@ -226,6 +230,11 @@ class SlowFastProcessor(ProcessorMixin):
             **{name: getattr(config, name) for name in FAST_TOKEN_FIELDS},
             **kwargs,
         )
+
+    def sampling_defaults(self) -> dict:
+        """`num_frames`, `fps` and `sampling` to decode videos with: `video_defaults` over the
+        evaluation settings of the released models (64 frames read at 2 fps)."""
+        return {"num_frames": 64, "fps": 2.0, "sampling": "fps", **self.video_defaults}
 
     # ----- the model side ------------------------------------------------------------------------
     def num_fast_tokens(self, num_frames: int) -> int:

@@ -1,0 +1,237 @@
+"""Building a model to train: from a base LLM + vision encoder, or from a slow-fast checkpoint;
+which components train, at which learning rate (stage presets); optional LoRA on the LLM.
+
+Components (every parameter belongs to exactly one):
+
+    vision           model.vision_tower.*
+    projector        model.multi_modal_projector.*
+    cross_attention  the parameters the hybrid layers add (`cross_attention_parameters`)
+    llm              everything else: embeddings, decoder layers, final norm, lm_head
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AddedToken, AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+from ..config import SlowFastConfig
+from ..modeling.hybrid import cross_attention_parameters
+from ..modeling.model import SlowFastForConditionalGeneration
+from ..processing.processor import SlowFastProcessor
+
+COMPONENTS = ("llm", "vision", "projector", "cross_attention")
+# Learning rate per trained component (design 1.6); a component not listed is frozen.
+PRESETS: dict[str, dict[str, float]] = {
+    "stage1": {"projector": 1e-3, "cross_attention": 2e-4},
+    "stage2": {"llm": 2e-5, "projector": 2e-5, "cross_attention": 2e-5},
+    "custom": {},
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# Prefixes that DDP / FSDP / activation checkpointing / torch.compile put into parameter names.
+_WRAPPER_PREFIX = re.compile(r"(^|\.)(module|_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from.
+
+    Args:
+        init_from: a slow-fast checkpoint (directory or hub id) to continue from; else `llm` + `vision`.
+        llm: base causal LM (hub id or path), loaded with `AutoModelForCausalLM`.
+        vision: vision encoder (hub id or path) loaded with `AutoModel`; for a two-tower model
+            (SigLIP, CLIP) its vision tower is used.
+        tokenizer: tokenizer to use (default: the one of `init_from` / `llm`).
+        dtype: dtype of the weights ("float32", or "bfloat16" under DeepSpeed, which keeps fp32 master weights).
+        attn_implementation: "sdpa", "eager" or "flash_attention_2".
+        slowfast: `SlowFastConfig` knobs for a new model (e.g. `hybrid_every_n_layers: 8`).
+        lora: LoRA on the LLM's linear layers, e.g. `{r: 16, lora_alpha: 32, lora_dropout: 0.05}` (needs peft).
+    """
+
+    init_from: str | None = None
+    llm: str | None = None
+    vision: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    slowfast: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model.dtype must be a torch dtype name such as 'bfloat16', got {name!r}")
+    return dtype
+
+
+@torch.no_grad()
+def load_pretrained_parts(model: SlowFastForConditionalGeneration, llm: nn.Module, vision: nn.Module) -> None:
+    """Copy a loaded causal LM into `model.language_model` + `lm_head` and a vision model into
+    `model.vision_tower`, then initialise the hybrid layers' new parameters from the loaded weights."""
+    result = model.model.language_model.load_state_dict(llm.base_model.state_dict(), strict=False)
+    cross = {name.split("language_model.", 1)[1] for name, _ in cross_attention_parameters(model)}
+    if result.unexpected_keys or set(result.missing_keys) != cross:
+        raise ValueError(
+            f"the LLM's weights do not fit the slow-fast model: unexpected {result.unexpected_keys[:5]}, "
+            f"missing {sorted(set(result.missing_keys) - cross)[:5]}"
+        )
+    model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    std = getattr(model.config.text_config, "initializer_range", 0.02)
+    for layer in model.hybrid_layers:  # from the *loaded* k_proj / v_proj
+        layer.reset_cross_parameters(model.config.init_cross_kv_from_lm, std=std)
+
+
+def build_model(config: ModelConfig) -> tuple[SlowFastForConditionalGeneration, SlowFastProcessor]:
+    """The model to train and its processor (tokenizer with ChatML and placeholder tokens, embeddings resized)."""
+    dtype = _torch_dtype(config.dtype)
+    if config.init_from:
+        model = SlowFastForConditionalGeneration.from_pretrained(
+            config.init_from, dtype=dtype, attn_implementation=config.attn_implementation
+        )
+        processor = None
+        if config.tokenizer is None:
+            try:
+                processor = AutoProcessor.from_pretrained(config.init_from)
+            except (OSError, ValueError):  # a checkpoint saved without its processor
+                pass
+        if not isinstance(processor, SlowFastProcessor):
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.init_from)
+            processor = SlowFastProcessor.from_model_config(model.config, _with_chatml(tokenizer))
+    else:
+        if not (config.llm and config.vision):
+            raise ValueError("model: give init_from (a slow-fast checkpoint) or both llm and vision")
+        llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype)
+        vision = AutoModel.from_pretrained(config.vision, dtype=dtype)
+        if hasattr(vision.config, "vision_config"):  # two-tower model (SigLIP, CLIP): keep the vision tower
+            vision = vision.vision_model
+        slowfast_config = SlowFastConfig(
+            text_config=llm.config.to_dict(), vision_config=vision.config.to_dict(), **config.slowfast
+        )
+        model = SlowFastForConditionalGeneration._from_config(
+            slowfast_config, attn_implementation=config.attn_implementation, dtype=dtype
+        )
+        load_pretrained_parts(model, llm, vision)
+        del llm, vision
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm)
+        processor = SlowFastProcessor.from_model_config(model.config, _with_chatml(tokenizer))
+    processor.prepare_model(model)
+    if config.lora is not None:
+        add_lora(model, config.lora)
+    return model, processor
+
+
+def _with_chatml(tokenizer):
+    """Training text is ChatML: add `<|im_start|>` / `<|im_end|>` to tokenizers that lack them."""
+    missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
+    return tokenizer
+
+
+# ----- components, presets, parameter groups ---------------------------------------------------------
+def component_of(name: str, cross_names: set[str]) -> str:
+    """The component a parameter name belongs to (wrapper prefixes are ignored)."""
+    name = _WRAPPER_PREFIX.sub(r"\1", name)
+    if name in cross_names:
+        return "cross_attention"
+    if name.startswith("model.vision_tower."):
+        return "vision"
+    if name.startswith("model.multi_modal_projector."):
+        return "projector"
+    return "llm"
+
+
+def component_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every `(name, parameter)` of `model`, by component."""
+    cross = {_WRAPPER_PREFIX.sub(r"\1", name) for name, _ in cross_attention_parameters(model)}
+    components: dict[str, list[tuple[str, nn.Parameter]]] = {c: [] for c in COMPONENTS}
+    for name, param in model.named_parameters():
+        components[component_of(name, cross)].append((name, param))
+    return components
+
+
+def learning_rates(stage: str, overrides: dict[str, float | None] | None = None) -> dict[str, float]:
+    """Learning rate of each trained component: the preset of `stage`, updated by `overrides`
+    (a component mapped to `None` is frozen)."""
+    if stage not in PRESETS:
+        raise ValueError(f"stage must be one of {list(PRESETS)}, got {stage!r}")
+    rates: dict[str, float | None] = {**PRESETS[stage], **(overrides or {})}
+    unknown = set(rates) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(
+            f"learning_rates: unknown component(s) {sorted(unknown)}; components are {COMPONENTS}"
+        )
+    rates = {c: float(lr) for c, lr in rates.items() if lr is not None}
+    if not rates:
+        raise ValueError(
+            f"stage {stage!r}: no component is trained; set learning_rates, e.g. {{projector: 1e-3}}"
+        )
+    return rates
+
+
+def set_trainable(model: nn.Module, rates: dict[str, float]) -> None:
+    """`requires_grad` on exactly the parameters of the components in `rates` (with LoRA: the LLM's adapters)."""
+    has_lora = any("lora_" in name for name, _ in model.named_parameters())
+    for component, params in component_parameters(model).items():
+        for name, param in params:
+            trains = component in rates
+            if component == "llm" and has_lora:
+                trains = trains and "lora_" in name
+            param.requires_grad_(trains)
+
+
+def parameter_groups(
+    model: nn.Module, rates: dict[str, float], weight_decay: float, decay_names: set[str]
+) -> list[dict[str, Any]]:
+    """Optimizer groups: per trained component, one group with weight decay and one without."""
+    groups = []
+    for component, params in component_parameters(model).items():
+        if component not in rates:
+            continue
+        trained = [(name, p) for name, p in params if p.requires_grad]
+        for decay in (True, False):
+            group = [p for name, p in trained if (name in decay_names) == decay]
+            if group:
+                groups.append(
+                    {
+                        "params": group,
+                        "lr": rates[component],
+                        "weight_decay": weight_decay if decay else 0.0,
+                        "component": component,
+                    }
+                )
+    return groups
+
+
+# ----- LoRA ------------------------------------------------------------------------------------------
+def add_lora(model: SlowFastForConditionalGeneration, lora: dict[str, Any]) -> None:
+    """Inject LoRA adapters into the LLM's linear layers in place (the cross-attention branch is untouched)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError("model.lora needs peft: pip install peft") from e
+    options = {"target_modules": LORA_TARGETS, **lora}
+    inject_adapter_in_model(LoraConfig(**options), model.model.language_model)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Fold the LoRA adapters into their base weights and remove them: a plain slow-fast model again."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())

@@ -1,0 +1,301 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against uvicorn in-process."""
+
+import base64
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serving_helpers import chatml, greedy_reference
+
+from slowfast_vlm.ask import answer
+from slowfast_vlm.processing.video import load_video
+from slowfast_vlm.serving.runner import StopTrimmer
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'slowfast-vlm[serve]'")
+openai = pytest.importorskip("openai", reason="needs the test extra: pip install 'slowfast-vlm[test]'")
+import httpx  # noqa: E402  (comes with openai)
+
+from slowfast_vlm.serving.server import create_app  # noqa: E402
+
+FRAMES, FPS = 8, 8.0
+
+
+@pytest.fixture(scope="module")
+def base_url(runner, media_root, serve):
+    return serve(create_app(runner, media_root=media_root))
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    # no retries: a lost or refused request must show up as an error
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def frames(media_root):
+    return load_video(media_root / "clip.mp4", FRAMES, fps=FPS)[0]
+
+
+@pytest.fixture(scope="module")
+def data_url(media_root):
+    return "data:video/mp4;base64," + base64.b64encode((media_root / "clip.mp4").read_bytes()).decode()
+
+
+def ask_video(client, url: str, question: str, max_tokens: int = 6, **kwargs):
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}]
+    return client.chat.completions.create(
+        model="tiny-slowfast",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"num_frames": FRAMES, "fps": FPS},
+        **kwargs,
+    )
+
+
+def test_models_and_health(client, base_url):
+    assert [model.id for model in client.models.list()] == ["tiny-slowfast"]
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok", "model": "tiny-slowfast", "pending": 0}
+
+
+def test_completion_equals_direct_answer(client, checkpoint, frames, data_url):
+    _, model, processor = checkpoint
+    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6)[0]
+    _, prompt_tokens, completion_tokens, finish = greedy_reference(
+        model, processor, chatml(("user", "What happens?")), frames, 6
+    )
+    response = ask_video(client, data_url, "What happens?")
+    assert response.choices[0].message.content == expected
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].finish_reason == finish
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (
+        prompt_tokens,
+        completion_tokens,
+    )
+    assert response.model == "tiny-slowfast" and response.object == "chat.completion"
+
+
+def test_streaming_equals_direct_answer(client, base_url, checkpoint, frames, data_url):
+    _, model, processor = checkpoint
+    expected = answer(model, processor, frames, "Describe it.", max_new_tokens=8)[0]
+    stream = ask_video(client, data_url, "Describe it.", max_tokens=8, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks).strip() == expected
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    # the wire format: `data: {json}` events separated by blank lines, ending with `data: [DONE]`
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url}}]}],
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = response.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    payloads = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert all(event.startswith("data: ") for event in events[:-1])
+    assert payloads[-1]["usage"]["completion_tokens"] == 3 and payloads[-1]["choices"] == []
+
+
+def test_media_root_paths(client, checkpoint, frames, media_root, tmp_path):
+    _, model, processor = checkpoint
+    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6)[0]
+    for url in ("clip.mp4", "/clip.mp4", f"file://{media_root / 'clip.mp4'}", "sub/../clip.mp4"):
+        assert ask_video(client, url, "What happens?").choices[0].message.content == expected, url
+
+    (tmp_path / "secret.mp4").write_bytes((media_root / "clip.mp4").read_bytes())
+    (media_root / "link.mp4").symlink_to(tmp_path / "secret.mp4")
+    outside = [
+        f"file://{tmp_path / 'secret.mp4'}",
+        f"../{tmp_path.name}/secret.mp4",
+        "link.mp4",  # a symlink out of the root
+        "file:///etc/passwd",
+    ]
+    for url in outside:
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            ask_video(client, url, "What happens?")
+        assert caught.value.status_code == 403
+        assert caught.value.body["code"] == "forbidden_path" and "outside" in caught.value.body["message"]
+
+
+def test_no_media_root_refuses_paths(runner, serve, media_root):
+    client = openai.OpenAI(base_url=f"{serve(create_app(runner))}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError, match="--media-root"):
+        ask_video(client, f"file://{media_root / 'clip.mp4'}", "What?")
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(
+    client, base_url, data_url, checkpoint, frames
+):
+    def video(url):
+        return {"type": "video_url", "video_url": {"url": url}}
+
+    def user(*parts):
+        return [{"role": "user", "content": list(parts)}]
+
+    not_a_video = "data:video/mp4;base64," + base64.b64encode(b"plain text, not a video").decode()
+    cases = [  # (messages, extra body, status, words the message must contain)
+        (user(video("https://example.com/a.mp4")), {}, 400, "remote URLs"),
+        (user(video("data:video/mp4;base64,@@@")), {}, 400, "invalid base64"),
+        (user(video("data:video/mp4,abc")), {}, 400, "data:video/mp4;base64"),
+        (user(video(not_a_video)), {}, 400, "the base64 video: not a readable video"),
+        (user(video("missing.mp4")), {}, 400, "'missing.mp4': no such video file"),
+        (user(video(data_url), video(data_url)), {}, 400, "one video per request"),
+        (user({"type": "image_url", "image_url": {"url": data_url}}), {}, 400, "messages.0.content"),
+        (user({"type": "text", "text": "hi <video> there"}), {}, 400, "reserved"),
+        ([{"role": "assistant", "content": "hello"}], {}, 400, "last message must be from the user"),
+        ([], {}, 400, "messages"),
+        (user(video(data_url)), {"num_frames": 0}, 400, "num_frames"),
+        (user(video(data_url)), {"num_frames": 100000}, 400, "above this server's limit"),
+        (user(video(data_url)), {"n": 2}, 400, "n:"),
+        (user(video(data_url)), {"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ]
+    for messages, extra, status, words in cases:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(
+                model="tiny-slowfast", messages=messages, max_tokens=2, extra_body=extra
+            )
+        assert caught.value.status_code == status, (words, caught.value.body)
+        assert words in caught.value.body["message"], (words, caught.value.body)
+        assert caught.value.body["type"] == "invalid_request_error"
+
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=user(video(data_url)), max_tokens=2)
+    raw = httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json", timeout=10)
+    assert raw.status_code == 400 and "invalid request" in raw.json()["error"]["message"]
+    assert httpx.get(f"{base_url}/v1/nowhere").json()["error"]["code"] == "http_error"
+    assert httpx.get(f"{base_url}/health").json()["pending"] == 0  # refused requests hold no place
+
+    # still serving, with the right answer
+    _, model, processor = checkpoint
+    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6)[0]
+    assert ask_video(client, data_url, "What happens?").choices[0].message.content == expected
+
+
+def test_oversized_body_is_refused(runner, serve, media_root):
+    base_url = serve(create_app(runner, max_body_bytes=1 << 20))
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    big = "data:video/mp4;base64," + base64.b64encode(bytes(1 << 20)).decode()
+    with pytest.raises(openai.APIStatusError) as caught:
+        ask_video(client, big, "What?")
+    assert caught.value.status_code == 413 and "exceeds 1 MiB" in caught.value.body["message"]
+
+    # a chunked upload (no Content-Length) is cut off as well
+    chunks = (b"x" * (64 << 10) for _ in range(32))
+    response = httpx.post(f"{base_url}/v1/chat/completions", content=chunks, timeout=10)
+    assert response.status_code == 413
+    assert httpx.get(f"{base_url}/health").json()["pending"] == 0
+
+
+def test_stop_sequences(client, checkpoint, frames, data_url):
+    _, model, processor = checkpoint
+    full = answer(model, processor, frames, "What happens?", max_new_tokens=8)[0]
+    stop = full[2:4]  # appears in the greedy answer, so generation stops on it
+    expected = full[: full.index(stop)].strip()
+    response = ask_video(client, data_url, "What happens?", max_tokens=8, stop=[stop])
+    assert response.choices[0].message.content == expected
+    assert response.choices[0].finish_reason == "stop"
+    streamed = ask_video(client, data_url, "What happens?", max_tokens=8, stop=stop, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed).strip() == expected
+
+
+def test_multi_turn_and_text_only(client, checkpoint, frames, data_url):
+    _, model, processor = checkpoint
+    turns = [("user", "What happens?"), ("assistant", "A cat jumps."), ("user", "Is there a dog?")]
+    expected = greedy_reference(model, processor, chatml(*turns), frames, 6)[0]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video_url", "video_url": {"url": data_url}},
+                {"type": "text", "text": turns[0][1]},
+            ],
+        },
+        {"role": "assistant", "content": turns[1][1]},
+        {"role": "user", "content": turns[2][1]},
+    ]
+    response = client.chat.completions.create(
+        model="tiny-slowfast", messages=messages, max_tokens=6, extra_body={"num_frames": FRAMES, "fps": FPS}
+    )
+    assert response.choices[0].message.content == expected
+
+    expected = greedy_reference(model, processor, chatml(("user", "Hello"), video=False), None, 5)[0]
+    response = client.chat.completions.create(
+        model="tiny-slowfast", messages=[{"role": "user", "content": "Hello"}], max_tokens=5
+    )
+    assert response.choices[0].message.content == expected
+
+
+def test_fifty_concurrent_requests_are_all_answered(client, checkpoint, frames, data_url):
+    _, model, processor = checkpoint
+    questions = ["What happens?", "Describe it.", "Is there a dog?", "Who cooks?", "Where?"]
+    expected = {q: answer(model, processor, frames, q, max_new_tokens=2)[0] for q in questions}
+    asked = [questions[i % len(questions)] for i in range(50)]
+
+    def one(question):
+        return ask_video(client, data_url, question, max_tokens=2, stream=question == "Where?")
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(one, asked))
+    for question, response in zip(asked, responses):
+        if question == "Where?":
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in response).strip()
+        else:
+            text = response.choices[0].message.content
+        assert text == expected[question]
+
+
+def test_full_queue_answers_503_with_retry_after(runner, serve, data_url):
+    base_url = serve(create_app(runner, max_queue=1))
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url}}]}],
+        "max_tokens": 2,
+    }
+    with ThreadPoolExecutor(1) as pool:
+        with runner.lock:  # the model is busy: the first request waits
+            first = pool.submit(httpx.post, f"{base_url}/v1/chat/completions", json=body, timeout=60)
+            deadline = time.monotonic() + 20
+            while httpx.get(f"{base_url}/health").json()["pending"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            second = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=10)
+            assert second.status_code == 503 and second.headers["retry-after"] == "1"
+            assert second.json()["error"]["code"] == "queue_full"
+        assert first.result().status_code == 200
+    assert httpx.get(f"{base_url}/health").json()["pending"] == 0
+
+
+def test_stop_trimmer_streams_the_text_before_the_first_stop():
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 20)))
+        stops = [
+            "".join(rng.choice("abc") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(0, 3))
+        ]
+        found = [text.find(stop) for stop in stops if stop in text]
+        expected = text[: min(found)] if found else text
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(3, len(text) + 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        trimmer = StopTrimmer(stops)
+        assert "".join(trimmer.feed(piece) for piece in pieces) + trimmer.flush() == expected, (text, stops)
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(runner, serve, data_url):
+    base_url = serve(create_app(runner))
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url}}]}],
+        "max_tokens": 3000,  # minutes on CPU if it ran to the end
+        "stream": True,
+    }
+    started = time.monotonic()
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ") and next(lines) == ""
+    while httpx.get(f"{base_url}/health").json()["pending"]:
+        assert time.monotonic() - started < 15, "the generation kept running after the client left"
+        time.sleep(0.05)
