@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration
+from slowfast_vlm.training.tiny import train_tokenizer
 
 VOCAB = 128
 VIDEO_TOKEN_ID = VOCAB - 2
@@ -102,17 +102,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (300 tokens) trained here on a few sentences, with Qwen's ChatML
     special tokens: `<|endoftext|>` (id 0, padding), `<|im_start|>` (1), `<|im_end|>` (2, end of turn).
     It has no `<video>` / `<image>` token; `SlowFastProcessor` adds them (ids 300, 301)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(TOKENIZER_CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return train_tokenizer(TOKENIZER_CORPUS, vocab_size=300)
 
 
 def write_random_video(path, num_frames: int = 8, size: int = 32, fps: int = 8, seed: int = 0):
@@ -138,32 +128,3 @@ def save_tiny_checkpoint(path, seed: int = 0, gates: float | None = 1.0, **overr
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return model, processor
-
-
-def write_video(path, num_frames: int = 8, size: int = 32, fps: int = 4, seed: int = 0):
-    """Write a random-noise h264 mp4 of `num_frames` `size` x `size` frames with PyAV; return its path."""
-    import av
-    import numpy as np
-
-    frames = np.random.default_rng(seed).integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8)
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def save_tiny_model(path, seed: int = 0, gate: float = 0.7, **overrides):
-    """Save a tiny random model (gates open at `gate`) and its `SlowFastProcessor` (tiny tokenizer) to `path`."""
-    from slowfast_vlm.processing.processor import SlowFastProcessor
-
-    config = tiny_config(**overrides)
-    processor = SlowFastProcessor.from_model_config(config, tiny_tokenizer())
-    model = processor.prepare_model(tiny_model(config, seed=seed))
-    open_gates(model, gate)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path

@@ -48,7 +48,14 @@ from transformers.utils.generic import can_return_tuple
 
 from ..config import SlowFastConfig
 from ..processing.video import uniform_sample_indices
-from .hybrid import HybridAttention, SlowCache, add_hybrid_layers, cross_attention_parameters, query_positions
+from .hybrid import (
+    HybridAttention,
+    SlowCache,
+    SlowCacheGenerationMixin,
+    add_hybrid_layers,
+    cross_attention_parameters,
+    query_positions,
+)
 from .vision import pool_frames, vision_grid
 
 # The SlowFastConfig knobs of the hybrid layers, shared with the native model.
@@ -151,7 +158,7 @@ class SlowFastHostOutput(ModelOutput):
     slow_cache: SlowCache | None = None
 
 
-class SlowFastHostMixin:
+class SlowFastHostMixin(SlowCacheGenerationMixin):
     """The slow branch on top of a host `...ForConditionalGeneration` (mixed in before the host class).
 
     Videos: `pixel_values_videos` `(B_v, T, 3, H, W)` holds every frame. The host's vision tower runs
@@ -278,17 +285,6 @@ class SlowFastHostMixin:
             **kwargs,
         )
         return SlowFastHostOutput(**outputs, slow_cache=slow_cache)
-
-    def _update_model_kwargs_for_generation(
-        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
-    ):
-        model_kwargs = super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-        # The slow tokens (and their projected keys/values) of the prompt serve every later step.
-        if getattr(outputs, "slow_cache", None) is not None:
-            model_kwargs["slow_cache"] = outputs.slow_cache
-        return model_kwargs
 
 
 class SlowFastLlavaOnevisionForConditionalGeneration(

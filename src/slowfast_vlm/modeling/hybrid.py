@@ -257,6 +257,21 @@ class HybridAttention(nn.Module):
         return torch.zeros_like(attn_output).scatter_add(1, gather_index, cross)
 
 
+class SlowCacheGenerationMixin:
+    """Carries the `slow_cache` a prefill returns into every later `generate` step (mixed in before
+    `GenerationMixin`): the slow tokens and their projected keys/values serve the whole request."""
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
+    ):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if getattr(outputs, "slow_cache", None) is not None:
+            model_kwargs["slow_cache"] = outputs.slow_cache
+        return model_kwargs
+
+
 def query_positions(
     is_visual: torch.Tensor, attention_mask: torch.Tensor | None, config: SlowFastConfig
 ) -> torch.Tensor:

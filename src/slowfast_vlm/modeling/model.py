@@ -23,7 +23,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from ..config import SlowFastConfig
 from .fast_tokens import build_fast_tokens, fast_token_count
-from .hybrid import HybridAttention, SlowCache, add_hybrid_layers, query_positions
+from .hybrid import HybridAttention, SlowCache, SlowCacheGenerationMixin, add_hybrid_layers, query_positions
 from .vision import (
     build_projector,
     build_vision_tower,
@@ -280,7 +280,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
         )
 
 
-class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin):
+class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrainedModel, GenerationMixin):
     """Slow-fast video LLM with a language-modelling head; supports `generate`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -381,17 +381,6 @@ class SlowFastForConditionalGeneration(SlowFastPreTrainedModel, GenerationMixin)
         )
 
     # ----- generation --------------------------------------------------------------------------
-    def _update_model_kwargs_for_generation(
-        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
-    ):
-        model_kwargs = super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-        # The slow tokens (and their projected keys/values) of the prompt serve every later step.
-        if getattr(outputs, "slow_cache", None) is not None:
-            model_kwargs["slow_cache"] = outputs.slow_cache
-        return model_kwargs
-
     def _expand_inputs_for_generation(
         self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs
     ):

@@ -53,13 +53,14 @@ def moving_square(
     return frames
 
 
-def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (400 tokens) with Qwen's ChatML special tokens."""
+def train_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with Qwen's ChatML special tokens:
+    `<|endoftext|>` (id 0, padding), `<|im_start|>` (1), `<|im_end|>` (2, end of turn)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

@@ -1,0 +1,370 @@
+"""The built-in evaluator (`slowfast-vlm eval`): data formats, accuracy bookkeeping, failed videos,
+resuming after a crash, and the real model end to end.
+
+Bookkeeping tests drive a scripted stand-in for the model, so every response, and hence every
+expected score, is fixed and hand-labelled here; the end-to-end test compares the evaluator's
+answers with direct `generate` calls of a tiny saved model on prompts written out literally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import save_tiny_checkpoint, tiny_config, tiny_tokenizer, write_random_video
+
+from slowfast_vlm.cli import main as cli_main
+from slowfast_vlm.evaluation.evaluator import (
+    MC_INSTRUCTION,
+    OPEN_INSTRUCTION,
+    evaluate,
+    load_samples,
+    read_predictions,
+)
+from slowfast_vlm.processing.processor import SlowFastProcessor
+from slowfast_vlm.processing.video import load_video
+
+OPTIONS = ["a red car", "the dog sleeps", "two cats", "nothing happens"]
+# (record, scripted response, correct?); None = the video fails, the sample is not scored
+CASES = [
+    (
+        dict(id="q1", question="What moves?", answer="B", category="action", duration="short"),
+        "The answer is (B).",
+        True,
+    ),
+    (dict(id="q2", question="Who sleeps?", answer="C", category="action", duration="short"), "b", False),
+    (
+        dict(id="q3", question="What is red?", answer="A", category="object", duration="long"),
+        "a red car",
+        True,
+    ),
+    (
+        dict(id="q4", question="How many?", answer="D", category="object", duration="long"),
+        "I am not sure.",
+        False,
+    ),
+    (
+        dict(id="q5", question="Which animal?", answer="dog", category="open", duration="short"),
+        "A dog.",
+        True,
+    ),
+    (
+        dict(id="q6", question="How many cats?", answer=["two", "2"], category="open", duration="long"),
+        "three",
+        False,
+    ),
+    (dict(id="q7", question="Broken clip?", answer="A", category="action", duration="short"), None, None),
+    (dict(id="q8", question="Lost clip?", answer="A", category="object", duration="long"), None, None),
+]
+RESPONSES = {record["question"]: response for record, response, _ in CASES if response is not None}
+EXPECTED = {record["id"]: correct for record, _, correct in CASES}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where `slowfast-vlm eval` puts the model
+
+
+class Interrupted(Exception):
+    pass
+
+
+class ScriptedModel:
+    """Stands in for the model in `generate`: answers each prompt with the scripted response for the
+    question it contains; raises `Interrupted` on call number `fail_on` (1-based)."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def __init__(self, tokenizer, fail_on: int | None = None):
+        self.tokenizer, self.fail_on = tokenizer, fail_on
+        self.calls = 0
+        self.questions: list[str] = []
+
+    def generate(self, input_ids, attention_mask, pixel_values_videos, max_new_tokens, do_sample):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise Interrupted
+        assert len(pixel_values_videos) == len(input_ids) and not do_sample
+        rows = []
+        for ids in input_ids:
+            prompt = self.tokenizer.decode(ids)
+            question = next(q for q in RESPONSES if q in prompt)
+            self.questions.append(question)
+            rows.append(self.tokenizer(RESPONSES[question] + "<|im_end|>")["input_ids"])
+        width = max(len(row) for row in rows)
+        new = torch.tensor([row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return SlowFastProcessor.from_model_config(tiny_config(), tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The CASES as a JSONL file next to their videos: q7's is not a video, q8's does not exist."""
+    root = tmp_path_factory.mktemp("qa")
+    (root / "videos").mkdir()
+    records = []
+    for i, (record, _, _) in enumerate(CASES):
+        record = dict(record, video=f"videos/{record['id']}.mp4")
+        if record["answer"] in ("A", "B", "C", "D"):
+            record["options"] = OPTIONS
+        records.append(record)
+        if record["id"] == "q7":
+            (root / record["video"]).write_bytes(b"this is not a video" * 20)
+        elif record["id"] != "q8":
+            write_random_video(root / record["video"], num_frames=4, fps=4, seed=i)
+    path = root / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run(processor, dataset, output, model=None, **kwargs):
+    samples = load_samples(dataset)
+    model = model or ScriptedModel(processor.tokenizer)
+    settings = dict(num_frames=4, batch_size=3, num_workers=2) | kwargs
+    return evaluate(model, processor, samples, output, **settings)
+
+
+# ----- data --------------------------------------------------------------------------------------
+def test_samples_from_videomme_mvbench_egoschema_and_llava_records(tmp_path):
+    (tmp_path / "abc.mkv").write_bytes(b"")
+    records = [
+        # VideoMME: videoID without suffix, "A. ..." options, letter answer, task_type
+        dict(
+            question_id="001-1",
+            videoID="abc",
+            question="What?",
+            options=["A. x", "B. y"],
+            answer="B",
+            task_type="OCR",
+            duration="short",
+        ),
+        # MVBench: candidates, answer given as the option text
+        dict(video="m.mp4", question="Where?", candidates=["left", "right"], answer="right"),
+        # EgoSchema: "option N" fields, answer index
+        {
+            "q_uid": "e1",
+            "video_idx": "e1.mp4",
+            "question": "Why?",
+            "option 0": "p",
+            "option 1": "q",
+            "answer": 1,
+        },
+        # open-ended, no id: the row number is the id
+        dict(video="o.mp4", question="Color?", answer="red"),
+        # LLaVA-style conversations: the human turn is the prompt as is
+        dict(
+            id="s1",
+            video="s.mp4",
+            conversations=[{"from": "human", "value": "<video>\nDigit?\nA. 1\nB. 2"}],
+            options=["1", "2"],
+            answer="A",
+        ),
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    samples = load_samples(path)
+    assert [s.id for s in samples] == ["001-1", "1", "e1", "3", "s1"]
+    assert samples[0].video == str(tmp_path / "abc.mkv")
+    assert samples[0].prompt == f"What?\nA. x\nB. y\n{MC_INSTRUCTION}"
+    assert (samples[0].answer, samples[0].category, samples[0].duration) == ("B", "OCR", "short")
+    assert samples[1].prompt == f"Where?\nA. left\nB. right\n{MC_INSTRUCTION}" and samples[1].answer == "B"
+    assert samples[2].options == {"A": "p", "B": "q"} and samples[2].answer == "B"
+    assert samples[2].video == str(tmp_path / "e1.mp4")
+    assert samples[3].prompt == f"Color?\n{OPEN_INSTRUCTION}" and samples[3].answer == "red"
+    assert samples[3].options is None
+    assert samples[4].prompt == "Digit?\nA. 1\nB. 2" and samples[4].answer == "A"
+
+
+def test_json_jsonl_and_parquet_give_the_same_samples(dataset, tmp_path):
+    pd = pytest.importorskip("pandas", reason="parquet support is optional (pandas + pyarrow)")
+    pytest.importorskip("pyarrow", reason="parquet support is optional (pandas + pyarrow)")
+    # a parquet column has one type: q6's list answer becomes a string in all three files
+    records = [dict(r, answer="two") if r["id"] == "q6" else r for r in read_predictions(dataset)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "qa.json").write_text(json.dumps(records))
+    pd.DataFrame(records).to_parquet(tmp_path / "qa.parquet")
+    expected = load_samples(tmp_path / "qa.jsonl", dataset.parent)
+    assert len(expected) == 8 and expected[1].options == dict(zip("ABCD", OPTIONS))
+    assert load_samples(tmp_path / "qa.json", dataset.parent) == expected
+    assert load_samples(tmp_path / "qa.parquet", dataset.parent) == expected
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (dict(id="x", video="v.mp4", answer="A"), "record 0 \\(id 'x'\\): no question field"),
+        (dict(id="x", question="Q?", answer="A"), "record 0 \\(id 'x'\\): no video field"),
+        (dict(id="x", video="v.mp4", question="Q?"), "record 0 \\(id 'x'\\): no answer field"),
+        (
+            dict(id="x", video="v.mp4", question="Q?", options=["a", "b"], answer="C"),
+            "record 0 \\(id 'x'\\): answer 'C'",
+        ),
+    ],
+)
+def test_bad_records_are_named(tmp_path, record, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_samples(path)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text(json.dumps(dict(id="a", video="v.mp4", question="Q?", answer="x")) + "\n")
+    path.write_text(path.read_text() * 2)
+    with pytest.raises(ValueError, match="sample id 'a' occurs more than once"):
+        load_samples(path)
+
+
+# ----- accuracy and failures -----------------------------------------------------------------------
+def test_accuracy_matches_an_independent_count_and_failures_are_not_scored(
+    processor, dataset, tmp_path, caplog
+):
+    with caplog.at_level(logging.ERROR):
+        metrics = run(processor, dataset, tmp_path)
+    predictions = {r["id"]: r for r in read_predictions(tmp_path / "predictions.jsonl")}
+    assert sorted(predictions) == sorted(EXPECTED)
+    assert {i: r["correct"] for i, r in predictions.items()} == EXPECTED
+    # the failed samples: reported with their error, logged with their id, never scored
+    assert (
+        "VideoDecodeError" in predictions["q7"]["error"] and "FileNotFoundError" in predictions["q8"]["error"]
+    )
+    assert predictions["q7"]["response"] is None and predictions["q1"]["error"] is None
+    assert "sample q7" in caplog.text and "sample q8" in caplog.text
+    assert predictions["q1"]["extracted"] == "B" and predictions["q4"]["extracted"] is None
+
+    # the hand count: correct q1, q3, q5 of the six scored; q7, q8 failed; q4 names no option
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    overall = {
+        k: metrics[k] for k in ("num_samples", "num_scored", "num_failed", "num_correct", "num_unanswered")
+    }
+    assert overall == dict(num_samples=8, num_scored=6, num_failed=2, num_correct=3, num_unanswered=1)
+    assert metrics["accuracy"] == 3 / 6 and metrics["accuracy_failed_as_wrong"] == 3 / 8
+    assert set(metrics["failed"]) == {"q7", "q8"}
+    per = {
+        name: (m["num_scored"], m["num_correct"], m["num_failed"])
+        for name, m in metrics["per_category"].items()
+    }
+    assert per == {"action": (2, 1, 1), "object": (2, 1, 1), "open": (2, 1, 0)}
+    per = {
+        name: (m["num_scored"], m["num_correct"], m["num_failed"])
+        for name, m in metrics["per_duration"].items()
+    }
+    assert per == {"short": (3, 2, 1), "long": (3, 1, 1)}
+    assert metrics["per_duration"]["short"]["accuracy"] == 2 / 3
+
+
+# ----- resume ----------------------------------------------------------------------------------------
+def test_resume_after_a_crash_predicts_each_sample_exactly_once(processor, dataset, tmp_path):
+    crashing = ScriptedModel(processor.tokenizer, fail_on=2)
+    with pytest.raises(Interrupted):
+        run(processor, dataset, tmp_path, model=crashing, batch_size=2)
+    path = tmp_path / "predictions.jsonl"
+    assert [r["id"] for r in read_predictions(path)] == ["q1", "q2"]  # the first batch survived the crash
+    with open(path, "a") as f:  # and a crash in the middle of writing a line
+        f.write('{"id": "q3", "response": "The ans')
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(processor, dataset, tmp_path)
+    model = ScriptedModel(processor.tokenizer)
+    metrics = run(processor, dataset, tmp_path, model=model, resume=True)
+    assert model.questions == [
+        "What is red?",
+        "How many?",
+        "Which animal?",
+        "How many cats?",
+    ]  # only the rest
+    lines = path.read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]  # every line is whole again
+    assert sorted(ids) == sorted(EXPECTED)
+    assert {r["id"]: r["correct"] for r in read_predictions(path)} == EXPECTED
+    assert (metrics["num_correct"], metrics["num_scored"], metrics["num_failed"]) == (3, 6, 2)
+
+
+def test_resume_of_a_finished_run_predicts_nothing(processor, dataset, tmp_path):
+    first = run(processor, dataset, tmp_path)
+    model = ScriptedModel(processor.tokenizer)
+    assert run(processor, dataset, tmp_path, model=model, resume=True) == first
+    assert model.calls == 0
+
+
+def test_a_corrupt_line_before_the_last_is_an_error(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"id": "a"}\n{"id": \n{"id": "b"}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_predictions(path)
+
+
+# ----- the real model --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    save_tiny_checkpoint(path)
+    return path
+
+
+def literal_prompt(question: str) -> str:
+    return (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n<video>\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def direct_answers(saved_model, samples, num_frames=4):
+    """Each sample alone through the processor and greedy `generate` (no batching, no evaluator)."""
+    from slowfast_vlm import SlowFastForConditionalGeneration
+
+    model = SlowFastForConditionalGeneration.from_pretrained(saved_model).to(DEVICE).eval()
+    processor = SlowFastProcessor.from_pretrained(saved_model)
+    answers = {}
+    for sample in samples:
+        frames, _ = load_video(sample.video, num_frames, fps=2.0)
+        inputs = processor(text=literal_prompt(sample.prompt), videos=frames, return_tensors="pt").to(DEVICE)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        answers[sample.id] = processor.decode(
+            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
+    return answers
+
+
+def test_cli_eval_answers_as_the_model_does_alone(saved_model, dataset, tmp_path, capsys):
+    output = tmp_path / "out"
+    argv = ["eval", "--model", str(saved_model), "--data", str(dataset), "--output", str(output)]
+    argv += ["--frames", "4", "--batch-size", "3", "--max-new-tokens", "6", "--dtype", "float32"]
+    assert cli_main(argv) == 0
+    predictions = {r["id"]: r for r in read_predictions(output / "predictions.jsonl")}
+    ok = [s for s in load_samples(dataset) if s.id not in ("q7", "q8")]
+    assert {s.id: predictions[s.id]["response"] for s in ok} == direct_answers(saved_model, ok)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["num_scored"] == 6 and metrics["num_failed"] == 2
+    assert metrics["num_correct"] == sum(bool(predictions[s.id]["correct"]) for s in ok)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_samples"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two processes need two GPUs, or none (CPU)")
+def test_two_processes_shard_and_merge(saved_model, dataset, tmp_path):
+    # `accelerate launch --cpu` always starts a single process; torchrun starts two, which the
+    # evaluator's PartialState joins (gloo on CPU) exactly as under `accelerate launch` on GPUs
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["-m", "slowfast_vlm.cli", "eval", "--model", str(saved_model), "--data", str(dataset)]
+    command += ["--output", str(output), "--frames", "4", "--batch-size", "2", "--max-new-tokens", "6"]
+    command += ["--dtype", "float32"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 0 of 2: 4 of 8 pending" in done.stderr and "process 1 of 2: 4 of 8 pending" in done.stderr
+    assert sorted(p.name for p in output.iterdir()) == ["metrics.json", "predictions.jsonl"]  # shards merged
+    records = read_predictions(output / "predictions.jsonl")
+    assert sorted(r["id"] for r in records) == sorted(EXPECTED)
+    ok = [s for s in load_samples(dataset) if s.id not in ("q7", "q8")]
+    assert {r["id"]: r["response"] for r in records if r["error"] is None} == direct_answers(saved_model, ok)
+    assert json.loads((output / "metrics.json").read_text())["num_samples"] == 8
+    assert Path(output / "predictions.jsonl").read_text().count("\n") == 8
