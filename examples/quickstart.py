@@ -5,10 +5,24 @@ import torch
 from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration, fast_token_count
 
 config = SlowFastConfig(
-    text_config=dict(model_type="qwen2", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=128, vocab_size=1000),
-    vision_config=dict(model_type="siglip_vision_model", hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=8),
+    text_config=dict(
+        model_type="qwen2",
+        num_hidden_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1000,
+    ),
+    vision_config=dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=8,
+    ),
     hybrid_every_n_layers=2,  # layers 0 and 2 become hybrid layers
     video_token_id=999,
 )
