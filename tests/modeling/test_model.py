@@ -124,3 +124,19 @@ def test_projector_layouts():
     assert [type(m).__name__ for m in mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
     assert mlp[0].in_features == 8 and mlp[4].out_features == 16
     assert len(build_projector("linear", 8, 16)) == 1
+
+
+def test_bf16_autocast_forward_and_backward():
+    """Mixed precision (HF Trainer with bf16=True): fp32 weights, bf16 compute, gates open."""
+    model = tiny_model(seed=10)
+    open_gates(model)
+    ids = torch.tensor([video_prompt(model, 8)])
+    video = torch.randn(1, 8, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(input_ids=ids, pixel_values_videos=video).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, pixel_values_videos=video, labels=ids)
+    out.loss.backward()
+    assert model.hybrid_layers[0].cross_attn_warm_up_gate.grad is not None
+    # bf16 compute stays close to the fp32 result
+    torch.testing.assert_close(out.logits.float(), reference, rtol=0.1, atol=0.1)

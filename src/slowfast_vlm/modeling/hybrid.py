@@ -47,6 +47,12 @@ class SlowCache:
     key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # The key-padding mask of the cross-attention, built once per request: None when nothing is
+        # padded. A sample without slow tokens would give an all-masked softmax (NaN), so it sees its
+        # padding instead; its queries are discarded anyway.
+        self.key_mask = None if bool(self.mask.all()) else self.mask | ~self.mask.any(dim=1, keepdim=True)
+
     @property
     def has_slow(self) -> torch.Tensor:
         """`(B,)` bool: which samples have any slow token."""
@@ -229,20 +235,28 @@ class HybridAttention(nn.Module):
             2, positions[:, None, :, None].expand(batch, num_heads, num_queries, head_dim)
         )
 
-        key, value = slow_cache.get(self.layer_idx, self.project_slow)
-        key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
-        # A sample without slow tokens would give an all-masked softmax (NaN); let it see its padding
-        # instead: its queries are discarded below anyway.
-        key_mask = slow_cache.mask | ~slow_cache.has_slow[:, None]
+        key, value = slow_cache.get(self.layer_idx, self.project_slow)  # (B, kv_heads, N, hd)
+        key_mask = slow_cache.key_mask
         if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities
+            key, value = (
+                repeat_kv(key, self.num_key_value_groups),
+                repeat_kv(value, self.num_key_value_groups),
+            )
             scores = (queries @ key.transpose(-1, -2)) * self.scaling  # (B, H, Q, N)
-            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
             probs = scores.float().softmax(dim=-1)
             cross = probs.to(value.dtype) @ value
             slow_cache.record(self.layer_idx, (probs * valid[:, None, :, None]).sum(dim=2), valid.sum(dim=1))
         else:
+            # GQA inside SDPA: no copy of the cached keys/values per query head at every step
             cross = F.scaled_dot_product_attention(
-                queries, key, value, attn_mask=key_mask[:, None, None, :], scale=self.scaling
+                queries,
+                key,
+                value,
+                attn_mask=None if key_mask is None else key_mask[:, None, None, :],
+                scale=self.scaling,
+                enable_gqa=self.num_key_value_groups > 1,
             )  # (B, H, Q, hd), non-causal
         cross = cross.transpose(1, 2).reshape(batch, num_queries, num_heads * head_dim)
 
@@ -253,7 +267,8 @@ class HybridAttention(nn.Module):
                 self.cross_attn_warm_up_gate
             )
             cross = gate * cross
-        cross = torch.where(valid[..., None], cross, torch.zeros_like(cross))
+        # (the fp32 warm-up gate would otherwise promote a bf16 branch under autocast)
+        cross = torch.where(valid[..., None], cross, torch.zeros_like(cross)).to(attn_output.dtype)
         return torch.zeros_like(attn_output).scatter_add(1, gather_index, cross)
 
 
