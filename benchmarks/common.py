@@ -1,0 +1,219 @@
+"""Shared pieces of the benchmark scripts: the scaled model, interleaved timing, tables and plots.
+
+Every script measures its variants side by side in one process, each once per round in a shuffled
+order, and reports medians (ratios: medians of per-round ratios), so that load from other jobs on a
+shared machine hits all variants alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration
+from slowfast_vlm.modeling.fast_tokens import build_fast_tokens
+from slowfast_vlm.modeling.vision import slow_grid, vision_grid
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# The scaled LLM: Qwen2-7B's shape ratios (MLP 5.5x wide, 4 query heads per kv head; hybrid layers
+# every 4 of 8 layers, 7B: every 8 of 28) at width D = 512. Per token, QK^T + AV cost 4 * L * D FLOPs
+# against about 38 * D^2 for the projections and MLP in both models, so attention's share grows with
+# L / D. With 16 slow tokens per frame, L / D at a given frame count is about 1.4x the 7B model's
+# (81 tokens per frame, D = 3,584): at 128 frames the self-attention-only model's attention costs 43%
+# of its projections here vs 32% at 7B. The long-video trend is therefore slightly exaggerated here.
+SCALED_TEXT_CONFIG = dict(
+    model_type="qwen2",
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=2816,
+    vocab_size=8192,
+    max_position_embeddings=65536,
+    tie_word_embeddings=False,
+)
+# `--quick`: a 4-layer, 128-wide LLM, only to check that a script runs.
+QUICK_TEXT_CONFIG = dict(
+    hidden_size=128, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1
+)
+# A one-layer SigLIP on 64 px frames: an 8 x 8 grid, pooled by 2 to 4 x 4 = 16 slow tokens per frame.
+SCALED_VISION_CONFIG = dict(
+    model_type="siglip_vision_model",
+    hidden_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=128,
+    image_size=64,
+    patch_size=8,
+)
+VIDEO_TOKEN_ID, IMAGE_TOKEN_ID = 8190, 8191
+
+
+def scaled_config(text: dict | None = None, **knobs) -> SlowFastConfig:
+    """The benchmark model: the scaled Qwen2 LLM (`text` overrides its fields), the tiny encoder, and the
+    released 128-frame model's knobs (s2t4: temporal sampling stride 2, pooling stride 4) unless `knobs`
+    override them."""
+    knobs = dict(
+        dict(
+            hybrid_every_n_layers=4,
+            fast_temporal_sampling_stride=2,
+            video_token_id=VIDEO_TOKEN_ID,
+            image_token_id=IMAGE_TOKEN_ID,
+        ),
+        **knobs,
+    )
+    text_config = dict(SCALED_TEXT_CONFIG, **(text or {}))
+    return SlowFastConfig(text_config=text_config, vision_config=dict(SCALED_VISION_CONFIG), **knobs)
+
+
+def model_name(config: SlowFastConfig) -> str:
+    """E.g. "D=512, 8 layers, hybrid [0, 4]"."""
+    text = config.text_config
+    return f"D={text.hidden_size}, {text.num_hidden_layers} layers, hybrid {config.hybrid_layer_indices}"
+
+
+def build_model(
+    config: SlowFastConfig, dtype: torch.dtype, seed: int = 0
+) -> SlowFastForConditionalGeneration:
+    """A random model in `dtype` with its gates open (a closed gate computes the branch all the same)."""
+    torch.manual_seed(seed)
+    model = SlowFastForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    with torch.no_grad():
+        for layer in model.hybrid_layers:
+            layer.cross_attn_warm_up_gate.fill_(1.0)
+    return model.eval()
+
+
+def visual_tokens(config: SlowFastConfig, frames: int, dtype: torch.dtype, seed: int = 0):
+    """Random projected visual tokens of a `frames`-frame video, as the vision encoder + projector would
+    give them: slow tokens `(frames * h * w, D)` and the fast tokens built from them `(F, D)`."""
+    grid = slow_grid(vision_grid(config.vision_config), frames, config.video_pooling_stride)
+    generator = torch.Generator().manual_seed(seed)
+    frame_tokens = torch.randn(frames, grid[0] * grid[1], config.text_config.hidden_size, generator=generator)
+    return frame_tokens.flatten(0, 1).to(dtype), build_fast_tokens(frame_tokens, grid, config).to(dtype)
+
+
+def interleaved(variants: Mapping[object, Callable[[], float]], repeats: int, warmup: int = 1) -> dict:
+    """Run every variant once per round, in a new shuffled order each round (so that no variant always
+    follows the same neighbour), `warmup + repeats` rounds, keeping the last `repeats` samples.
+
+    Each callable returns its own sample (e.g. seconds), so it can time just the part that matters.
+    Returns `{name: [sample per round]}`.
+    """
+    samples: dict[object, list] = {name: [] for name in variants}
+    order, shuffle = list(variants), random.Random(0).shuffle
+    for round_index in range(warmup + repeats):
+        shuffle(order)
+        for name in order:
+            sample = variants[name]()
+            if round_index >= warmup:
+                samples[name].append(sample)
+    return samples
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of `fn` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def paired_ratio(samples: Mapping[object, Sequence[float]], numerator, denominator) -> float:
+    """Median over rounds of `samples[numerator][i] / samples[denominator][i]`: two samples of one round
+    were taken close in time, under the same load, so their ratio is steadier than a ratio of medians."""
+    return median([a / b for a, b in zip(samples[numerator], samples[denominator], strict=True)])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-markdown table; numeric-looking columns are right-aligned."""
+    align = ["---:" if all(_numeric(row[i]) for row in rows) else "---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _numeric(cell: object) -> bool:
+    text = str(cell).replace(",", "").replace("x", "").replace("%", "").replace("+", "").strip()
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def machine_note(threads: int | None = None, dtype: str | None = None) -> str:
+    """One line saying where and how the numbers were taken."""
+    parts = [
+        platform.processor() or platform.machine(),
+        f"{os.cpu_count()} cores",
+        f"torch {torch.__version__}",
+    ]
+    parts += [f"{threads} torch thread(s)"] if threads is not None else []
+    return ", ".join(parts + ([dtype] if dtype else []))
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the script runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="measured rounds per variant")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the PNG plot")
+
+
+def setup(args: argparse.Namespace) -> dict | None:
+    """Apply `--threads` and `--out`; `--quick` means one measured round. Returns the LLM overrides
+    for `scaled_config` (the quick model under `--quick`)."""
+    if args.threads < 1 or args.repeats < 1:
+        raise SystemExit(f"--threads and --repeats must be >= 1, got {args.threads} and {args.repeats}")
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats = 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    return QUICK_TEXT_CONFIG if args.quick else None
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Save a matplotlib figure as a small PNG and close it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    print(f"\nplot: {path}")
+    return path
+
+
+def log_axes(axis, xticks: Sequence[int], xlabel: str, ylabel: str) -> None:
+    """Log-log axes labelled at `xticks` and at 1, 2, 5 x 10^k on y, with a grid and the legend."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
+
+    axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+    axis.set_xticks(xticks, [str(tick) for tick in xticks], rotation=45 if len(xticks) > 5 else 0)
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.yaxis.set_minor_locator(NullLocator())
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+
+
+def new_figure(columns: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(5.5 * columns, 3.8))

@@ -1,0 +1,120 @@
+"""Each benchmark script runs with `--quick` and produces its table and its PNG (numbers are not checked:
+performance is measured by the scripts, never asserted in tests)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks/`
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(text: str, header_start: str) -> list[list[str]]:
+    """Cells of the markdown table whose header row starts with `header_start`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def run(name: str, tmp_path: Path, capsys, *extra: str) -> str:
+    importlib.import_module(f"benchmarks.{name}").main(["--quick", "--out", str(tmp_path), *extra])
+    png = tmp_path / f"{name}.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5_000
+    return capsys.readouterr().out
+
+
+def positive(cell: str) -> float:
+    value = float(re.sub(r"[,x]", "", cell))
+    assert value > 0, cell
+    return value
+
+
+@pytest.mark.slow
+def test_prefill(tmp_path, capsys):
+    out = run("prefill", tmp_path, capsys)
+    rows = table_rows(out, "frames")
+    assert [(r[0], r[1]) for r in rows] == [
+        ("16", "self-attention"),
+        ("16", "slowfast"),
+        ("128", "self-attention"),
+        ("128", "slowfast"),
+    ]
+    for row in rows:
+        for cell in row[5:7]:  # latency, peak memory
+            positive(cell)
+    # quick LLM (64-token prompt, 16 slow tokens per frame): self-attention at 128 frames has 64 + 2048 tokens
+    assert rows[2][2] == "2,112" and rows[3][3] == "2,048"
+    assert "Equal prefill budget" in out
+
+
+def test_decoding(tmp_path, capsys):
+    out = run("decoding", tmp_path, capsys)
+    rows = table_rows(out, "frames")
+    assert [(r[0], r[1]) for r in rows] == [("16", "1"), ("16", "2")]
+    for row in rows:
+        for cell in row[4:7]:  # cached, re-projected, text-only ms/step
+            positive(cell)
+    assert len(table_rows(out.split("released 7B geometry")[1], "frames")) == 6
+
+
+def test_video_decoding(tmp_path, capsys):
+    out = run("video_decoding", tmp_path, capsys, "--cache-dir", str(tmp_path))
+    rows = table_rows(out, "frames sampled")
+    decoders = ["PyAV, seek", "PyAV, decode all"]
+    if importlib.util.find_spec("decord") is not None:
+        decoders.append("decord")
+    else:
+        assert "decord is not installed" in out
+    assert [(r[0], r[1]) for r in rows] == [(n, d) for n in ("16", "64") for d in decoders]
+    assert "300 frames" in out  # the quick clip: 10 s at 30 fps
+    for row in rows:
+        positive(row[2])
+
+
+def test_training(tmp_path, capsys):
+    out = run("training", tmp_path, capsys)
+    rows = table_rows(out, "frames")
+    assert [(r[0], r[1]) for r in rows] == [
+        ("16", "self-attention"),
+        ("16", "slowfast"),
+        ("32", "self-attention"),
+        ("32", "slowfast"),
+    ]
+    for row in rows:
+        for cell in row[4:6]:  # step time, samples/s
+            positive(cell)
+
+
+@pytest.mark.parametrize("variant", ["cached", "re-projected", "text-only"])
+def test_decoding_loop_is_generates_greedy_loop(variant):
+    from benchmarks.common import QUICK_TEXT_CONFIG, build_model, scaled_config
+    from benchmarks.decoding import GreedyDecoder, generation_inputs
+
+    model = build_model(scaled_config(QUICK_TEXT_CONFIG), torch.float32)
+    inputs = generation_inputs(model, variant, frames=16, batch=2, prompt_tokens=8)
+    decoder = GreedyDecoder(model, inputs)
+    decoder.start()
+    for _ in range(4):
+        decoder.step()
+    expected = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(torch.cat(decoder.tokens, dim=1), expected[:, inputs["input_ids"].shape[1] :])
