@@ -1,0 +1,38 @@
+"""The shipped demo model (the slow-fast model trained in experiments/synth) answers its sample clip."""
+
+import json
+
+import pytest
+
+from slowfast_vlm.cli import main
+from slowfast_vlm.default_model import DEMO_CLIP, DEMO_MODEL_DIR, default_model_path
+from slowfast_vlm.processing.video import load_video
+from slowfast_vlm.synth import check_detail, generate_clip
+
+pytestmark = pytest.mark.skipif(
+    not (DEMO_MODEL_DIR / "config.json").exists(), reason="this installation ships no demo model"
+)
+DEMO_RECORD = DEMO_CLIP.with_suffix(".json")
+
+
+def test_demo_model_is_small():
+    assert default_model_path() == DEMO_MODEL_DIR
+    size = sum(f.stat().st_size for f in DEMO_MODEL_DIR.iterdir())
+    assert size < 5 * 2**20
+
+
+def test_demo_record_matches_the_rendered_clip():
+    # The expected answer comes from the benchmark generator, independently of any model.
+    record = json.loads(DEMO_RECORD.read_text())
+    split, seed, clip, question = record["id"].split("-")
+    frames, records = generate_clip(int(clip), int(seed), split, size=32)
+    assert records[int(question.removeprefix("q"))] == record
+    decoded, _ = load_video(DEMO_CLIP, 64, fps=8)
+    check_detail(decoded, record)  # the answer digit is drawn where the record says, in the mp4 too
+
+
+def test_ask_without_model_answers_the_demo_clip(capsys):
+    record = json.loads(DEMO_RECORD.read_text())
+    question = record["conversations"][0]["value"].removeprefix("<video>\n")
+    assert main(["ask", str(DEMO_CLIP), question, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == record["answer"]
