@@ -35,6 +35,9 @@ class SlowFastConfig(PretrainedConfig):
         cross_attn_queries: `"text"` (published: text tokens query the slow tokens) or `"all"`.
         mask_system_tokens: also drop the text tokens before the first visual token from the queries.
         gate_type: `"tanh-warmup"` (published "whole-dynamic-tanh-warmup") or `"none"`.
+        cross_attn_gate_init: starting value of the warm-up gate's scalar `w`. 0 (published) makes a
+            freshly converted model compute exactly what the LLM computes; a small positive value lets a
+            branch trained from scratch receive gradient through its output from the first step.
         init_cross_kv_from_lm: initialise the cross key/value projection from the layer's k/v_proj.
         generated_tokens_see_slow: generated tokens attend to the slow tokens (False = reference decoding).
         video_token_id, image_token_id: placeholder ids in the text vocabulary.
@@ -63,6 +66,7 @@ class SlowFastConfig(PretrainedConfig):
     cross_attn_queries: str = "text"
     mask_system_tokens: bool = False
     gate_type: str = "tanh-warmup"
+    cross_attn_gate_init: float = 0.0
     init_cross_kv_from_lm: bool = True
     generated_tokens_see_slow: bool = True
     video_token_id: int | None = None

@@ -201,6 +201,18 @@ def test_kv_projection_initialised_from_lm():
     assert attn.cross_attn_warm_up_gate.item() == 0.0
 
 
+def test_gate_init_opens_the_branch_from_the_start():
+    closed, opened = tiny_model(seed=3), tiny_model(seed=3, cross_attn_gate_init=0.5)
+    assert all(layer.cross_attn_warm_up_gate.item() == 0.5 for layer in opened.hybrid_layers)
+    ids = torch.tensor([[3, 4] + [VIDEO_TOKEN_ID] * 8 + [5, 6]])
+    video = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(
+            closed(input_ids=ids, pixel_values_videos=video).logits,
+            opened(input_ids=ids, pixel_values_videos=video).logits,
+        )
+
+
 def test_random_kv_init_and_weight_names():
     model = tiny_model(init_cross_kv_from_lm=False, seed=4)
     attn = model.hybrid_layers[0]

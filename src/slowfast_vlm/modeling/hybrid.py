@@ -106,6 +106,7 @@ class HybridAttention(nn.Module):
         self.sliding_window = getattr(attention, "sliding_window", None)
         self._slow_norm = (slow_norm,)
         self.gate_type = config.gate_type
+        self.gate_init = config.cross_attn_gate_init
 
         hidden_size = self.q_proj.in_features
         self.num_heads = self.q_proj.out_features // self.head_dim
@@ -126,7 +127,8 @@ class HybridAttention(nn.Module):
 
     @torch.no_grad()
     def reset_cross_parameters(self, init_from_lm: bool, std: float = 0.02) -> None:
-        """Initialise the new parameters: gate off; key/value projection from k_proj/v_proj or random."""
+        """Initialise the new parameters: warm-up gate at `cross_attn_gate_init` (0: branch off); key/value
+        projection from k_proj/v_proj or random."""
         kv_weight = self.cross_attn_kv_proj.weight.view(self.num_kv_heads, 2, self.head_dim, -1)
         kv_bias = self.cross_attn_kv_proj.bias.view(self.num_kv_heads, 2, self.head_dim)
         if init_from_lm:
@@ -141,7 +143,7 @@ class HybridAttention(nn.Module):
         if self.gate_type == "tanh-warmup":
             nn.init.normal_(self.cross_attn_gate_proj[0].weight, std=std)
             nn.init.zeros_(self.cross_attn_gate_proj[0].bias)
-            nn.init.zeros_(self.cross_attn_warm_up_gate)
+            nn.init.constant_(self.cross_attn_warm_up_gate, self.gate_init)
         # Tell transformers' post-init weight pass that these are set (it would re-draw them at random).
         for name, module in self.named_modules():
             if name.startswith("cross_attn") or module is self:
