@@ -304,6 +304,37 @@ def _decode_sequential(
     return found, count
 
 
+def _prepend(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
+    yield first
+    yield from rest
+
+
+def _seek_to_keyframe(
+    container, stream, path: str, probe: _Probe, k: int, target: int
+) -> Iterator[av.VideoFrame]:
+    """Seek so that decoding starts at keyframe `k`; returns the decoded-frame iterator from there.
+
+    A seek to the keyframe's pts lands on it exactly with most demuxers. mp4 seeks by decode
+    timestamp, where that seek may land on a later keyframe: then seek again to the keyframe's dts,
+    which lands on it or on an earlier one (correct, with some extra decoding).
+    """
+    keyframe_pts = probe.keyframe_pts[k]
+    for seek_ts in dict.fromkeys((keyframe_pts, probe.keyframe_seek_ts[k])):
+        try:
+            container.seek(seek_ts, stream=stream, backward=True, any_frame=False)
+        except av.error.FFmpegError as e:
+            raise _SeekMiss(f"seek towards pts {target} failed ({e})") from e
+        frames = _decoded_frames(container, stream, path)
+        try:
+            first = next(frames, None)
+        except VideoDecodeError as e:  # possibly caused by the seek: let the caller fall back
+            raise _SeekMiss(str(e)) from e
+        if first is not None and first.pts is not None and first.pts <= keyframe_pts:
+            return _prepend(first, frames)
+        frames.close()
+    raise _SeekMiss(f"no seek landed at or before the keyframe of pts {target}")
+
+
 def _decode_seeking(
     path: str, wanted: Sequence[int], probe: _Probe
 ) -> tuple[dict[int, tuple[np.ndarray, float]], int]:
@@ -329,14 +360,8 @@ def _decode_seeking(
             k = bisect.bisect_right(probe.keyframe_pts, target)
             if k and probe.keyframe_pts[k - 1] > cursor:
                 frames.close()
-                try:
-                    container.seek(
-                        probe.keyframe_seek_ts[k - 1], stream=stream, backward=True, any_frame=False
-                    )
-                except av.error.FFmpegError as e:
-                    raise _SeekMiss(f"seek towards pts {target} failed ({e})") from e
+                frames = _seek_to_keyframe(container, stream, path, probe, k - 1, target)
                 seeks += 1
-                frames = _decoded_frames(container, stream, path)
             try:
                 for frame in frames:
                     if frame.pts is None:
