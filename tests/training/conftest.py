@@ -12,7 +12,7 @@ from PIL import Image
 from training_helpers import random_frames
 from transformers import AutoModel, AutoModelForCausalLM
 
-from slowfast_vlm.training.tiny import write_video
+from slowfast_vlm.processing.video import write_video
 
 TOKENIZER_VOCAB = 300  # tiny_tokenizer's size before the processor adds <video> / <image>
 
@@ -35,8 +35,8 @@ def base_models(tmp_path_factory) -> dict[str, str]:
 def media(tmp_path_factory) -> Path:
     """Two 8-frame videos, a corrupt one, and an image."""
     folder = tmp_path_factory.mktemp("media")
-    write_video(folder / "cat.mp4", random_frames(seed=1))
-    write_video(folder / "cook.mp4", random_frames(seed=2))
+    write_video(folder / "cat.mp4", random_frames(seed=1), fps=8)
+    write_video(folder / "cook.mp4", random_frames(seed=2), fps=8)
     (folder / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 24, 3), dtype=np.uint8)).save(
         folder / "dog.png"

@@ -13,7 +13,6 @@ import argparse
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image
@@ -26,20 +25,10 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from ..processing.video import write_video
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 40), "blue": (50, 80, 230)}
 MOTIONS = {"right": (1, 0), "down": (0, 1)}
-
-
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    """Encode `(T, H, W, 3)` uint8 frames as an mp4 (MPEG-4 part 2, available in every FFmpeg build)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return Path(path)
 
 
 def moving_square(
@@ -78,7 +67,7 @@ def write_tiny_setup(folder: str | Path, seed: int = 0) -> dict[str, str]:
     for colour, rgb in COLOURS.items():
         for motion, step in MOTIONS.items():
             name = f"{colour}_{motion}.mp4"
-            write_video(media / name, moving_square(rgb, step))
+            write_video(media / name, moving_square(rgb, step), fps=8)
             records.append(
                 {
                     "id": f"{colour}_{motion}",
