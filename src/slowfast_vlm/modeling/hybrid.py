@@ -48,15 +48,13 @@ class SlowCache:
     attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self):
-        # The key-padding mask of the cross-attention, built once per request: None when nothing is
-        # padded. A sample without slow tokens would give an all-masked softmax (NaN), so it sees its
-        # padding instead; its queries are discarded anyway.
-        self.key_mask = None if bool(self.mask.all()) else self.mask | ~self.mask.any(dim=1, keepdim=True)
-
-    @property
-    def has_slow(self) -> torch.Tensor:
-        """`(B,)` bool: which samples have any slow token."""
-        return self.mask.any(dim=1)
+        # Derived once per request, not at every layer and decoding step:
+        # `has_slow` (B,): which samples have any slow token;
+        # `key_mask` (B, N): the cross-attention's key padding, None when nothing is padded. A sample
+        # without slow tokens would give an all-masked softmax (NaN), so it sees its padding instead;
+        # its queries are discarded anyway.
+        self.has_slow = self.mask.any(dim=1)
+        self.key_mask = None if bool(self.mask.all()) else self.mask | ~self.has_slow[:, None]
 
     def get(self, layer_idx: int, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
         """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once."""
