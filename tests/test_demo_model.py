@@ -7,7 +7,7 @@ import pytest
 from slowfast_vlm.cli import main
 from slowfast_vlm.default_model import DEMO_CLIP, DEMO_MODEL_DIR, default_model_path
 from slowfast_vlm.processing.video import load_video
-from slowfast_vlm.synth import check_detail, generate_clip
+from slowfast_vlm.synth import check_detail, generate_clip, open_question
 
 pytestmark = pytest.mark.skipif(
     not (DEMO_MODEL_DIR / "config.json").exists(), reason="this installation ships no demo model"
@@ -33,6 +33,5 @@ def test_demo_record_matches_the_rendered_clip():
 
 def test_ask_without_model_answers_the_demo_clip(capsys):
     record = json.loads(DEMO_RECORD.read_text())
-    question = record["conversations"][0]["value"].removeprefix("<video>\n")
-    assert main(["ask", str(DEMO_CLIP), question, "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.strip() == record["answer"]
+    assert main(["ask", str(DEMO_CLIP), open_question(record), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == record["answer_text"]

@@ -23,6 +23,7 @@ from slowfast_vlm.synth import (
     generate_clip,
     generate_sample,
     glyph,
+    open_question,
     write_split,
 )
 
@@ -93,6 +94,19 @@ def test_jsonl_fields(written):
         assert r["category"] in CATEGORIES
         x0, y0, x1, y1 = r["detail_box"]
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+
+
+def test_open_question_drops_the_options():
+    _, records = generate_clip(0, seed=0, split="val")
+    for r in records:
+        question = open_question(r)
+        colour = next(c for c in ("red", "green", "blue", "orange", "purple") if f"The {c} square" in question)
+        condition = "while not touching" if r["category"] == "digit_away_from_wall" else "while touching"
+        assert question == (
+            f"The {colour} square showed two digits near a wall. Which digit did it show {condition} the wall?"
+            "\nAnswer with the digit."
+        )
+        assert r["answer_text"] not in question  # no option list left to copy the answer from
 
 
 def test_deterministic(written, tmp_path):

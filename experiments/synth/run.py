@@ -1,18 +1,21 @@
-"""Train and test one model of the CPU-scale comparison on the synthetic fine-detail QA benchmark.
+"""Train and test the four models of the CPU-scale comparison on the synthetic fine-detail QA benchmark.
 
-    python experiments/synth/run.py prepare                 # write the data (docs/synth.md) and decode it once
-    python experiments/synth/run.py train --model c --seed 0
+    python experiments/synth/run.py prepare                   # write the data (docs/synth.md), decode it once
+    python experiments/synth/run.py pretrain-vision           # stage 0: the frame encoder (shared, then frozen)
+    python experiments/synth/run.py pretrain-llm --seed 0     # stage 1: image QA on single frames
+    python experiments/synth/run.py train --model c --seed 0  # stage 2: video QA, from stage 1
 
-Models (all from scratch, everything trainable, the same steps / batch / data / schedule):
+Models (the same stage 0 and stage 1, then the same stage-2 steps / batch / clips / schedule):
     a  self-attention only, 16 uniformly sampled frames, every frame's tokens in the sequence
     b  self-attention only, the fast tokens of (c): 64 frames pooled x4 in time -> 16 fast frames
     c  slow-fast: the fast tokens of (b) + the slow tokens of all 64 frames through a hybrid layer
     d  self-attention only, all 64 frames at full tokens (upper bound, 4x the sequence)
 
-Training packs the 6 questions of a clip into one multi-turn conversation (the video once, then the
+Stage 2 packs the 6 questions of a clip into one multi-turn conversation (the video once, then the
 question/answer turns in random order), so the video is encoded and prefilled once for 6 answers.
-The test is the benchmark's single-question prompt, scored by the log-likelihood of the four option
-letters at the answer position (the letter with the largest logit is the prediction).
+Questions are asked in the benchmark's open form (`slowfast_vlm.synth.open_question`: no option list,
+answered with the digit); the test scores each question as multiple choice: of its four option digits,
+the one with the largest logit at the answer position is the prediction (chance 25%).
 """
 
 from __future__ import annotations
@@ -28,19 +31,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from slowfast_vlm.compute import estimate
+from slowfast_vlm.modeling.hybrid import add_hybrid_layers
 from slowfast_vlm.modeling.model import SlowFastForConditionalGeneration
-from slowfast_vlm.processing.processor import SlowFastProcessor
+from slowfast_vlm.modeling.vision import build_vision_tower, encoder_grids
+from slowfast_vlm.processing.processor import SlowFastProcessor, image_processor_for
 from slowfast_vlm.processing.video import load_video, uniform_sample_indices
-from slowfast_vlm.training.scratch import ScratchGeometry, build_scratch_model
+from slowfast_vlm.synth import COLOURS, QUESTIONS_PER_CLIP, generate_clip, open_question
+from slowfast_vlm.training.scratch import ScratchGeometry, build_scratch_model, scratch_vision_config
 
 HERE = Path(__file__).parent
 DATA = Path("outputs/synth/data")
 RUNS = Path("outputs/synth/runs")
+VISION = Path("outputs/synth/vision")
+STAGE1 = Path("outputs/synth/stage1")
 SIZE, FRAMES, FPS = 32, 64, 8
 SPLITS = {"train": 6000, "test": 300}  # questions (6 per clip)
-LETTERS = "ABCD"
 
 # Per model: SlowFastConfig knobs and how frames are sampled (also saved as the processor's video_defaults).
 MODELS = {
@@ -62,11 +70,6 @@ MODELS = {
 GEOMETRY = {"video_pooling_stride": 1}
 
 
-def question_of(record: dict) -> str:
-    """The human turn without its `<video>` placeholder (what `slowfast-vlm ask` is given)."""
-    return record["conversations"][0]["value"].removeprefix("<video>\n")
-
-
 def read_clips(split: str) -> list[list[dict]]:
     """Records of a split grouped by clip (6 consecutive records share a video)."""
     records = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines()]
@@ -86,46 +89,232 @@ def prepare() -> None:
     np.save(DATA / "train_frames.npy", np.stack(frames))  # (clips, 64, 32, 32, 3) uint8
 
 
-def conversation(questions: list[str], answers: list[str] | None = None) -> list[dict]:
-    """Chat messages: the video with the first question, then one turn per further question."""
+# ----- stage 0: the frame encoder, pre-trained once on single frames and frozen for every model -----
+PATCH = ScratchGeometry().patch_size
+NO_DIGIT, NO_COLOUR, NO_SQUARE = 10, len(COLOURS), 2
+HEADS = {"digit": NO_DIGIT + 1, "colour": NO_COLOUR + 1, "touching": NO_SQUARE + 1}
+
+
+def scene_labels(rendered: np.ndarray, records: list[dict]) -> dict[str, np.ndarray]:
+    """Per-patch labels `(T, g, g)` of a rendered clip `(T, S, S, 3)`, from the generator's pixels and records.
+
+    digit: the digit whose glyph centre lies in the patch (else 10); colour: the square colour with the
+    most pixels in the patch (>= 8 of 64, else 5); touching: whether that square touches a wall in this
+    frame (1), does not (0), or no square (2). A generic per-frame scene parse: no question, no pooling.
+    """
+    frames, size = rendered.shape[0], rendered.shape[1]
+    grid = size // PATCH
+    is_colour = (rendered[..., None, :] == np.array(list(COLOURS.values()))).all(-1)  # (T, S, S, 5)
+    touches = (
+        is_colour[:, 0].any(1)
+        | is_colour[:, -1].any(1)
+        | is_colour[:, :, 0].any(1)
+        | is_colour[:, :, -1].any(1)
+    )
+    counts = is_colour.reshape(frames, grid, PATCH, grid, PATCH, -1).sum((2, 4))  # (T, g, g, 5)
+    colour = np.where(counts.max(-1) >= 8, counts.argmax(-1), NO_COLOUR)
+    touching = np.take_along_axis(np.pad(touches, ((0, 0), (0, 1))), colour.reshape(frames, -1), 1)
+    touching = np.where(colour == NO_COLOUR, NO_SQUARE, touching.reshape(colour.shape).astype(np.int64))
+    digit = np.full_like(colour, NO_DIGIT)
+    for record in records:
+        x0, y0, x1, y1 = record["detail_box"]
+        digit[record["detail_frames"][0], (y0 + y1) // 2 // PATCH, (x0 + x1) // 2 // PATCH] = int(
+            record["answer_text"]
+        )
+    return {"digit": digit, "colour": colour, "touching": touching}
+
+
+def pretrain_vision(steps: int, batch: int, lr: float, out: Path = VISION, seed: int = 0) -> dict:
+    """Train the frame encoder on per-patch digit / colour / wall-contact labels of single frames.
+
+    Every step renders fresh train-split clips past the ones in `train.jsonl` (the generator is cheap and
+    deterministic); half of each batch are frames that show a digit (6 of every 64). Saves the encoder
+    (without its heads) for `train --vision`; reports per-head accuracy on the test clips' decoded frames.
+    """
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    vision_config = scratch_vision_config(ScratchGeometry(image_size=SIZE))
+    encoder = build_vision_tower(vision_config)
+    heads = torch.nn.Linear(vision_config.hidden_size, sum(HEADS.values()))
+    image_processor = image_processor_for(vision_config)
+    parameters = [*encoder.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    rng = np.random.default_rng(seed)
+    first_clip = len(read_clips("train"))
+    clips_per_step = batch // 2 // 6
+
+    def predict(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = heads(encoder_grids(encoder, pixels, -1))  # (N, g, g, sum of classes)
+        return dict(zip(HEADS, logits.split(list(HEADS.values()), -1)))
+
+    started = time.time()
+    for step in range(steps):
+        frames, labels = [], {k: [] for k in HEADS}
+        for clip in range(first_clip + step * clips_per_step, first_clip + (step + 1) * clips_per_step):
+            rendered, records = generate_clip(clip, 0, "train", FRAMES, SIZE, FPS)
+            clip_labels = scene_labels(rendered, records)
+            shown = [t for r in records for t in r["detail_frames"]]
+            picked = shown + rng.choice(FRAMES, batch // (2 * clips_per_step), replace=False).tolist()
+            frames += list(rendered[picked])
+            for k in HEADS:
+                labels[k].append(torch.from_numpy(clip_labels[k][picked]))
+        logits = predict(image_processor(frames, return_tensors="pt")["pixel_values"])
+        loss = sum(F.cross_entropy(logits[k].flatten(0, 2), torch.cat(labels[k]).flatten()) for k in HEADS)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"vision step {step} loss {loss.item():.3f} {time.time() - started:.0f}s", flush=True)
+
+    encoder.eval()
+    hits = {k: [] for k in HEADS}
+    with torch.no_grad():
+        for index, clip in enumerate(read_clips("test")):
+            rendered, _ = generate_clip(index, 0, "test", FRAMES, SIZE, FPS)
+            test_labels = scene_labels(rendered, clip)
+            decoded, _ = load_video(DATA / clip[0]["video"], FRAMES, fps=FPS)
+            logits = predict(image_processor(list(decoded), return_tensors="pt")["pixel_values"])
+            for k in HEADS:
+                target = torch.from_numpy(test_labels[k])
+                scored = target != HEADS[k] - 1 if k == "digit" else torch.ones_like(target, dtype=torch.bool)
+                hits[k] += (logits[k].argmax(-1) == target)[scored].tolist()
+    result = {"steps": steps, "batch_frames": batch, "lr": lr, "seconds": round(time.time() - started)}
+    result |= {f"test_{k}_accuracy": float(np.mean(v)) for k, v in hits.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(out)
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+# ----- stage 1: image QA on single frames, the starting point of every model's video training -----
+IMAGE_QUESTIONS = (
+    "Which digit is shown?",
+    "What colour is the square that shows it?",
+    "Is that square touching a wall?",
+)
+
+
+def colour_of(record: dict) -> str:
+    """The colour word of a record's question ("The red square ...")."""
+    return next(c for c in COLOURS if f"The {c} square" in record["conversations"][0]["value"])
+
+
+def image_conversations(
+    rendered: np.ndarray, records: list[dict]
+) -> tuple[list[list[dict]], list[np.ndarray]]:
+    """Per digit frame of a clip: the frame and a 3-turn conversation (its digit, the colour of the square
+    showing it, whether that square touches a wall)."""
+    chats, frames = [], []
+    for record in records:
+        touching = "yes" if record["category"] == "digit_touching_wall" else "no"
+        chats.append(
+            conversation(list(IMAGE_QUESTIONS), [record["answer_text"], colour_of(record), touching], "image")
+        )
+        frames.append(rendered[record["detail_frames"][0]])
+    return chats, frames
+
+
+def scratch_texts() -> list[str]:
+    """What the tokenizer is trained on: the train questions (open form), the image questions, every answer."""
+    texts = [open_question(r) for clip in read_clips("train") for r in clip]
+    return texts + list(IMAGE_QUESTIONS) + [*map(str, range(10)), *COLOURS, "yes", "no"]
+
+
+def load_frozen_vision(model: SlowFastForConditionalGeneration, vision: Path) -> None:
+    """Put the pre-trained frame encoder into `model` and freeze it (as the paper freezes SigLIP)."""
+    encoder = model.model.vision_tower
+    encoder.load_state_dict(type(encoder).from_pretrained(vision).state_dict())
+    encoder.requires_grad_(False)
+
+
+def pretrain_llm(steps: int, batch: int, lr: float, out: Path, vision: Path = VISION, seed: int = 0) -> dict:
+    """Train projector + LLM (no hybrid layer) on image QA about single digit frames of fresh train-split
+    clips, on the frozen encoder; every video model starts from this checkpoint."""
+    torch.set_num_threads(1)
+    geometry = ScratchGeometry(image_size=SIZE, slowfast={**GEOMETRY, "hybrid_layers": []})
+    model, processor = build_scratch_model(scratch_texts(), geometry, seed=seed)
+    load_frozen_vision(model, vision)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    clips_per_step = max(1, batch // QUESTIONS_PER_CLIP)
+    first_clip = 100_000  # past the train clips of the data and of pretrain-vision
+    log, started = [], time.time()
+    for step in range(steps):
+        chats, frames = [], []
+        for clip in range(first_clip + step * clips_per_step, first_clip + (step + 1) * clips_per_step):
+            clip_chats, clip_frames = image_conversations(*generate_clip(clip, 0, "train", FRAMES, SIZE, FPS))
+            chats += clip_chats
+            frames += clip_frames
+        texts = [processor.apply_chat_template(chat) for chat in chats]
+        inputs = processor(text=texts, images=frames, padding=True, return_tensors="pt")
+        loss = model(**inputs, labels=answer_labels(inputs["input_ids"], processor.tokenizer)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        log.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            print(
+                f"stage 1 step {step} loss {np.mean(log[-50:]):.3f} {time.time() - started:.0f}s", flush=True
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    result = {
+        "steps": steps,
+        "batch_images": clips_per_step * QUESTIONS_PER_CLIP,
+        "lr": lr,
+        "final_loss": float(np.mean(log[-50:])),
+    }
+    result["seconds"] = round(time.time() - started)
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def conversation(questions: list[str], answers: list[str] | None = None, visual: str = "video") -> list[dict]:
+    """Chat messages: the video (or image) with the first question, then one turn per further question."""
     messages = []
     for i, question in enumerate(questions):
-        content = [{"type": "video"}] if i == 0 else []
+        content = [{"type": visual}] if i == 0 else []
         messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
         if answers is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
     return messages
 
 
-def digit_question(record: dict) -> str:
-    """The question without its options, asking for the digit itself (an auxiliary training turn)."""
-    return question_of(record).split("\nOptions:")[0] + "\nAnswer with the digit."
-
-
-def training_batch(
-    processor, clips: list[list[dict]], videos: list[np.ndarray], rng: np.random.Generator, digit_turns: float
-):
-    """Inputs and labels for one step: per clip one conversation of its 6 questions in random order,
-    each asked with its options (answer: the letter) or, with probability `digit_turns`, without them
-    (answer: the digit); the loss is on the answers and their `<|im_end|>` (labels -100 elsewhere)."""
+def training_batch(processor, clips: list[list[dict]], videos: list[np.ndarray], rng: np.random.Generator):
+    """Inputs and labels for one step: per clip one conversation of its 6 open-ended questions in random
+    order; the loss is on each answer digit and its `<|im_end|>`."""
     texts = []
     for clip in clips:
-        questions, answers = [], []
-        for i in rng.permutation(len(clip)):
-            as_digit = rng.random() < digit_turns
-            questions.append(digit_question(clip[i]) if as_digit else question_of(clip[i]))
-            answers.append(clip[i]["answer_text"] if as_digit else clip[i]["answer"])
-        texts.append(processor.apply_chat_template(conversation(questions, answers)))
+        order = rng.permutation(len(clip))
+        questions = [open_question(clip[i]) for i in order]
+        texts.append(
+            processor.apply_chat_template(conversation(questions, [clip[i]["answer_text"] for i in order]))
+        )
     inputs = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
-    ids = inputs["input_ids"]
-    answer_start = processor.tokenizer.encode("<|im_start|>assistant\n")
+    return inputs, answer_labels(inputs["input_ids"], processor.tokenizer)
+
+
+def answer_labels(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Labels of a padded batch of conversations: every assistant answer and its `<|im_end|>`, -100 elsewhere."""
+    answer_start = tokenizer.encode("<|im_start|>assistant\n")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     labels = torch.full_like(ids, -100)
     for b, row in enumerate(ids.tolist()):
         for start in range(len(row) - len(answer_start)):
             if row[start : start + len(answer_start)] == answer_start:
                 first = start + len(answer_start)
-                labels[b, first : first + 2] = ids[b, first : first + 2]  # the letter and <|im_end|>
-    return inputs, labels
+                last = row.index(end, first)
+                labels[b, first : last + 1] = ids[b, first : last + 1]
+    return labels
 
 
 def select_frames(frames: np.ndarray, defaults: dict) -> np.ndarray:
@@ -139,20 +328,22 @@ def select_frames(frames: np.ndarray, defaults: dict) -> np.ndarray:
 def test_accuracy(model, processor, defaults: dict) -> dict:
     """Accuracy on the test split, decoding each clip with the model's sampling (as `ask` does)."""
     model.eval()
-    letter_ids = [processor.tokenizer.convert_tokens_to_ids(letter) for letter in LETTERS]
+    digit_ids = [processor.tokenizer.convert_tokens_to_ids(str(digit)) for digit in range(10)]
     correct = {"digit_touching_wall": [], "digit_away_from_wall": []}
     for clip in read_clips("test"):
         frames, _ = load_video(DATA / clip[0]["video"], defaults["num_frames"], **_sampling(defaults))
         prompts = [
-            processor.apply_chat_template(conversation([question_of(r)]), add_generation_prompt=True)
+            processor.apply_chat_template(conversation([open_question(r)]), add_generation_prompt=True)
             for r in clip
         ]
         inputs = processor(text=prompts, videos=[frames] * len(clip), padding=True, return_tensors="pt")
         logits = model(**inputs).logits
         last = inputs["attention_mask"].sum(1) - 1  # right padding: the last prompt position
-        letter_logits = logits[torch.arange(len(clip)), last][:, letter_ids]
-        for record, guess in zip(clip, letter_logits.argmax(-1).tolist()):
-            correct[record["category"]].append(LETTERS[guess] == record["answer"])
+        digit_logits = logits[torch.arange(len(clip)), last][:, digit_ids]  # (6, 10)
+        for record, scores in zip(clip, digit_logits):
+            options = [int(option) for option in record["options"]]
+            guess = options[int(scores[options].argmax())]  # multiple choice: the best of the 4 options
+            correct[record["category"]].append(str(guess) == record["answer_text"])
     every = correct["digit_touching_wall"] + correct["digit_away_from_wall"]
     model.train()
     return {"accuracy": float(np.mean(every)), "questions": len(every)} | {
@@ -167,7 +358,7 @@ def _sampling(defaults: dict) -> dict:
 def prefill_flops(model, processor, name: str) -> dict:
     """LLM prefill FLOPs (compute.estimate) of this model on one single-question test prompt."""
     record = read_clips("test")[0][0]
-    prompt = processor.apply_chat_template(conversation([question_of(record)]), add_generation_prompt=True)
+    prompt = processor.apply_chat_template(conversation([open_question(record)]), add_generation_prompt=True)
     prompt_tokens = len(processor.tokenizer(prompt.replace(processor.video_token, ""))["input_ids"])
     frames = MODELS[name][1]["num_frames"]
     design = "self-attention" if name in "ad" else "slowfast"
@@ -181,40 +372,41 @@ def train(
     steps: int,
     batch: int,
     lr: float,
-    digit_turns: float,
     out: Path,
-    init_from: Path | None = None,
-    data_seed: int = 0,
+    stage1: Path,
 ) -> dict:
-    """Train model `name` (from scratch, or on from the run saved in `init_from`), test it, save it in `out`."""
+    """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
+    (clip order from `seed`); test it, save it in `out`."""
     torch.set_num_threads(1)
     knobs, defaults = MODELS[name]
     clips = read_clips("train")
     all_frames = np.load(DATA / "train_frames.npy", mmap_mode="r")
-    texts = [question_of(r) for clip in clips for r in clip] + [digit_question(clips[0][0]), *LETTERS]
-    geometry = ScratchGeometry(image_size=SIZE, slowfast={**GEOMETRY, **knobs})
-    if init_from is None:
-        model, processor = build_scratch_model(texts, geometry, video_defaults=defaults, seed=seed)
-    else:
-        model = SlowFastForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
-        processor = SlowFastProcessor.from_pretrained(init_from)
+    model = SlowFastForConditionalGeneration.from_pretrained(stage1, dtype=torch.float32)
+    for knob, value in knobs.items():
+        setattr(model.config, knob, value)
+    add_hybrid_layers(model.model.language_model, model.config)  # (c): cross K/V from the layer's k/v_proj
+    tokenizer = SlowFastProcessor.from_pretrained(stage1).tokenizer
+    processor = SlowFastProcessor.from_model_config(model.config, tokenizer, video_defaults=defaults)
+    processor.prepare_model(model)
+    model.model.vision_tower.requires_grad_(False)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
-    data_rng = np.random.default_rng(data_seed)  # the same clips and orders for every model and seed
+    data_rng = np.random.default_rng(seed)  # the same clips and orders for every model of a seed
     log = []
     started = time.time()
     for step in range(steps):
         picked = data_rng.choice(len(clips), batch, replace=False)
         videos = [select_frames(np.asarray(all_frames[i]), defaults) for i in picked]
-        inputs, labels = training_batch(processor, [clips[i] for i in picked], videos, data_rng, digit_turns)
+        inputs, labels = training_batch(processor, [clips[i] for i in picked], videos, data_rng)
         loss = model(**inputs, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
@@ -234,12 +426,11 @@ def train(
         "steps": steps,
         "batch_clips": batch,
         "lr": lr,
-        "init_from": str(init_from) if init_from else None,
-        "data_seed": data_seed,
-        "digit_turns": digit_turns,
+        "stage1": str(stage1),
         "train_seconds": round(time.time() - started),
         "final_loss": float(np.mean(log[-10:])),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainable),
         **prefill_flops(model, processor, name),
         **test_accuracy(model, processor, defaults),
     }
@@ -289,11 +480,11 @@ def ship(run_dir: Path) -> None:
         frames, _ = load_video(DATA / clip[0]["video"], defaults["num_frames"], **_sampling(defaults))
         for record in clip:
             with torch.inference_mode():
-                text, _, _ = answer(model, processor, frames, question_of(record), max_new_tokens=4)
-            if text == record["answer"]:
+                text, _, _ = answer(model, processor, frames, open_question(record), max_new_tokens=4)
+            if text == record["answer_text"]:
                 shutil.copyfile(DATA / record["video"], DEMO_CLIP)
                 DEMO_CLIP.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-                print(f"shipped {run_dir} with {record['id']}: {question_of(record)!r} -> {text}")
+                print(f"shipped {run_dir} with {record['id']}: {open_question(record)!r} -> {text}")
                 return
     raise RuntimeError(f"{run_dir} answers no test question correctly")
 
@@ -302,6 +493,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="write and decode the data")
+    vision = commands.add_parser("pretrain-vision", help="pre-train the frame encoder shared by every model")
+    vision.add_argument("--steps", type=int, default=1500)
+    vision.add_argument("--batch", type=int, default=128, help="frames per step")
+    vision.add_argument("--lr", type=float, default=2e-3)
+    vision.add_argument("--out", type=Path, default=VISION)
+    stage1 = commands.add_parser(
+        "pretrain-llm", help="stage 1: image QA on single frames, shared by every model"
+    )
+    stage1.add_argument("--steps", type=int, default=1500)
+    stage1.add_argument("--batch", type=int, default=30, help="images per step (6 per rendered clip)")
+    stage1.add_argument("--lr", type=float, default=2e-3)
+    stage1.add_argument("--vision", type=Path, default=VISION)
+    stage1.add_argument("--seed", type=int, default=0)
+    stage1.add_argument("--out", type=Path, help=f"default: {STAGE1}-s<seed>")
     summarize_parser = commands.add_parser("summarize", help="print the results table of the finished runs")
     summarize_parser.add_argument("runs_dir", type=Path, nargs="?", default=RUNS)
     ship_parser = commands.add_parser("ship", help="make a trained run the package's demo model")
@@ -312,15 +517,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, default=500)
     run.add_argument("--batch", type=int, default=8, help="clips per step (6 questions each)")
     run.add_argument("--lr", type=float, default=2e-3)
-    run.add_argument("--init-from", type=Path, help="continue from a finished run's directory")
-    run.add_argument("--data-seed", type=int, default=0, help="seed of the clip and question order")
-    run.add_argument(
-        "--digit-turns", type=float, default=0.5, help="fraction of training turns that ask for the digit"
-    )
+    run.add_argument("--stage1", type=Path, help=f"the stage-1 checkpoint (default: {STAGE1}-s<seed>)")
     run.add_argument("--out", type=Path, help=f"default: {RUNS}/<model>-s<seed>")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare()
+    elif args.command == "pretrain-vision":
+        pretrain_vision(args.steps, args.batch, args.lr, args.out)
+    elif args.command == "pretrain-llm":
+        pretrain_llm(
+            args.steps,
+            args.batch,
+            args.lr,
+            args.out or Path(f"{STAGE1}-s{args.seed}"),
+            args.vision,
+            args.seed,
+        )
     elif args.command == "summarize":
         print(summarize(args.runs_dir))
     elif args.command == "ship":
@@ -328,9 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = args.out or RUNS / f"{args.model}-s{args.seed}"
         train(
-            args.model, args.seed, args.steps, args.batch, args.lr, args.digit_turns, out,
-            args.init_from, args.data_seed,
-        )  # fmt: skip
+            args.model,
+            args.seed,
+            args.steps,
+            args.batch,
+            args.lr,
+            out,
+            args.stage1 or Path(f"{STAGE1}-s{args.seed}"),
+        )
     return 0
 
 

@@ -204,6 +204,13 @@ def generate_clip(
     return video, records
 
 
+def open_question(record: dict) -> str:
+    """The open-ended form of a record's question: no option list, answered with the digit itself
+    (`answer_text`); scored as multiple choice by comparing the four options' digits."""
+    question = record["conversations"][0]["value"].removeprefix("<video>\n").split("\nOptions:")[0]
+    return f"{question}\nAnswer with the digit."
+
+
 def generate_sample(
     index: int, seed: int = 0, split: str = "train", frames: int = 64, size: int = 64, fps: float = 8.0
 ) -> tuple[np.ndarray, dict]:

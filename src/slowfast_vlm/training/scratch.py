@@ -37,6 +37,18 @@ class ScratchGeometry:
     slowfast: dict[str, Any] = field(default_factory=dict)
 
 
+def scratch_vision_config(geometry: ScratchGeometry) -> SiglipVisionConfig:
+    """The SigLIP-style encoder config of a from-scratch model (also what a vision pre-training stage builds)."""
+    return SiglipVisionConfig(
+        hidden_size=geometry.vision_hidden,
+        intermediate_size=4 * geometry.vision_hidden,
+        num_hidden_layers=geometry.vision_layers,
+        num_attention_heads=geometry.vision_heads,
+        image_size=geometry.image_size,
+        patch_size=geometry.patch_size,
+    )
+
+
 def build_scratch_model(
     texts: list[str], geometry: ScratchGeometry, video_defaults: dict | None = None, seed: int = 0
 ) -> tuple[SlowFastForConditionalGeneration, SlowFastProcessor]:
@@ -46,14 +58,7 @@ def build_scratch_model(
     with the processor (what `slowfast-vlm ask` samples by default).
     """
     tokenizer = _with_chatml(train_tokenizer(["You are a helpful assistant.", *texts]))
-    vision_config = SiglipVisionConfig(
-        hidden_size=geometry.vision_hidden,
-        intermediate_size=4 * geometry.vision_hidden,
-        num_hidden_layers=geometry.vision_layers,
-        num_attention_heads=geometry.vision_heads,
-        image_size=geometry.image_size,
-        patch_size=geometry.patch_size,
-    )
+    vision_config = scratch_vision_config(geometry)
     text_config = Qwen2Config(
         vocab_size=len(tokenizer) + 2,  # + the <video> / <image> placeholders the processor adds
         hidden_size=geometry.llm_hidden,
