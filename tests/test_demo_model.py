@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from slowfast_vlm.cli import main
 from slowfast_vlm.default_model import DEMO_CLIP, DEMO_MODEL_DIR, default_model_path
@@ -35,3 +36,18 @@ def test_ask_without_model_answers_the_demo_clip(capsys):
     record = json.loads(DEMO_RECORD.read_text())
     assert main(["ask", str(DEMO_CLIP), open_question(record), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() == record["answer_text"]
+
+
+def test_demo_model_reads_the_asked_about_frame():
+    # Where the asked-about digit is drawn comes from the generator; the map from the model's cross-attention.
+    from slowfast_vlm.ask import answer, load_model_and_processor
+    from slowfast_vlm.attention_maps import compute_attention_map
+
+    record = json.loads(DEMO_RECORD.read_text())
+    model, processor = load_model_and_processor(str(DEMO_MODEL_DIR), torch.device("cpu"), torch.float32)
+    frames, _ = load_video(DEMO_CLIP, **processor.sampling_defaults())
+    with torch.inference_mode():
+        text, ids, video = answer(model, processor, frames, open_question(record), max_new_tokens=4)
+        per_frame = compute_attention_map(model, ids, video).per_layer.mean(0).sum((1, 2))
+    assert text == record["answer_text"]
+    assert int(per_frame.argmax()) == record["detail_frames"][0]

@@ -23,23 +23,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from slowfast_vlm.attention_maps import video_attention_map
 from slowfast_vlm.compute import estimate
 from slowfast_vlm.modeling.hybrid import add_hybrid_layers
 from slowfast_vlm.modeling.model import SlowFastForConditionalGeneration
 from slowfast_vlm.modeling.vision import build_vision_tower, encoder_grids
 from slowfast_vlm.processing.processor import SlowFastProcessor, image_processor_for
-from slowfast_vlm.processing.video import load_video, uniform_sample_indices
-from slowfast_vlm.synth import COLOURS, QUESTIONS_PER_CLIP, generate_clip, open_question
+from slowfast_vlm.processing.video import load_video, uniform_sample_indices, write_video
+from slowfast_vlm.synth import COLOURS, CRF, QUESTIONS_PER_CLIP, generate_clip, open_question
 from slowfast_vlm.training.scratch import ScratchGeometry, build_scratch_model, scratch_vision_config
 
 HERE = Path(__file__).parent
@@ -47,8 +51,14 @@ DATA = Path("outputs/synth/data")
 RUNS = Path("outputs/synth/runs")
 VISION = Path("outputs/synth/vision")
 STAGE1 = Path("outputs/synth/stage1")
+# Stage 1 trains each architecture on images: (a), (b), (d) share the plain LLM; (c) has its hybrid layer
+# from the start, so its cross-attention learns to read an image's slow tokens (16 of them, one with the
+# digit) before it must find 6 digit tokens among 64 frames' 1024. No gate: the published gate (w = 0)
+# keeps a closed branch closed when nothing has trained it yet.
+STAGE1_KNOBS = {"plain": {"hybrid_layers": []}, "slow": {"hybrid_layers": [2], "gate_type": "none"}}
 SIZE, FRAMES, FPS = 32, 64, 8
 SPLITS = {"train": 6000, "test": 300}  # questions (6 per clip)
+POOL_CLIPS = 4000  # further train-split clips whose frames the pre-training stages see
 
 # Per model: SlowFastConfig knobs and how frames are sampled (also saved as the processor's video_defaults).
 MODELS = {
@@ -57,9 +67,12 @@ MODELS = {
         {"num_frames": 16, "sampling": "uniform"},
     ),
     "b": ({"hybrid_layers": []}, {"num_frames": 64, "fps": FPS, "sampling": "fps"}),
-    # From scratch, the published gate (tanh(w), w = 0 at the start) never opens: nothing useful comes
-    # through the closed branch, so nothing teaches it to open (tanh(w) = 0.004 after 300 steps).
-    "c": ({"hybrid_layers": [2], "gate_type": "none"}, {"num_frames": 64, "fps": FPS, "sampling": "fps"}),
+    # the published gate: tanh(w) * tanh(gate_proj(x)), w = 0, so (c) starts as exactly the stage-1 LLM
+    "c": ({"hybrid_layers": [2]}, {"num_frames": 64, "fps": FPS, "sampling": "fps"}),
+    "c-nogate": (
+        {"hybrid_layers": [2], "gate_type": "none"},
+        {"num_frames": 64, "fps": FPS, "sampling": "fps"},
+    ),
     "d": (
         {"hybrid_layers": [], "fast_temporal_pooling_stride": 1},
         {"num_frames": 64, "fps": FPS, "sampling": "fps"},
@@ -76,8 +89,9 @@ def read_clips(split: str) -> list[list[dict]]:
     return [records[i : i + 6] for i in range(0, len(records), 6)]
 
 
-def prepare() -> None:
-    """Write the train and test splits and decode every train clip once into `train_frames.npy`."""
+def prepare(pool_clips: int = POOL_CLIPS) -> None:
+    """Write the train and test splits, decode every train clip once into `train_frames.npy`, and write
+    the frame pool of the pre-training stages (`write_frame_pool`)."""
     for split, num in SPLITS.items():
         if not (DATA / f"{split}.jsonl").exists():
             subprocess.run(
@@ -85,8 +99,11 @@ def prepare() -> None:
                  "--seed", "0", "--size", str(SIZE), "--frames", str(FRAMES), "--fps", str(FPS)],
                 check=True,
             )  # fmt: skip
-    frames = [load_video(DATA / clip[0]["video"], FRAMES, fps=FPS)[0] for clip in read_clips("train")]
-    np.save(DATA / "train_frames.npy", np.stack(frames))  # (clips, 64, 32, 32, 3) uint8
+    if not (DATA / "train_frames.npy").exists():
+        frames = [load_video(DATA / clip[0]["video"], FRAMES, fps=FPS)[0] for clip in read_clips("train")]
+        np.save(DATA / "train_frames.npy", np.stack(frames))  # (clips, 64, 32, 32, 3) uint8
+    if not (DATA / "frame_pool.npz").exists():
+        write_frame_pool(pool_clips)
 
 
 # ----- stage 0: the frame encoder, pre-trained once on single frames and frozen for every model -----
@@ -124,12 +141,52 @@ def scene_labels(rendered: np.ndarray, records: list[dict]) -> dict[str, np.ndar
     return {"digit": digit, "colour": colour, "touching": touching}
 
 
+def pool_clip(clip: int) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict]]:
+    """Train-split clip `clip` (past those of `train.jsonl`) through the benchmark's own mp4 round trip:
+    its 6 digit frames then 6 other frames `(12, S, S, 3)` as decoded, their `scene_labels`, its records."""
+    rendered, records = generate_clip(clip, 0, "train", FRAMES, SIZE, FPS)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_video(Path(tmp) / "clip.mp4", rendered, FPS, crf=CRF)
+        decoded, _ = load_video(Path(tmp) / "clip.mp4", FRAMES, fps=FPS)
+    shown = [r["detail_frames"][0] for r in records]
+    others = np.setdiff1d(np.arange(FRAMES), shown)
+    picked = shown + np.random.default_rng(clip).choice(others, QUESTIONS_PER_CLIP, replace=False).tolist()
+    labels = scene_labels(rendered, records)
+    return decoded[picked], {k: v[picked] for k, v in labels.items()}, records
+
+
+def write_frame_pool(num_clips: int) -> None:
+    """`frame_pool.npz` + `frame_pool.jsonl`: `pool_clip` of clips 1000.. (decoded, as the test frames
+    are: h264 4:2:0 blurs colour edges, so encoders must not learn on the rendered pixels)."""
+    first = len(read_clips("train"))
+    with multiprocessing.Pool(2) as workers:
+        clips = list(
+            tqdm(
+                workers.imap(pool_clip, range(first, first + num_clips), chunksize=16),
+                total=num_clips,
+                desc="frame pool",
+            )
+        )
+    arrays = {"frames": np.stack([frames for frames, _, _ in clips])}  # (clips, 12, S, S, 3)
+    arrays |= {k: np.stack([labels[k] for _, labels, _ in clips]) for k in HEADS}  # (clips, 12, g, g)
+    np.savez(DATA / "frame_pool.npz", **arrays)
+    (DATA / "frame_pool.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for _, _, records in clips for r in records)
+    )
+
+
+def read_frame_pool() -> tuple[dict[str, np.ndarray], list[list[dict]]]:
+    """The frame pool's arrays and its records grouped by clip (record i describes digit frame i)."""
+    records = [json.loads(line) for line in (DATA / "frame_pool.jsonl").read_text().splitlines()]
+    pool = dict(np.load(DATA / "frame_pool.npz"))
+    return pool, [records[i : i + QUESTIONS_PER_CLIP] for i in range(0, len(records), QUESTIONS_PER_CLIP)]
+
+
 def pretrain_vision(steps: int, batch: int, lr: float, out: Path = VISION, seed: int = 0) -> dict:
     """Train the frame encoder on per-patch digit / colour / wall-contact labels of single frames.
 
-    Every step renders fresh train-split clips past the ones in `train.jsonl` (the generator is cheap and
-    deterministic); half of each batch are frames that show a digit (6 of every 64). Saves the encoder
-    (without its heads) for `train --vision`; reports per-head accuracy on the test clips' decoded frames.
+    Frames come from the frame pool (`prepare`); half of each batch show a digit. Saves the encoder
+    (without its heads) for `pretrain-llm`; reports per-head accuracy on the test clips' decoded frames.
     """
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -141,8 +198,11 @@ def pretrain_vision(steps: int, batch: int, lr: float, out: Path = VISION, seed:
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     rng = np.random.default_rng(seed)
-    first_clip = len(read_clips("train"))
-    clips_per_step = batch // 2 // 6
+    pool, _ = read_frame_pool()
+    clips, per_clip = pool["frames"].shape[:2]
+    shows_digit = np.tile(np.arange(per_clip) < QUESTIONS_PER_CLIP, clips)  # each clip's first 6 frames
+    with_digit, without = np.flatnonzero(shows_digit), np.flatnonzero(~shows_digit)
+    pool = {k: v.reshape(-1, *v.shape[2:]) for k, v in pool.items()}  # (clips * 12, ...)
 
     def predict(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = heads(encoder_grids(encoder, pixels, -1))  # (N, g, g, sum of classes)
@@ -150,17 +210,12 @@ def pretrain_vision(steps: int, batch: int, lr: float, out: Path = VISION, seed:
 
     started = time.time()
     for step in range(steps):
-        frames, labels = [], {k: [] for k in HEADS}
-        for clip in range(first_clip + step * clips_per_step, first_clip + (step + 1) * clips_per_step):
-            rendered, records = generate_clip(clip, 0, "train", FRAMES, SIZE, FPS)
-            clip_labels = scene_labels(rendered, records)
-            shown = [t for r in records for t in r["detail_frames"]]
-            picked = shown + rng.choice(FRAMES, batch // (2 * clips_per_step), replace=False).tolist()
-            frames += list(rendered[picked])
-            for k in HEADS:
-                labels[k].append(torch.from_numpy(clip_labels[k][picked]))
-        logits = predict(image_processor(frames, return_tensors="pt")["pixel_values"])
-        loss = sum(F.cross_entropy(logits[k].flatten(0, 2), torch.cat(labels[k]).flatten()) for k in HEADS)
+        picked = np.concatenate([rng.choice(with_digit, batch // 2), rng.choice(without, batch - batch // 2)])
+        logits = predict(image_processor(list(pool["frames"][picked]), return_tensors="pt")["pixel_values"])
+        loss = sum(
+            F.cross_entropy(logits[k].flatten(0, 2), torch.from_numpy(pool[k][picked]).flatten())
+            for k in HEADS
+        )
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -190,11 +245,7 @@ def pretrain_vision(steps: int, batch: int, lr: float, out: Path = VISION, seed:
 
 
 # ----- stage 1: image QA on single frames, the starting point of every model's video training -----
-IMAGE_QUESTIONS = (
-    "Which digit is shown?",
-    "What colour is the square that shows it?",
-    "Is that square touching a wall?",
-)
+IMAGE_QUESTIONS = ("What colour is the square that shows it?", "Is that square touching a wall?")
 
 
 def colour_of(record: dict) -> str:
@@ -202,19 +253,13 @@ def colour_of(record: dict) -> str:
     return next(c for c in COLOURS if f"The {c} square" in record["conversations"][0]["value"])
 
 
-def image_conversations(
-    rendered: np.ndarray, records: list[dict]
-) -> tuple[list[list[dict]], list[np.ndarray]]:
-    """Per digit frame of a clip: the frame and a 3-turn conversation (its digit, the colour of the square
-    showing it, whether that square touches a wall)."""
-    chats, frames = [], []
-    for record in records:
-        touching = "yes" if record["category"] == "digit_touching_wall" else "no"
-        chats.append(
-            conversation(list(IMAGE_QUESTIONS), [record["answer_text"], colour_of(record), touching], "image")
-        )
-        frames.append(rendered[record["detail_frames"][0]])
-    return chats, frames
+def image_conversation(record: dict) -> list[dict]:
+    """The 3-turn conversation about the frame that shows a record's digit: the record's own open-form
+    question (its digit; the video questions' wording, so that stage 2 starts from a model that already
+    looks for the digit when asked it), the colour of the square showing it, whether it touches a wall."""
+    touching = "yes" if record["category"] == "digit_touching_wall" else "no"
+    questions = [open_question(record), *IMAGE_QUESTIONS]
+    return conversation(questions, [record["answer_text"], colour_of(record), touching], "image")
 
 
 def scratch_texts() -> list[str]:
@@ -230,26 +275,37 @@ def load_frozen_vision(model: SlowFastForConditionalGeneration, vision: Path) ->
     encoder.requires_grad_(False)
 
 
-def pretrain_llm(steps: int, batch: int, lr: float, out: Path, vision: Path = VISION, seed: int = 0) -> dict:
-    """Train projector + LLM (no hybrid layer) on image QA about single digit frames of fresh train-split
-    clips, on the frozen encoder; every video model starts from this checkpoint."""
+def stage1_kind(model: str) -> str:
+    return "slow" if model == "c" else "plain"
+
+
+def stage1_dir(kind: str, seed: int) -> Path:
+    return Path(f"{STAGE1}-{kind}-s{seed}")
+
+
+def pretrain_llm(
+    steps: int, batch: int, lr: float, out: Path, kind: str = "plain", vision: Path = VISION, seed: int = 0
+) -> dict:
+    """Train projector + LLM (no hybrid layer) on image QA about the frame pool's digit frames, on the
+    frozen encoder; every video model of this seed starts from this checkpoint."""
     torch.set_num_threads(1)
-    geometry = ScratchGeometry(image_size=SIZE, slowfast={**GEOMETRY, "hybrid_layers": []})
+    geometry = ScratchGeometry(image_size=SIZE, slowfast={**GEOMETRY, **STAGE1_KNOBS[kind]})
     model, processor = build_scratch_model(scratch_texts(), geometry, seed=seed)
     load_frozen_vision(model, vision)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
-    clips_per_step = max(1, batch // QUESTIONS_PER_CLIP)
-    first_clip = 100_000  # past the train clips of the data and of pretrain-vision
+    pool, pool_records = read_frame_pool()
+    rng = np.random.default_rng(seed)
     log, started = [], time.time()
     for step in range(steps):
-        chats, frames = [], []
-        for clip in range(first_clip + step * clips_per_step, first_clip + (step + 1) * clips_per_step):
-            clip_chats, clip_frames = image_conversations(*generate_clip(clip, 0, "train", FRAMES, SIZE, FPS))
-            chats += clip_chats
-            frames += clip_frames
+        picked = [
+            divmod(int(i), QUESTIONS_PER_CLIP)
+            for i in rng.choice(len(pool_records) * QUESTIONS_PER_CLIP, batch)
+        ]
+        chats = [image_conversation(pool_records[clip][i]) for clip, i in picked]
+        frames = [pool["frames"][clip, i] for clip, i in picked]
         texts = [processor.apply_chat_template(chat) for chat in chats]
         inputs = processor(text=texts, images=frames, padding=True, return_tensors="pt")
         loss = model(**inputs, labels=answer_labels(inputs["input_ids"], processor.tokenizer)).loss
@@ -267,8 +323,9 @@ def pretrain_llm(steps: int, batch: int, lr: float, out: Path, vision: Path = VI
     model.save_pretrained(out)
     processor.save_pretrained(out)
     result = {
+        "kind": kind,
         "steps": steps,
-        "batch_images": clips_per_step * QUESTIONS_PER_CLIP,
+        "batch_images": batch,
         "lr": lr,
         "final_loss": float(np.mean(log[-50:])),
     }
@@ -326,10 +383,16 @@ def select_frames(frames: np.ndarray, defaults: dict) -> np.ndarray:
 
 @torch.no_grad()
 def test_accuracy(model, processor, defaults: dict) -> dict:
-    """Accuracy on the test split, decoding each clip with the model's sampling (as `ask` does)."""
+    """Accuracy on the test split, decoding each clip with the model's sampling (as `ask` does).
+
+    For a slow-fast model also: how often the frame its cross-attention reads most (`video_attention_map`,
+    averaged over layers, heads and query tokens) is the frame of the asked-about digit.
+    """
     model.eval()
     digit_ids = [processor.tokenizer.convert_tokens_to_ids(str(digit)) for digit in range(10)]
     correct = {"digit_touching_wall": [], "digit_away_from_wall": []}
+    has_slow = bool(model.config.hybrid_layer_indices)
+    peaks = []
     for clip in read_clips("test"):
         frames, _ = load_video(DATA / clip[0]["video"], defaults["num_frames"], **_sampling(defaults))
         prompts = [
@@ -337,8 +400,14 @@ def test_accuracy(model, processor, defaults: dict) -> dict:
             for r in clip
         ]
         inputs = processor(text=prompts, videos=[frames] * len(clip), padding=True, return_tensors="pt")
-        logits = model(**inputs).logits
+        outputs = model(**inputs, record_slow_attention=has_slow)
+        logits = outputs.logits
         last = inputs["attention_mask"].sum(1) - 1  # right padding: the last prompt position
+        if has_slow:
+            grid = (len(frames), *model.model.visual_grid(len(frames)))
+            for b, record in enumerate(clip):
+                per_frame = video_attention_map(outputs.slow_cache, b, grid).per_layer.mean(0).sum((1, 2))
+                peaks.append(int(per_frame.argmax()) == record["detail_frames"][0])
         digit_logits = logits[torch.arange(len(clip)), last][:, digit_ids]  # (6, 10)
         for record, scores in zip(clip, digit_logits):
             options = [int(option) for option in record["options"]]
@@ -346,9 +415,40 @@ def test_accuracy(model, processor, defaults: dict) -> dict:
             correct[record["category"]].append(str(guess) == record["answer_text"])
     every = correct["digit_touching_wall"] + correct["digit_away_from_wall"]
     model.train()
-    return {"accuracy": float(np.mean(every)), "questions": len(every)} | {
-        category: float(np.mean(hits)) for category, hits in correct.items()
-    }
+    result = {"accuracy": float(np.mean(every)), "questions": len(every)}
+    result |= {category: float(np.mean(hits)) for category, hits in correct.items()}
+    return result | ({"attention_peak_on_detail_frame": float(np.mean(peaks))} if has_slow else {})
+
+
+@torch.no_grad()
+def probe(checkpoint: Path, clips: int = 8) -> dict:
+    """Where a checkpoint's digit reading breaks: multiple-choice accuracy on the open-form questions of
+    the first `clips` test clips, given (1) the digit's frame as an image, (2) that frame repeated 64
+    times as a video, (3) the real 64-frame clip."""
+    model = SlowFastForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = SlowFastProcessor.from_pretrained(checkpoint).tokenizer
+    processor = SlowFastProcessor.from_model_config(model.config, tokenizer)
+    digit_ids = [tokenizer.convert_tokens_to_ids(str(digit)) for digit in range(10)]
+    hits = {"image": [], "frame_repeated": [], "clip": []}
+    for clip in read_clips("test")[:clips]:
+        decoded, _ = load_video(DATA / clip[0]["video"], FRAMES, fps=FPS)
+        for record in clip:
+            frame = decoded[record["detail_frames"][0]]
+            options = [int(option) for option in record["options"]]
+            for key, visual, given in (
+                ("image", "image", {"images": [frame]}),
+                ("frame_repeated", "video", {"videos": [np.stack([frame] * FRAMES)]}),
+                ("clip", "video", {"videos": [decoded]}),
+            ):
+                chat = conversation([open_question(record)], visual=visual)
+                text = processor.apply_chat_template(chat, add_generation_prompt=True)
+                scores = model(**processor(text=[text], return_tensors="pt", **given)).logits[
+                    0, -1, digit_ids
+                ]
+                hits[key].append(options[int(scores[options].argmax())] == int(record["answer_text"]))
+    result = {key: float(np.mean(value)) for key, value in hits.items()} | {"questions": len(hits["clip"])}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def _sampling(defaults: dict) -> dict:
@@ -361,7 +461,7 @@ def prefill_flops(model, processor, name: str) -> dict:
     prompt = processor.apply_chat_template(conversation([open_question(record)]), add_generation_prompt=True)
     prompt_tokens = len(processor.tokenizer(prompt.replace(processor.video_token, ""))["input_ids"])
     frames = MODELS[name][1]["num_frames"]
-    design = "self-attention" if name in "ad" else "slowfast"
+    design = "self-attention" if name in ("a", "d") else "slowfast"  # (b): the fast tokens, no slow branch
     result = estimate(model.config, frames, prompt_tokens, design)
     return {"llm_prefill_flops": result.llm_prefill_flops, "sequence_length": result.sequence_length}
 
@@ -374,9 +474,11 @@ def train(
     lr: float,
     out: Path,
     stage1: Path,
+    data_seed: int | None = None,
 ) -> dict:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
-    (clip order from `seed`); test it, save it in `out`."""
+    (clip order from `data_seed`, default `seed`); test it, save it in `out`. Given a finished
+    stage-2 run as `stage1`, this continues it."""
     torch.set_num_threads(1)
     knobs, defaults = MODELS[name]
     clips = read_clips("train")
@@ -397,7 +499,8 @@ def train(
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
-    data_rng = np.random.default_rng(seed)  # the same clips and orders for every model of a seed
+    data_seed = seed if data_seed is None else data_seed
+    data_rng = np.random.default_rng(data_seed)  # the same clips and orders for every model of a seed
     log = []
     started = time.time()
     for step in range(steps):
@@ -427,6 +530,7 @@ def train(
         "batch_clips": batch,
         "lr": lr,
         "stage1": str(stage1),
+        "data_seed": data_seed,
         "train_seconds": round(time.time() - started),
         "final_loss": float(np.mean(log[-10:])),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -439,17 +543,27 @@ def train(
     return result
 
 
+def stage2_steps(result: dict) -> int:
+    """Stage-2 steps behind a run, counting the runs it continued (`--stage1 RUN_DIR`)."""
+    started_from = Path(result["stage1"]) / "result.json"
+    prior = json.loads(started_from.read_text()) if started_from.exists() else {}
+    return result["steps"] + (stage2_steps(prior) if "model" in prior else 0)
+
+
 def summarize(runs_dir: Path = RUNS) -> str:
     """A Markdown table of every finished run under `runs_dir`: accuracy mean and spread over seeds, FLOPs."""
     results: dict[str, list[dict]] = {}
     for path in sorted(runs_dir.glob("*/result.json")):
         result = json.loads(path.read_text())
-        results.setdefault(result["model"], []).append(result)
+        results.setdefault(f"{result['model']}) {stage2_steps(result)} steps", []).append(result)
     rows = [
-        "| model | seeds | test accuracy | touching / not touching | LLM prefill FLOPs | vs (a) |",
-        "|---|---|---|---|---|---|",
+        "| model | seeds | test accuracy | touching / not touching | attention peak on the digit's frame "
+        "| LLM prefill FLOPs | vs (a) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    base = results["a"][0]["llm_prefill_flops"] if "a" in results else None
+    base = next(
+        (runs[0]["llm_prefill_flops"] for name, runs in results.items() if name.startswith("a)")), None
+    )
     for name, runs in sorted(results.items()):
         acc = [100 * r["accuracy"] for r in runs]
         touch = np.mean([100 * r["digit_touching_wall"] for r in runs])
@@ -457,17 +571,24 @@ def summarize(runs_dir: Path = RUNS) -> str:
         spread = f" ± {(max(acc) - min(acc)) / 2:.1f}" if len(acc) > 1 else ""
         flops = runs[0]["llm_prefill_flops"]
         ratio = f"{flops / base:.3f}x" if base else ""
+        peak = [
+            100 * r["attention_peak_on_detail_frame"] for r in runs if "attention_peak_on_detail_frame" in r
+        ]
+        peak_cell = f"{np.mean(peak):.1f}%" if peak else "-"
         rows.append(
-            f"| ({name}) | {', '.join(str(r['seed']) for r in runs)} | {np.mean(acc):.1f}%{spread} "
-            f"({', '.join(f'{a:.1f}' for a in acc)}) | {touch:.1f}% / {away:.1f}% | {flops / 1e6:.0f} M | {ratio} |"
+            f"| ({name} | {', '.join(str(r['seed']) for r in runs)} | {np.mean(acc):.1f}%{spread} "
+            f"({', '.join(f'{a:.1f}' for a in acc)}) | {touch:.1f}% / {away:.1f}% | {peak_cell} "
+            f"| {flops / 1e6:.0f} M | {ratio} |"
         )
     return "\n".join(rows)
 
 
 def ship(run_dir: Path) -> None:
     """Save a trained model in bfloat16 as the package's demo model, with the first test question it
-    answers correctly through `slowfast-vlm ask`'s own code path (`answer`, greedy)."""
+    answers correctly through `slowfast-vlm ask`'s own code path (`answer`, greedy) while its
+    cross-attention peaks on the frame of the asked-about digit."""
     from slowfast_vlm.ask import answer
+    from slowfast_vlm.attention_maps import compute_attention_map
     from slowfast_vlm.default_model import DEMO_CLIP, DEMO_MODEL_DIR
 
     model = SlowFastForConditionalGeneration.from_pretrained(run_dir, dtype=torch.bfloat16)
@@ -480,13 +601,14 @@ def ship(run_dir: Path) -> None:
         frames, _ = load_video(DATA / clip[0]["video"], defaults["num_frames"], **_sampling(defaults))
         for record in clip:
             with torch.inference_mode():
-                text, _, _ = answer(model, processor, frames, open_question(record), max_new_tokens=4)
-            if text == record["answer_text"]:
+                text, ids, video = answer(model, processor, frames, open_question(record), max_new_tokens=4)
+                per_frame = compute_attention_map(model, ids, video).per_layer.mean(0).sum((1, 2))
+            if text == record["answer_text"] and int(per_frame.argmax()) == record["detail_frames"][0]:
                 shutil.copyfile(DATA / record["video"], DEMO_CLIP)
                 DEMO_CLIP.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
                 print(f"shipped {run_dir} with {record['id']}: {open_question(record)!r} -> {text}")
                 return
-    raise RuntimeError(f"{run_dir} answers no test question correctly")
+    raise RuntimeError(f"{run_dir} answers no test question correctly while looking at its digit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,14 +623,21 @@ def main(argv: list[str] | None = None) -> int:
     stage1 = commands.add_parser(
         "pretrain-llm", help="stage 1: image QA on single frames, shared by every model"
     )
-    stage1.add_argument("--steps", type=int, default=1500)
+    stage1.add_argument(
+        "--kind", choices=sorted(STAGE1_KNOBS), default="plain", help="plain: for a, b, d; slow: for c"
+    )
+    stage1.add_argument("--steps", type=int, default=1200)
     stage1.add_argument("--batch", type=int, default=30, help="images per step (6 per rendered clip)")
     stage1.add_argument("--lr", type=float, default=2e-3)
     stage1.add_argument("--vision", type=Path, default=VISION)
     stage1.add_argument("--seed", type=int, default=0)
-    stage1.add_argument("--out", type=Path, help=f"default: {STAGE1}-s<seed>")
+    stage1.add_argument("--out", type=Path, help=f"default: {STAGE1}-<kind>-s<seed>")
     summarize_parser = commands.add_parser("summarize", help="print the results table of the finished runs")
     summarize_parser.add_argument("runs_dir", type=Path, nargs="?", default=RUNS)
+    probe_parser = commands.add_parser(
+        "probe", help="digit reading of a checkpoint: image, repeated frame, clip"
+    )
+    probe_parser.add_argument("checkpoint", type=Path)
     ship_parser = commands.add_parser("ship", help="make a trained run the package's demo model")
     ship_parser.add_argument("run_dir", type=Path, nargs="?", default=RUNS / "c-s0")
     run = commands.add_parser("train", help="train one model and test it")
@@ -517,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, default=500)
     run.add_argument("--batch", type=int, default=8, help="clips per step (6 questions each)")
     run.add_argument("--lr", type=float, default=2e-3)
-    run.add_argument("--stage1", type=Path, help=f"the stage-1 checkpoint (default: {STAGE1}-s<seed>)")
+    run.add_argument("--stage1", type=Path, help=f"the stage-1 checkpoint (default: {STAGE1}-<kind>-s<seed>)")
+    run.add_argument("--data-seed", type=int, help="seed of the clip order (default: --seed)")
     run.add_argument("--out", type=Path, help=f"default: {RUNS}/<model>-s<seed>")
     args = parser.parse_args(argv)
     if args.command == "prepare":
@@ -529,12 +659,15 @@ def main(argv: list[str] | None = None) -> int:
             args.steps,
             args.batch,
             args.lr,
-            args.out or Path(f"{STAGE1}-s{args.seed}"),
+            args.out or stage1_dir(args.kind, args.seed),
+            args.kind,
             args.vision,
             args.seed,
         )
     elif args.command == "summarize":
         print(summarize(args.runs_dir))
+    elif args.command == "probe":
+        probe(args.checkpoint)
     elif args.command == "ship":
         ship(args.run_dir)
     else:
@@ -546,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
             args.batch,
             args.lr,
             out,
-            args.stage1 or Path(f"{STAGE1}-s{args.seed}"),
+            args.stage1 or stage1_dir(stage1_kind(args.model), args.seed),
+            args.data_seed,
         )
     return 0
 
