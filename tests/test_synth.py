@@ -100,7 +100,9 @@ def test_open_question_drops_the_options():
     _, records = generate_clip(0, seed=0, split="val")
     for r in records:
         question = open_question(r)
-        colour = next(c for c in ("red", "green", "blue", "orange", "purple") if f"The {c} square" in question)
+        colour = next(
+            c for c in ("red", "green", "blue", "orange", "purple") if f"The {c} square" in question
+        )
         condition = "while not touching" if r["category"] == "digit_away_from_wall" else "while touching"
         assert question == (
             f"The {colour} square showed two digits near a wall. Which digit did it show {condition} the wall?"
