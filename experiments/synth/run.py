@@ -381,6 +381,12 @@ def select_frames(frames: np.ndarray, defaults: dict) -> np.ndarray:
     return frames  # 64 frames at 8 fps: every frame
 
 
+def chooses_answer(digit_scores: torch.Tensor, record: dict) -> bool:
+    """Multiple choice from scores `(10,)` of the digit tokens: is the best of the record's 4 options its answer?"""
+    options = [int(option) for option in record["options"]]
+    return options[int(digit_scores[options].argmax())] == int(record["answer_text"])
+
+
 @torch.no_grad()
 def test_accuracy(model, processor, defaults: dict) -> dict:
     """Accuracy on the test split, decoding each clip with the model's sampling (as `ask` does).
@@ -410,9 +416,7 @@ def test_accuracy(model, processor, defaults: dict) -> dict:
                 peaks.append(int(per_frame.argmax()) == record["detail_frames"][0])
         digit_logits = logits[torch.arange(len(clip)), last][:, digit_ids]  # (6, 10)
         for record, scores in zip(clip, digit_logits):
-            options = [int(option) for option in record["options"]]
-            guess = options[int(scores[options].argmax())]  # multiple choice: the best of the 4 options
-            correct[record["category"]].append(str(guess) == record["answer_text"])
+            correct[record["category"]].append(chooses_answer(scores, record))
     every = correct["digit_touching_wall"] + correct["digit_away_from_wall"]
     model.train()
     result = {"accuracy": float(np.mean(every)), "questions": len(every)}
@@ -434,7 +438,6 @@ def probe(checkpoint: Path, clips: int = 8) -> dict:
         decoded, _ = load_video(DATA / clip[0]["video"], FRAMES, fps=FPS)
         for record in clip:
             frame = decoded[record["detail_frames"][0]]
-            options = [int(option) for option in record["options"]]
             for key, visual, given in (
                 ("image", "image", {"images": [frame]}),
                 ("frame_repeated", "video", {"videos": [np.stack([frame] * FRAMES)]}),
@@ -445,7 +448,7 @@ def probe(checkpoint: Path, clips: int = 8) -> dict:
                 scores = model(**processor(text=[text], return_tensors="pt", **given)).logits[
                     0, -1, digit_ids
                 ]
-                hits[key].append(options[int(scores[options].argmax())] == int(record["answer_text"]))
+                hits[key].append(chooses_answer(scores, record))
     result = {key: float(np.mean(value)) for key, value in hits.items()} | {"questions": len(hits["clip"])}
     print(json.dumps(result), flush=True)
     return result
@@ -552,19 +555,17 @@ def stage2_steps(result: dict) -> int:
 
 def summarize(runs_dir: Path = RUNS) -> str:
     """A Markdown table of every finished run under `runs_dir`: accuracy mean and spread over seeds, FLOPs."""
-    results: dict[str, list[dict]] = {}
+    results: dict[tuple[str, int], list[dict]] = {}  # (model, stage-2 steps) -> its runs, one per seed
     for path in sorted(runs_dir.glob("*/result.json")):
         result = json.loads(path.read_text())
-        results.setdefault(f"{result['model']}) {stage2_steps(result)} steps", []).append(result)
+        results.setdefault((result["model"], stage2_steps(result)), []).append(result)
     rows = [
         "| model | seeds | test accuracy | touching / not touching | attention peak on the digit's frame "
         "| LLM prefill FLOPs | vs (a) |",
         "|---|---|---|---|---|---|---|",
     ]
-    base = next(
-        (runs[0]["llm_prefill_flops"] for name, runs in results.items() if name.startswith("a)")), None
-    )
-    for name, runs in sorted(results.items()):
+    base = next((runs[0]["llm_prefill_flops"] for (model, _), runs in results.items() if model == "a"), None)
+    for (model, steps), runs in sorted(results.items()):
         acc = [100 * r["accuracy"] for r in runs]
         touch = np.mean([100 * r["digit_touching_wall"] for r in runs])
         away = np.mean([100 * r["digit_away_from_wall"] for r in runs])
@@ -576,7 +577,7 @@ def summarize(runs_dir: Path = RUNS) -> str:
         ]
         peak_cell = f"{np.mean(peak):.1f}%" if peak else "-"
         rows.append(
-            f"| ({name} | {', '.join(str(r['seed']) for r in runs)} | {np.mean(acc):.1f}%{spread} "
+            f"| ({model}) {steps} steps | {', '.join(str(r['seed']) for r in runs)} | {np.mean(acc):.1f}%{spread} "
             f"({', '.join(f'{a:.1f}' for a in acc)}) | {touch:.1f}% / {away:.1f}% | {peak_cell} "
             f"| {flops / 1e6:.0f} M | {ratio} |"
         )
