@@ -36,6 +36,7 @@ import torch
 from slowfast_vlm.compute import decoder_flops, reference_7b
 from slowfast_vlm.modeling.fast_tokens import fast_token_count
 from slowfast_vlm.modeling.vision import slow_grid, vision_grid
+from slowfast_vlm.transformers_compat import cache_field, cache_of
 
 from .common import (
     DTYPES,
@@ -71,7 +72,7 @@ class GreedyDecoder:
     @torch.inference_mode()
     def start(self) -> None:
         output = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
-        self.past_key_values, self.slow_cache = output.past_key_values, output.slow_cache
+        self.kv_cache, self.slow_cache = cache_of(output), output.slow_cache
         self.tokens = [output.logits[:, -1].argmax(-1, keepdim=True)]  # (B, 1) each
 
     @torch.inference_mode()
@@ -80,14 +81,14 @@ class GreedyDecoder:
         start = time.perf_counter()
         output = self.model(
             input_ids=self.tokens[-1],
-            past_key_values=self.past_key_values,
+            **cache_field(self.kv_cache),
             slow_cache=self.slow_cache,
             use_cache=True,
             logits_to_keep=1,
         )
         self.tokens.append(output.logits[:, -1].argmax(-1, keepdim=True))
         seconds = time.perf_counter() - start
-        self.past_key_values = output.past_key_values
+        self.kv_cache = cache_of(output)
         return seconds
 
 

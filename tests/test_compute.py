@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration, add_hybrid_layers
 from slowfast_vlm.cli import main as cli_main
 from slowfast_vlm.compute import PRESETS, count_parameters, estimate, vision_encoder_flops
+from slowfast_vlm.transformers_compat import cache_field, cache_of
 
 VIDEO_TOKEN = 255
 FRAMES, PROMPT_BEFORE, PROMPT_AFTER = 8, 5, 7
@@ -115,7 +116,7 @@ def test_slowfast_prefill_and_decode_match_flop_counter_on_real_model(queries):
         with torch.no_grad():
             model(
                 input_ids=torch.tensor([[3]]),
-                past_key_values=prefill_out.past_key_values,
+                **cache_field(cache_of(prefill_out)),
                 slow_cache=prefill_out.slow_cache,
                 use_cache=True,
                 logits_to_keep=1,

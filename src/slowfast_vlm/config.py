@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 
 from transformers import AutoConfig, PretrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 GATE_TYPES = ("tanh-warmup", "none")
@@ -44,10 +43,8 @@ class SlowFastConfig(PretrainedConfig):
     """
 
     model_type = "slowfast_vlm"
-    sub_configs_defaults = {
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
-    }
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+    default_sub_config_types = {"text_config": "qwen2", "vision_config": "siglip_vision_model"}
 
     text_config: dict | PretrainedConfig | None = None
     vision_config: dict | PretrainedConfig | None = None
@@ -74,6 +71,13 @@ class SlowFastConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Sub-configs given as dicts (or not at all) become config objects of their `model_type`. Done
+        # here rather than through transformers' `SubConfigSpec`, which only exists from 5.20.
+        for key, default_type in self.default_sub_config_types.items():
+            value = getattr(self, key)
+            if value is None or isinstance(value, dict):
+                fields = dict(value or {})
+                setattr(self, key, AutoConfig.for_model(fields.pop("model_type", default_type), **fields))
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -43,7 +43,11 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llava_next_video.modeling_llava_next_video import (
+    LlavaNextVideoCausalLMOutputWithPast,
+)
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionCausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 from ..config import SlowFastConfig
@@ -144,17 +148,15 @@ KNOBS = tuple(SlowFastHostConfig.__annotations__)
 
 
 # ----- models -------------------------------------------------------------------------------------
+# The hosts' causal-LM outputs (fields as the installed transformers names them) plus the `slow_cache`
+# that `generate` carries between steps.
 @dataclass
-class SlowFastHostOutput(ModelOutput):
-    """The host's causal-LM output plus the `slow_cache` that `generate` carries between steps."""
+class SlowFastLlavaOnevisionOutput(LlavaOnevisionCausalLMOutputWithPast):
+    slow_cache: SlowCache | None = None
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-    video_hidden_states: torch.FloatTensor | None = None
+
+@dataclass
+class SlowFastLlavaNextVideoOutput(LlavaNextVideoCausalLMOutputWithPast):
     slow_cache: SlowCache | None = None
 
 
@@ -169,6 +171,7 @@ class SlowFastHostMixin(SlowCacheGenerationMixin):
     """
 
     config: SlowFastHostConfig
+    output_class: type[ModelOutput]  # the host's causal-LM output plus `slow_cache`
 
     def __init__(self, config: SlowFastHostConfig):
         super().__init__(config)
@@ -237,6 +240,17 @@ class SlowFastHostMixin(SlowCacheGenerationMixin):
         # K/V caching only pays off across generation steps; in training the cache dies with the step.
         return SlowCache(tokens=tokens, mask=mask, cache_kv=not self.training)
 
+    @staticmethod
+    def scatter_features(
+        embeds: torch.Tensor, positions: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """Put `features` `(N, D)` at the `positions` `(B, L)` bool of `embeds` `(B, L, D)`, in row-major order."""
+        if int(positions.sum()) != features.shape[0]:
+            raise ValueError(
+                f"input_ids hold {int(positions.sum())} placeholder tokens for {features.shape[0]} visual features"
+            )
+        return embeds.masked_scatter(positions[..., None], features.to(embeds.dtype))
+
     @can_return_tuple
     def forward(
         self,
@@ -246,7 +260,7 @@ class SlowFastHostMixin(SlowCacheGenerationMixin):
         slow_cache: SlowCache | None = None,
         slow_query_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> SlowFastHostOutput:
+    ) -> ModelOutput:
         r"""The host's forward (same arguments), with all frames of each video in `pixel_values_videos`.
 
         Args:
@@ -261,13 +275,20 @@ class SlowFastHostMixin(SlowCacheGenerationMixin):
                 raise ValueError("pixel_values_videos need input_ids to locate their <video> tokens")
             fast, slow = self.video_tokens(pixel_values_videos)
             slow_cache = self.slow_cache_for(input_ids, slow, fast.shape[1])
-            encoder_outputs = {"video": BaseModelOutputWithPooling(pooler_output=fast)}
-            if kwargs.get("pixel_values") is not None:  # the host takes no pixels next to encoder outputs
+            # Scatter the fast tokens (and any images' features) into the embeddings as the host does, and
+            # give the host embeddings only: transformers before 5.18 has no way to pass it video features.
+            embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
+            embeds = self.scatter_features(
+                embeds, input_ids == self.config.video_token_id, fast.flatten(0, 1)
+            )
+            if kwargs.get("pixel_values") is not None:
                 image_kwargs = {k: kwargs[k] for k in IMAGE_FEATURE_KWARGS if k in kwargs}
-                encoder_outputs["image"] = self.model.get_image_features(
+                image_features = self.model.get_image_features(
                     kwargs.pop("pixel_values"), kwargs.get("image_sizes"), return_dict=True, **image_kwargs
-                )
-            kwargs["mm_encoder_outputs"] = encoder_outputs
+                ).pooler_output  # per image (N_i, D)
+                is_image = input_ids == self.config.image_token_id
+                embeds = self.scatter_features(embeds, is_image, torch.cat(image_features))
+            kwargs["inputs_embeds"] = embeds
             visual_ids = torch.tensor([self.config.video_token_id, self.config.image_token_id])
             is_visual = torch.isin(input_ids, visual_ids.to(input_ids.device))
             query_mask = query_positions(is_visual, attention_mask, self.config)
@@ -278,13 +299,13 @@ class SlowFastHostMixin(SlowCacheGenerationMixin):
         if slow_query_mask is not None:
             query_mask = slow_query_mask
         outputs = super().forward(
-            input_ids=input_ids,
+            input_ids=None if "inputs_embeds" in kwargs else input_ids,
             attention_mask=attention_mask,
             slow_cache=slow_cache,
             slow_query_mask=query_mask,
             **kwargs,
         )
-        return SlowFastHostOutput(**outputs, slow_cache=slow_cache)
+        return self.output_class(**outputs, slow_cache=slow_cache)
 
 
 class SlowFastLlavaOnevisionForConditionalGeneration(
@@ -294,6 +315,7 @@ class SlowFastLlavaOnevisionForConditionalGeneration(
 
     config: SlowFastLlavaOnevisionConfig
     config_class = SlowFastLlavaOnevisionConfig
+    output_class = SlowFastLlavaOnevisionOutput
 
     def fast_video_tokens(self, features: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """The host's `get_video_features`: every projected grid bilinearly resized to ceil(h/2) x ceil(w/2)
@@ -311,6 +333,7 @@ class SlowFastLlavaNextVideoForConditionalGeneration(
 
     config: SlowFastLlavaNextVideoConfig
     config_class = SlowFastLlavaNextVideoConfig
+    output_class = SlowFastLlavaNextVideoOutput
 
     def fast_video_tokens(self, features: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """The host's `get_video_features`: the encoder grid pooled by `vision_resampler`, then projected."""

@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
 from ..config import SlowFastConfig
+from ..transformers_compat import pop_cache
 
 CROSS_ATTN_PARAM_PREFIXES = ("cross_attn_kv_proj", "cross_attn_gate_proj", "cross_attn_warm_up_gate")
 
@@ -162,7 +163,6 @@ class HybridAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values=None,
         slow_cache: SlowCache | None = None,
         slow_query_mask: torch.Tensor | None = None,
         **kwargs,
@@ -180,8 +180,9 @@ class HybridAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        kv_cache = pop_cache(kwargs)  # the decoder layer passes it under the release's own name
+        if kv_cache is not None:
+            key_states, value_states = kv_cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -13,15 +13,15 @@ through the forward call, which `generate` carries from step to step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..config import SlowFastConfig
+from ..transformers_compat import cache_field, cache_of
 from .fast_tokens import build_fast_tokens, fast_token_count
 from .hybrid import HybridAttention, SlowCache, SlowCacheGenerationMixin, add_hybrid_layers, query_positions
 from .vision import (
@@ -37,22 +37,15 @@ from .vision import (
 VisualInput = torch.Tensor | list[torch.Tensor] | None
 
 
+# The LLM's own outputs (whose KV-cache field is named as the installed transformers names it), plus the
+# `slow_cache` that `generate` carries between steps.
 @dataclass
-class SlowFastModelOutput(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class SlowFastModelOutput(BaseModelOutputWithPast):
     slow_cache: SlowCache | None = None
 
 
 @dataclass
-class SlowFastCausalLMOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class SlowFastCausalLMOutput(CausalLMOutputWithPast):
     slow_cache: SlowCache | None = None
 
 
@@ -62,7 +55,6 @@ class SlowFastPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -223,7 +215,6 @@ class SlowFastModel(SlowFastPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values_videos: VisualInput = None,
         pixel_values: VisualInput = None,
@@ -265,7 +256,6 @@ class SlowFastModel(SlowFastPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             slow_cache=slow_cache,
             slow_query_mask=query_mask,
@@ -273,10 +263,10 @@ class SlowFastModel(SlowFastPreTrainedModel):
         )
         return SlowFastModelOutput(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             slow_cache=slow_cache,
+            **cache_field(cache_of(outputs)),
         )
 
 
@@ -323,7 +313,6 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values_videos: VisualInput = None,
         pixel_values: VisualInput = None,
@@ -349,12 +338,13 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
             record_slow_attention: accumulate the hybrid layers' cross-attention probabilities in the
                 returned `slow_cache` (`slow_cache.attention_map()`), for attention maps.
             logits_to_keep: compute logits for the last N positions only (0 = all).
+            **kwargs: passed to the LLM, the KV cache among them under the installed transformers'
+                name (`cache` from 5.24, `past_key_values` before; see `transformers_compat`).
         """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             pixel_values_videos=pixel_values_videos,
             pixel_values=pixel_values,
@@ -374,10 +364,10 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
         return SlowFastCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             slow_cache=outputs.slow_cache,
+            **cache_field(cache_of(outputs)),
         )
 
     # ----- generation --------------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""Every difference between the transformers releases this package supports, named once.
+
+Supported: the range declared in `pyproject.toml` (CI runs the suite at both ends). Each difference
+is detected from the installed library's own API, never from its version string, and gets one name
+here; the rest of the package uses these names and no version checks of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+# 5.24 renamed the KV cache `past_key_values` -> `cache`, both as the forward argument of every model
+# and layer (the old input name is deprecated, removal announced for 5.40) and as the output field.
+CACHE_NAME: str = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_of(outputs: Any) -> Any:
+    """The KV cache a transformers model output carries (None when it has none)."""
+    return getattr(outputs, CACHE_NAME, None)
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove and return the KV cache from a layer's forward kwargs (under this release's name)."""
+    return kwargs.pop(CACHE_NAME, None)
+
+
+def cache_field(cache: Any) -> dict[str, Any]:
+    """`{name: cache}` to build a model output or call a model under this release's cache name."""
+    return {CACHE_NAME: cache}
