@@ -188,7 +188,10 @@ def vision_encoder_flops(vision_config: PretrainedConfig) -> int:
             + 2 * 2 * tokens * hidden * intermediate
         )
         flops += vision_config.num_hidden_layers * layer
-        if getattr(vision_config, "vision_use_head", False):
+        # SigLIP builds its pooling head unless `vision_use_head` is False (configs before 5.20 lack the field)
+        if vision_config.model_type == "siglip_vision_model" and getattr(
+            vision_config, "vision_use_head", True
+        ):
             # SigLIP attention-pooling head: one probe query over all patches, then an MLP on the probe.
             flops += 2 * 2 * hidden * hidden + 2 * 2 * tokens * hidden * hidden + 2 * 2 * tokens * hidden
             flops += 2 * 2 * hidden * intermediate

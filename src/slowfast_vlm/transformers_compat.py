@@ -29,3 +29,20 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
 def cache_field(cache: Any) -> dict[str, Any]:
     """`{name: cache}` to build a model output or call a model under this release's cache name."""
     return {CACHE_NAME: cache}
+
+
+# 5.24 renamed `TrainingArguments.gradient_checkpointing(_kwargs)` -> `activation_checkpointing(_kwargs)`
+# (the old names stay as deprecated aliases until 6). Configs use the new names.
+ACTIVATION_CHECKPOINTING_NAMES = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
+
+
+def training_arguments_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """`TrainingArguments` keyword arguments with this release's names for activation checkpointing."""
+    from transformers import TrainingArguments  # imported here: it loads the whole training stack
+
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        return dict(fields)
+    return {ACTIVATION_CHECKPOINTING_NAMES.get(key, key): value for key, value in fields.items()}

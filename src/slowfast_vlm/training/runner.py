@@ -22,6 +22,7 @@ from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling.fast_tokens import fast_token_count
+from ..transformers_compat import training_arguments_fields
 from .build import (
     ModelConfig,
     build_model,
@@ -308,7 +309,7 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         # Encoders hold parameters the model never uses (SigLIP's pooling head): DDP must expect them.
         training.setdefault("ddp_find_unused_parameters", True)
     try:
-        args = TrainingArguments(**training)
+        args = TrainingArguments(**training_arguments_fields(training))
     except TypeError as e:  # an unknown key
         raise ValueError(f"config section 'training' (TrainingArguments): {e}") from e
 
