@@ -21,14 +21,16 @@ import importlib.metadata as md
 for name in ("torch", "numpy", "transformers", "av"):
     print(f"{name}=={md.version(name)}")
 EOF
+# lmms-eval 0.7.3 imports `filelock._api`, which filelock 4 removed
+echo "filelock<4" >>"$constraints"
 echo "holding: $(tr '\n' ' ' <"$constraints")"
 torch_before="$("$PYTHON" -c 'import torch; print(torch.__version__)')"
 
 pip_install() { "$PYTHON" -m pip install --constraint "$constraints" "$@"; }
 
 pip_install --no-deps "lmms-eval==${LMMS_EVAL_VERSION}"
-# imported by lmms_eval's CLI, evaluator, task loading and metrics
-pip_install "datasets>=2.19" "evaluate>=0.4" loguru sacrebleu pytablewriter jsonlines "tenacity>=8.3" pytz
+# imported by lmms_eval's CLI, evaluator, task loading and metrics (filelock: held below 4, see above)
+pip_install filelock "datasets>=2.19" "evaluate>=0.4" loguru sacrebleu pytablewriter jsonlines "tenacity>=8.3" pytz
 # imported by the video task files: videomme (cv2), longvideobench (decord), nextqa open-ended (nltk, pywsd)
 pip_install opencv-python-headless nltk pywsd
 pip_install decord || echo "warning: decord has no wheel here; the longvideobench tasks will not load" >&2

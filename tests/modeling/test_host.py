@@ -86,7 +86,7 @@ def test_fast_frames_are_uniform():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_closed_gates_equal_host_on_fast_frames(family):
+def test_closed_gates_equal_host_on_fast_frames(family, transformers_deprecations):
     host, model = host_and_slowfast(family, seed=1)
     torch.manual_seed(0)
     videos = torch.randn(2, FRAMES, 3, 32, 32)
@@ -104,6 +104,8 @@ def test_closed_gates_equal_host_on_fast_frames(family):
     generate = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     expected_ids = host.generate(**host_inputs, pixel_values_videos=videos[:, FAST_INDEX], **generate)
     assert torch.equal(model.generate(**host_inputs, pixel_values_videos=videos, **generate), expected_ids)
+    # nothing the installed transformers has deprecated was passed to it or returned by it
+    assert [m for m in transformers_deprecations if "deprecat" in m.lower() or "past_key_values" in m] == []
 
 
 @pytest.mark.parametrize("family", FAMILIES)
