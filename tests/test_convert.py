@@ -6,9 +6,12 @@ given here by hand from the reference code (timm ConvNeXt, transformers 4.x `vis
 
 import json
 import re
+import socket
 
+import huggingface_hub
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import VIDEO_TOKEN_ID, open_gates, tiny_config, tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPVisionConfig
@@ -20,8 +23,10 @@ from slowfast_vlm.convert import (
     is_reference_checkpoint,
     load_reference_checkpoint,
 )
+from slowfast_vlm.modeling.vision import encoder_grids, vision_grid
 from slowfast_vlm.processing.processor import SlowFastProcessor
 
+REFERENCE_TOWER = "model.vision_tower.vision_tower."
 TOWER_NAMES = {
     "siglip": "google/siglip-tiny-patch8-32",
     "clip": "openai/clip-vit-tiny-patch8-32",
@@ -54,7 +59,7 @@ def reference_name(name: str, vision: str) -> str:
                     break
         else:
             tower = "vision_model." + tower
-        return "model.vision_tower.vision_tower." + tower
+        return REFERENCE_TOWER + tower
     return name
 
 
@@ -125,7 +130,10 @@ def fused_reference_kv(key_w, value_w, key_b, value_b):
 
 
 def original_model(vision: str, seed: int = 0, **overrides):
-    """A tiny model with every weight non-trivial, open gates, and key/value projections from `per_head_kv`."""
+    """A tiny model with every weight non-trivial, open gates, and key/value projections from `per_head_kv`;
+    a ConvNeXt tower normalises with timm's eps, as the reference's."""
+    if vision == "convnext":
+        overrides.setdefault("vision_norm_eps", 1e-5)
     model = tiny_model(tiny_config(vision=vision, **overrides), seed=seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -475,3 +483,191 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert cli.main(["convert", str(src), str(tmp_path / "out")]) != 0
     assert "unknown cross_attn_gating_type 'channel-wise-dynamic-sigmoid'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----- the vision tower's config from its name --------------------------------------------------------
+def test_tower_named_by_a_local_directory_needs_no_vision_config(tmp_path):
+    original = original_model("siglip", seed=7)
+    tower = tmp_path / "siglip-tower"
+    original.config.vision_config.save_pretrained(tower)  # holds the head count the weights cannot tell
+    src = write_reference(tmp_path / "reference", original, "siglip", mm_vision_tower=str(tower))
+    assert cli.main(["convert", str(src), str(tmp_path / "converted")]) == 0
+    model = SlowFastForConditionalGeneration.from_pretrained(tmp_path / "converted")
+    model.config.video_token_id = VIDEO_TOKEN_ID
+    assert model.config.vision_config.num_attention_heads == 2
+    torch.testing.assert_close(video_logits(model), video_logits(original), rtol=0, atol=1e-6)
+
+
+def test_tower_named_by_a_hub_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
+    # a hub cache entry as huggingface_hub lays it out, holding a full CLIP config (its vision part is used)
+    cache, revision = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--tiny-org--clip-tower" / "snapshots" / revision
+    original = original_model("clip", seed=8)
+    CLIPConfig(vision_config=original.config.vision_config.to_dict()).save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import
+    # online mode, with every network access recorded (and failing): the cache must do without any
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    connections = []
+
+    def no_network(*args, **kwargs):
+        connections.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    directory = write_reference(
+        tmp_path / "reference", original, "clip", mm_vision_tower="tiny-org/clip-tower"
+    )
+    model = load_reference_checkpoint(directory, dtype=torch.float32)
+    model.config.video_token_id = VIDEO_TOKEN_ID
+    assert (model.config.vision_config.model_type, model.config.vision_config.num_attention_heads) == (
+        "clip_vision_model",
+        2,
+    )
+    torch.testing.assert_close(video_logits(model), video_logits(original), rtol=0, atol=1e-6)
+    # a hub id that is not in the cache is not downloaded: its fields stay missing
+    shapes = {k: v.shape for k, v in reference_state_dict(original, "clip").items()}
+    elsewhere = reference_config(original, "clip", mm_vision_tower="tiny-org/elsewhere")
+    with pytest.raises(ValueError, match=r"needs \['num_attention_heads'\]"):
+        convert_reference_config(elsewhere, None, shapes)
+    assert connections == []
+
+
+def test_known_towers_give_the_released_convnext_xxl():
+    model = tiny_model(vision="convnext")
+    for overrides in (
+        dict(mm_vision_tower="convnext-576"),  # the released checkpoints' name
+        dict(mm_vision_tower="convnext_xxlarge.clip_laion2b_soup", input_image_size=576),
+    ):
+        config = convert_reference_config(reference_config(model, "convnext", **overrides))
+        vision = config.vision_config
+        geometry = (
+            vision.model_type,
+            vision.depths,
+            vision.hidden_sizes,
+            vision.patch_size,
+            vision.image_size,
+        )
+        assert geometry == ("convnext", [3, 4, 30, 3], [384, 768, 1536, 3072], 4, 576)
+        assert vision_grid(vision) == (18, 18)
+        assert config.vision_norm_eps == vision.layer_norm_eps == 1e-5
+    # the weights' sizes still win over the table's, and vision_config over both
+    shapes = {k: v.shape for k, v in reference_state_dict(model, "convnext").items()}
+    named = reference_config(model, "convnext", mm_vision_tower="convnext-576")
+    vision = convert_reference_config(named, None, shapes).vision_config
+    assert (vision.hidden_sizes, vision.depths, vision.image_size) == ([8, 16], [1, 1], 576)
+    vision = convert_reference_config(named, {"image_size": 64}, shapes).vision_config
+    assert vision.image_size == 64
+
+
+def test_unresolvable_tower_names_ask_for_the_vision_config():
+    model = tiny_model(vision="convnext")
+    for name, missing in (
+        ("convnext_xxlarge.clip_laion2b_soup", r"\['image_size'\]"),  # a known tower, but no input size
+        ("my-org/convnext-tower", r"\['hidden_sizes', 'depths', 'num_stages', 'image_size', 'patch_size'\]"),
+    ):
+        with pytest.raises(ValueError, match=missing) as error:
+            convert_reference_config(reference_config(model, "convnext", mm_vision_tower=name))
+        assert "pass vision_config" in str(error.value)
+    with pytest.raises(
+        ValueError, match="neither a local model directory, a model in the local Hugging Face"
+    ):
+        convert_reference_config(reference_config(model, "convnext", mm_vision_tower="my-org/convnext-tower"))
+
+
+# ----- the ConvNeXt tower computes what the reference's timm tower computes ---------------------------
+# (pattern of a timm tower weight name, scale of its random values), first match wins; LayerNorm weights are
+# centred on 1. Tiny stem and depthwise convolutions, and a small first-stage residual stream (the
+# downsampling LayerNorm's input), give every LayerNorm an input variance below eps, so that each one's eps
+# shows in the features.
+TOWER_SCALES = (
+    (r"^stem\.0\.|\.conv_dw\.", 1e-3),
+    (r"^stem\.1\.|^stages\.0\.blocks\.\d+\.weight$", 3e-3),
+    (r"", 0.3),
+)
+
+
+def small_variance_tower(state: dict, seed: int = 0) -> dict:
+    """`state` with random tower weights (timm names below `model.vision_tower.vision_tower.`) at `TOWER_SCALES`."""
+    generator = torch.Generator().manual_seed(seed)
+    state = dict(state)
+    for key in [k for k in state if k.startswith(REFERENCE_TOWER)]:
+        name = key[len(REFERENCE_TOWER) :]
+        scale = next(s for pattern, s in TOWER_SCALES if re.search(pattern, name))
+        state[key] = torch.randn(state[key].shape, generator=generator) * scale
+        if re.search(r"(\.norm|downsample\.0)\.weight$", name):
+            state[key] += 1
+    return state
+
+
+def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of `(N, C, H, W)`."""
+    centred = x - x.mean(1, keepdim=True)
+    variance = centred.pow(2).mean(1, keepdim=True)
+    return centred / torch.sqrt(variance + eps) * weight[:, None, None] + bias[:, None, None]
+
+
+def timm_convnext_features(tower: dict, pixels: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference tower's output, recomputed from its timm weights: timm's ConvNeXt stem and stages
+    as the reference's `forward_features` runs them, the last stage taken with no final norm -> `(N, C, h, w)`."""
+    stem = tower["stem.0.weight"]
+    x = F.conv2d(pixels, stem, tower["stem.0.bias"], stride=stem.shape[-1])
+    x = channel_layer_norm(x, tower["stem.1.weight"], tower["stem.1.bias"], eps)
+    num_stages = 1 + max(int(name.split(".")[1]) for name in tower if name.startswith("stages."))
+    for i in range(num_stages):
+        stage = f"stages.{i}."
+        if stage + "downsample.0.weight" in tower:
+            x = channel_layer_norm(
+                x, tower[stage + "downsample.0.weight"], tower[stage + "downsample.0.bias"], eps
+            )
+            x = F.conv2d(
+                x, tower[stage + "downsample.1.weight"], tower[stage + "downsample.1.bias"], stride=2
+            )
+        num_blocks = 1 + max(int(n.split(".")[3]) for n in tower if n.startswith(stage + "blocks."))
+        for j in range(num_blocks):
+            block = f"{stage}blocks.{j}."
+            y = F.conv2d(
+                x,
+                tower[block + "conv_dw.weight"],
+                tower[block + "conv_dw.bias"],
+                padding=3,
+                groups=x.shape[1],
+            )
+            y = channel_layer_norm(y, tower[block + "norm.weight"], tower[block + "norm.bias"], eps)
+            y = y.permute(0, 2, 3, 1)  # (N, h, w, C): the MLP runs over channels
+            y = F.gelu(F.linear(y, tower[block + "mlp.fc1.weight"], tower[block + "mlp.fc1.bias"]))
+            y = F.linear(y, tower[block + "mlp.fc2.weight"], tower[block + "mlp.fc2.bias"])
+            x = x + (y * tower[block + "weight"]).permute(0, 3, 1, 2)  # layer scale (timm's gamma), residual
+    return x
+
+
+def test_converted_convnext_tower_computes_the_reference_features(tmp_path):
+    original = original_model("convnext", seed=9)
+    state = small_variance_tower(reference_state_dict(original, "convnext"), seed=9)
+    src = write_reference(tmp_path / "reference", original, "convnext", state=state)
+    assert cli.main(["convert", str(src), str(tmp_path / "converted")]) == 0
+    model = SlowFastForConditionalGeneration.from_pretrained(tmp_path / "converted", dtype=torch.float32)
+    assert model.config.vision_norm_eps == 1e-5
+    norms = [m for m in model.model.vision_tower.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 5 and {m.eps for m in norms} == {1e-5}  # stem, 2 blocks, downsampling, final
+
+    tower = {k[len(REFERENCE_TOWER) :]: v for k, v in state.items() if k.startswith(REFERENCE_TOWER)}
+    frames = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        features = encoder_grids(model.model.vision_tower, frames, model.config.vision_feature_layer)
+        (slow,) = model.model.encode_visual_items([frames])
+    expected = timm_convnext_features(tower, frames, eps=1e-5).permute(0, 2, 3, 1)  # (T, h, w, C)
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-5)
+    # transformers' own eps (1e-6) is far outside the tolerance: the comparison tells them apart
+    wrong = timm_convnext_features(tower, frames, eps=1e-6).permute(0, 2, 3, 1)
+    assert (wrong - expected).abs().max() > 1e-2
+
+    # the slow tokens: the reference's mlp2x_gelu projector, then 2x2 average pooling of every frame
+    w0, b0, w2, b2 = (state[f"model.mm_projector.{i}.{p}"] for i in (0, 2) for p in ("weight", "bias"))
+    projected = F.linear(F.gelu(F.linear(expected, w0, b0)), w2, b2)  # (T, h, w, D)
+    pooled = F.avg_pool2d(projected.permute(0, 3, 1, 2), kernel_size=2)  # (T, D, h / 2, w / 2)
+    torch.testing.assert_close(slow, pooled.flatten(2).transpose(1, 2), rtol=0, atol=1e-5)

@@ -24,6 +24,9 @@ class SlowFastConfig(PretrainedConfig):
         vision_feature_layer: index into the encoder's hidden states (-1 = last layer / last stage).
         vision_frame_chunk_size: frames encoded at once, so long videos do not hold every frame's
             activations at the same time.
+        vision_norm_eps: eps of the LayerNorms in a ConvNeXt tower's stem, blocks and downsampling
+            layers (the final one, unused by the feature path, has the vision config's `layer_norm_eps`);
+            None keeps transformers' own (1e-6); converted reference checkpoints set 1e-5 as timm does.
         video_pooling_stride: spatial average pooling of every video frame's grid (slow tokens).
         fast_temporal_sampling_stride, fast_temporal_pooling_stride, fast_spatial_pooling_stride,
         min_fast_frames: how fast tokens are built from slow tokens (design section 1.3).
@@ -51,6 +54,7 @@ class SlowFastConfig(PretrainedConfig):
     projector_type: str = "mlp2x_gelu"
     vision_feature_layer: int = -1
     vision_frame_chunk_size: int = 16
+    vision_norm_eps: float | None = None
     video_pooling_stride: int = 2
     fast_temporal_sampling_stride: int = 1
     fast_temporal_pooling_stride: int = 4

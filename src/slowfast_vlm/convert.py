@@ -2,8 +2,9 @@
 
 The paper's checkpoints keep the Qwen2 fields at the top level of config.json, the slow-fast knobs
 under their training-script names and the weights under LLaVA names. Their config only names the
-vision tower (mm_vision_tower): its sizes are inferred from its weights, and what the weights cannot
-tell (a ViT's number of attention heads) comes from the vision config given here.
+vision tower (mm_vision_tower): its config comes from what that name resolves to offline (a local
+model directory, a model in the local Hugging Face cache, or a known tower), its sizes from its
+weights, and a vision config given here overrides both.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, Qwen2Config
 
@@ -71,6 +73,23 @@ VISION_REQUIRED_FIELDS = {
     "convnext": ("hidden_sizes", "depths", "num_stages", "image_size", "patch_size"),
 }
 VISION_MODEL_TYPE_ALIASES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
+# The ConvNeXt-XXL CLIP tower of the released checkpoints (timm `convnext_xxlarge`, open_clip weights).
+CONVNEXT_XXL = {
+    "model_type": "convnext",
+    "num_stages": 4,
+    "depths": [3, 4, 30, 3],
+    "hidden_sizes": [384, 768, 1536, 3072],
+    "patch_size": 4,
+}
+# Tower names the reference builds by itself rather than from a transformers config: its builder maps
+# "convnext-576" (the released checkpoints' mm_vision_tower) to timm's "convnext_xxlarge.clip_laion2b_soup"
+# at 576 px; that timm name alone leaves the input size to `input_image_size`.
+KNOWN_TOWERS = {
+    "convnext-576": {**CONVNEXT_XXL, "image_size": 576},
+    "convnext_xxlarge.clip_laion2b_soup": CONVNEXT_XXL,
+}
+# timm's ConvNeXt (the reference's only CNN tower) normalises every LayerNorm with this eps.
+TIMM_CONVNEXT_NORM_EPS = 1e-5
 # Tower names -> model type, first match wins ("convnext-xxl-clip" is a ConvNeXt).
 TOWER_NAME_HINTS = (
     ("convnext", "convnext"),
@@ -163,6 +182,31 @@ def load_vision_config(spec: str | os.PathLike | Mapping | PretrainedConfig) -> 
     return fields
 
 
+def _tower_directory(tower_name: str) -> Path | None:
+    """The local directory `tower_name` names: itself, or its snapshot in the local Hugging Face cache
+    (looked up on disk only: not even a metadata request)."""
+    if tower_name and Path(tower_name).is_dir():
+        return Path(tower_name)
+    try:
+        cached = try_to_load_from_cache(tower_name, "config.json")
+    except ValueError:  # not a repository id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def resolve_tower_config(tower_name: str) -> dict[str, Any]:
+    """The vision config fields that `mm_vision_tower` names, found without the network: a local model
+    directory, else a hub id already in the local Hugging Face cache, else a `KNOWN_TOWERS` entry; `{}`
+    if it names none of these."""
+    directory = _tower_directory(tower_name)
+    if directory is not None:
+        try:
+            return load_vision_config(directory)
+        except (OSError, ValueError):  # no transformers config there
+            pass
+    return dict(KNOWN_TOWERS.get(tower_name, {}))
+
+
 def tower_family(tower_name: str, weight_shapes: Shapes | None = None) -> str | None:
     """The vision model type of the reference tower, from its weight names, else from its name."""
     names = [
@@ -238,10 +282,14 @@ def convert_vision_config(
     vision_config: str | os.PathLike | Mapping | PretrainedConfig | None = None,
     weight_shapes: Shapes | None = None,
 ) -> PretrainedConfig:
-    """The vision encoder's config: fields inferred from the weights, overridden by `vision_config`."""
+    """The vision encoder's config: the fields of the tower `mm_vision_tower` resolves to (see
+    `resolve_tower_config`), overridden by those inferred from the weights, then by `vision_config`."""
     tower_name = str(reference_config.get("mm_vision_tower", ""))
     given = load_vision_config(vision_config) if vision_config is not None else {}
-    model_type = given.get("model_type") or tower_family(tower_name, weight_shapes)
+    resolved = resolve_tower_config(tower_name)
+    model_type = (
+        given.get("model_type") or resolved.get("model_type") or tower_family(tower_name, weight_shapes)
+    )
     if model_type not in VISION_REQUIRED_FIELDS:
         raise ValueError(
             f"cannot tell the vision tower type of {tower_name!r} (got {model_type!r}); pass vision_config with a "
@@ -252,18 +300,29 @@ def convert_vision_config(
         for k, v in (weight_shapes or {}).items()
         if k.startswith(REFERENCE_TOWER_PREFIX)
     }
-    fields = infer_vision_fields(model_type, tower_shapes)
-    if model_type in CNN_MODEL_TYPES and reference_image_size(reference_config):
-        fields["image_size"] = reference_image_size(reference_config)
+    # a resolved config of another model type (vision_config overrode it) has nothing to give
+    fields = dict(resolved) if resolved.get("model_type") == model_type else {}
+    fields.update(infer_vision_fields(model_type, tower_shapes))
+    if model_type in CNN_MODEL_TYPES:
+        fields["layer_norm_eps"] = TIMM_CONVNEXT_NORM_EPS  # the final norm, as timm's head norm
+        if reference_image_size(reference_config):
+            fields["image_size"] = reference_image_size(reference_config)
     fields.update(given)
     fields["model_type"] = model_type
     missing = [f for f in VISION_REQUIRED_FIELDS[model_type] if f not in fields]
     if missing:
+        found = (
+            "its weights do not determine" if tower_shapes else "the checkpoint has no tower weights to infer"
+        )
+        if not resolved:
+            found += (
+                f" and the name is neither a local model directory, a model in the local Hugging Face cache "
+                f"nor a known tower ({', '.join(KNOWN_TOWERS)})"
+            )
         raise ValueError(
-            f"the vision tower {tower_name!r} ({model_type}) needs {missing}, which "
-            f"{'its weights do not determine' if tower_shapes else 'the checkpoint has no tower weights to infer'}; "
-            f"pass vision_config as a JSON object with them (e.g. '{{\"{missing[0]}\": ...}}') or a directory "
-            f"holding the tower's transformers config.json"
+            f"the vision tower {tower_name!r} ({model_type}) needs {missing}, which {found}; pass vision_config "
+            f"as a JSON object with them (e.g. '{{\"{missing[0]}\": ...}}') or a directory holding the tower's "
+            f"transformers config.json"
         )
     return AutoConfig.for_model(**fields)
 
@@ -278,8 +337,10 @@ def convert_reference_config(
     Args:
         reference_config: the checkpoint's config, `model_type` "llava_qwen_slow_fast".
         vision_config: the vision tower's config, which reference configs only name
-            (`mm_vision_tower`): a dict / JSON string of fields (merged over those inferred from
-            `weight_shapes`), a `config.json` file, a model directory or a `PretrainedConfig`.
+            (`mm_vision_tower`): a dict / JSON string of fields (merged over those of the named tower
+            and those inferred from `weight_shapes`), a `config.json` file, a model directory or a
+            `PretrainedConfig`. Needed only where the name resolves to nothing and the weights leave
+            fields open.
         weight_shapes: `{reference weight name: shape}`, to infer the tower's sizes.
     """
     model_type = reference_config.get("model_type")
@@ -317,6 +378,7 @@ def convert_reference_config(
         vision_feature_layer=-1
         if vision.model_type in CNN_MODEL_TYPES
         else reference_config.get("mm_vision_select_layer", -1),
+        vision_norm_eps=TIMM_CONVNEXT_NORM_EPS if vision.model_type in CNN_MODEL_TYPES else None,
         video_pooling_stride=reference_config["mm_video_pooling_stride"],
         fast_temporal_sampling_stride=reference_config["fast_token_temporal_sampling_stride"],
         fast_temporal_pooling_stride=reference_config["fast_token_temporal_stride"],
@@ -603,8 +665,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vision-config",
         metavar="PATH_OR_JSON",
-        help="vision tower config, if the checkpoint's config does not determine it: a JSON object of fields, "
-        "a config.json file or a transformers model directory",
+        help="vision tower config, over the one the checkpoint's mm_vision_tower resolves to and its weights "
+        "imply: a JSON object of fields, a config.json file or a transformers model directory",
     )
     parser.add_argument("--dtype", help="weight dtype, e.g. bfloat16 (default: the checkpoint's)")
     host = parser.add_argument_group("plug-and-play: add the slow branch to a transformers video LLM")

@@ -74,7 +74,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
 
     def __init__(self, config: SlowFastConfig):
         super().__init__(config)
-        self.vision_tower = build_vision_tower(config.vision_config)
+        self.vision_tower = build_vision_tower(config.vision_config, config.vision_norm_eps)
         self.multi_modal_projector = build_projector(
             config.projector_type, vision_feature_size(config.vision_config), config.text_config.hidden_size
         )

@@ -19,12 +19,22 @@ CNN_MODEL_TYPES = ("convnext", "convnextv2")
 VIT_WITH_CLASS_TOKEN = ("clip_vision_model",)
 
 
-def build_vision_tower(vision_config: PretrainedConfig) -> nn.Module:
-    """A randomly initialised encoder for `vision_config` (weights come from `from_pretrained` later)."""
-    if vision_config.model_type in CNN_MODEL_TYPES:
-        # CNNs have no attention; the composite model's "sdpa" request must not reach them.
-        return AutoModel.from_config(vision_config, attn_implementation="eager")
-    return AutoModel.from_config(vision_config)
+def build_vision_tower(vision_config: PretrainedConfig, norm_eps: float | None = None) -> nn.Module:
+    """A randomly initialised encoder for `vision_config` (weights come from `from_pretrained` later).
+
+    `norm_eps` (CNNs only, `SlowFastConfig.vision_norm_eps`) replaces the eps that transformers fixes
+    for the LayerNorms of the stem, blocks and downsampling layers; the final `layernorm` keeps the
+    config's `layer_norm_eps`.
+    """
+    if vision_config.model_type not in CNN_MODEL_TYPES:
+        return AutoModel.from_config(vision_config)
+    # CNNs have no attention; the composite model's "sdpa" request must not reach them.
+    tower = AutoModel.from_config(vision_config, attn_implementation="eager")
+    if norm_eps is not None:
+        for name, module in tower.named_modules():
+            if isinstance(module, nn.LayerNorm) and name != "layernorm":
+                module.eps = norm_eps
+    return tower
 
 
 def vision_grid(vision_config: PretrainedConfig) -> tuple[int, int]:
