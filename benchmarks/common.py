@@ -1,4 +1,8 @@
-"""Shared pieces of the benchmark scripts: the scaled model, interleaved timing, tables and plots.
+"""Shared pieces of the benchmark scripts: the model, interleaved timing, tables and plots.
+
+The models are named configs (`SlowFastConfig.from_name`): "bench-scaled" (Qwen2-7B's shape ratios at
+D = 512, a one-layer 64 px SigLIP, s2t4 knobs), "bench-train" (the same at D = 256, 4 layers) and
+"bench-quick" (D = 128, 4 layers, under `--quick`).
 
 Every script measures its variants side by side in one process, each once per round in a shuffled
 order, and reports medians (ratios: medians of per-round ratios), so that load from other jobs on a
@@ -20,60 +24,11 @@ import torch
 
 from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration
 from slowfast_vlm.modeling.fast_tokens import build_fast_tokens
-from slowfast_vlm.modeling.vision import slow_grid, vision_grid
+from slowfast_vlm.modeling.slow_tokens import slow_grid
+from slowfast_vlm.modeling.vision import vision_grid
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-# The scaled LLM: Qwen2-7B's shape ratios (MLP 5.5x wide, 4 query heads per kv head; hybrid layers
-# every 4 of 8 layers, 7B: every 8 of 28) at width D = 512. Per token, QK^T + AV cost 4 * L * D FLOPs
-# against about 38 * D^2 for the projections and MLP in both models, so attention's share grows with
-# L / D. With 16 slow tokens per frame, L / D at a given frame count is about 1.4x the 7B model's
-# (81 tokens per frame, D = 3,584): at 128 frames the self-attention-only model's attention costs 43%
-# of its projections here vs 32% at 7B. The long-video trend is therefore slightly exaggerated here.
-SCALED_TEXT_CONFIG = dict(
-    model_type="qwen2",
-    hidden_size=512,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    intermediate_size=2816,
-    vocab_size=8192,
-    max_position_embeddings=65536,
-    tie_word_embeddings=False,
-)
-# `--quick`: a 4-layer, 128-wide LLM, only to check that a script runs.
-QUICK_TEXT_CONFIG = dict(
-    hidden_size=128, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1
-)
-# A one-layer SigLIP on 64 px frames: an 8 x 8 grid, pooled by 2 to 4 x 4 = 16 slow tokens per frame.
-SCALED_VISION_CONFIG = dict(
-    model_type="siglip_vision_model",
-    hidden_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=128,
-    image_size=64,
-    patch_size=8,
-)
-VIDEO_TOKEN_ID, IMAGE_TOKEN_ID = 8190, 8191
-
-
-def scaled_config(text: dict | None = None, **knobs) -> SlowFastConfig:
-    """The benchmark model: the scaled Qwen2 LLM (`text` overrides its fields), the tiny encoder, and the
-    released 128-frame model's knobs (s2t4: temporal sampling stride 2, pooling stride 4) unless `knobs`
-    override them."""
-    knobs = dict(
-        dict(
-            hybrid_every_n_layers=4,
-            fast_temporal_sampling_stride=2,
-            video_token_id=VIDEO_TOKEN_ID,
-            image_token_id=IMAGE_TOKEN_ID,
-        ),
-        **knobs,
-    )
-    text_config = dict(SCALED_TEXT_CONFIG, **(text or {}))
-    return SlowFastConfig(text_config=text_config, vision_config=dict(SCALED_VISION_CONFIG), **knobs)
 
 
 def model_name(config: SlowFastConfig) -> str:
@@ -89,7 +44,7 @@ def build_model(
     torch.manual_seed(seed)
     model = SlowFastForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
     with torch.no_grad():
-        for layer in model.hybrid_layers:
+        for layer in model.hybrid_attentions:
             layer.cross_attn_warm_up_gate.fill_(1.0)
     return model.eval()
 
@@ -173,16 +128,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the PNG plot")
 
 
-def setup(args: argparse.Namespace) -> dict | None:
-    """Apply `--threads` and `--out`; `--quick` means one measured round. Returns the LLM overrides
-    for `scaled_config` (the quick model under `--quick`)."""
+def config_name(args: argparse.Namespace, default: str = "bench-scaled") -> str:
+    """The named config of the benchmark model: "bench-quick" under `--quick`, else `default`."""
+    return "bench-quick" if args.quick else default
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Apply `--threads` and `--out`; `--quick` means one measured round."""
     if args.threads < 1 or args.repeats < 1:
         raise SystemExit(f"--threads and --repeats must be >= 1, got {args.threads} and {args.repeats}")
     torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats = 1
     args.out.mkdir(parents=True, exist_ok=True)
-    return QUICK_TEXT_CONFIG if args.quick else None
 
 
 def save_figure(figure, path: Path) -> Path:

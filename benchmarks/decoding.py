@@ -1,7 +1,7 @@
 """Decoding latency per generated token: slow keys/values cached vs re-projected at every step vs no video.
 
-Three variants of greedy decoding (`--new-tokens` tokens, KV cache on) on the scaled model of
-`common.scaled_config` with its tiny vision encoder, for a video of each frame count:
+Three variants of greedy decoding (`--new-tokens` tokens, KV cache on) on the named config
+"bench-scaled" with its tiny vision encoder, for a video of each frame count:
 
 - cached: as `generate(..., pixel_values_videos=video)`: every hybrid layer projects the slow
   tokens' keys/values once per request and reads them from the `SlowCache` at every step, and
@@ -33,15 +33,18 @@ import time
 
 import torch
 
-from slowfast_vlm.compute import decoder_flops, reference_7b
+from slowfast_vlm import SlowFastConfig
+from slowfast_vlm.compute import decoder_flops
 from slowfast_vlm.modeling.fast_tokens import fast_token_count
-from slowfast_vlm.modeling.vision import slow_grid, vision_grid
+from slowfast_vlm.modeling.slow_tokens import slow_grid
+from slowfast_vlm.modeling.vision import vision_grid
 from slowfast_vlm.transformers_compat import cache_field, cache_of
 
 from .common import (
     DTYPES,
     add_common_arguments,
     build_model,
+    config_name,
     log_axes,
     machine_note,
     markdown_table,
@@ -50,7 +53,6 @@ from .common import (
     new_figure,
     paired_ratio,
     save_figure,
-    scaled_config,
     setup,
 )
 
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=24, help="generated tokens per request")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     args = parser.parse_args(argv)
-    text = setup(args)
+    setup(args)
     frames_list = sorted(args.frames or (QUICK_FRAMES if args.quick else FRAMES))
     batches = sorted(args.batch_sizes or (QUICK_BATCH_SIZES if args.quick else BATCH_SIZES))
     target_frames = frames_list[0] if args.quick else TARGET_FRAMES
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     if new_tokens < 3:
         raise SystemExit(f"--new-tokens must be >= 3 (the first step is the prefill), got {new_tokens}")
 
-    model = build_model(scaled_config(text), DTYPES[args.dtype])
+    model = build_model(SlowFastConfig.from_name(config_name(args)), DTYPES[args.dtype])
     shapes = sorted({(frames, 1) for frames in frames_list} | {(target_frames, batch) for batch in batches})
     decoders = {
         (variant, frames, batch): GreedyDecoder(
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(markdown_table(headers, rows))
 
-    reference = reference_7b(fast_temporal_sampling_stride=2)
+    reference = SlowFastConfig.from_name("reference-7b-s2t4")
     rows = []
     for frames in (16, 64, 128, 256, 512, 1536):
         fast, slow = token_counts(reference, frames)

@@ -4,9 +4,9 @@ The paper's efficiency claim is about LLM prefill, so only the LLM is timed: the
 precomputed (random, shaped as the encoder + projector would give them) and the prefill is one
 `forward(inputs_embeds=..., use_cache=True, logits_to_keep=1)`, as `generate` runs it.
 
-- slow-fast: the scaled model of `common.scaled_config` (s2t4, the released 128-frame model's
-  knobs); the sequence is the fast tokens followed by the text prompt, and the text queries every
-  slow token in the hybrid layers (a fresh `SlowCache` per call, so the slow keys/values are
+- slow-fast: the named config "bench-scaled" (s2t4, the released 128-frame model's knobs); the
+  sequence is the fast tokens followed by the text prompt, and the text queries every slow token in
+  the hybrid layers (a fresh `SlowCache` per call, so the slow keys/values are
   projected every time, as in a real prefill).
 - self-attention: the same LLM with `hybrid_layers=[]`, every slow token in the sequence.
 
@@ -37,14 +37,15 @@ from pathlib import Path
 
 import torch
 
+from slowfast_vlm import SlowFastConfig
 from slowfast_vlm.compute import estimate
-from slowfast_vlm.modeling.hybrid import SlowCache
+from slowfast_vlm.modeling.slow_tokens import SlowCache
 
 from .common import (
     DTYPES,
-    QUICK_TEXT_CONFIG,
     add_common_arguments,
     build_model,
+    config_name,
     interleaved,
     log_axes,
     machine_note,
@@ -54,7 +55,6 @@ from .common import (
     new_figure,
     paired_ratio,
     save_figure,
-    scaled_config,
     setup,
     timed,
     visual_tokens,
@@ -97,10 +97,11 @@ class Prefill:
         )
 
 
-def build_models(dtype: torch.dtype, text: dict | None) -> dict:
+def build_models(dtype: torch.dtype, name: str) -> dict:
+    """The slow-fast model of the named config `name` and its LLM without hybrid layers."""
     return {
-        "slowfast": build_model(scaled_config(text), dtype),
-        "self-attention": build_model(scaled_config(text, hybrid_layers=[]), dtype),
+        "slowfast": build_model(SlowFastConfig.from_name(name), dtype),
+        "self-attention": build_model(SlowFastConfig.from_name(name, hybrid_layers=[]), dtype),
     }
 
 
@@ -115,7 +116,7 @@ def _status_kib(field: str) -> int:
 def peak_memory_worker(args: argparse.Namespace) -> None:
     """Subprocess: print `{design, frames, peak_bytes}` JSON lines, smallest points first."""
     dtype = DTYPES[args.dtype]
-    models = build_models(dtype, QUICK_TEXT_CONFIG if args.quick else None)
+    models = build_models(dtype, config_name(args))
     for design, model in models.items():  # load kernels and thread pools before measuring
         Prefill(model, design, min(args.frames), args.prompt_tokens, dtype)()
     for frames in sorted(args.frames):
@@ -171,10 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
         peak_memory_worker(args)
         return
-    text = setup(args)
+    setup(args)
     dtype = DTYPES[args.dtype]
 
-    models = build_models(dtype, text)
+    models = build_models(dtype, config_name(args))
     points = {
         (design, frames): Prefill(models[design], design, frames, args.prompt_tokens, dtype)
         for frames in args.frames

@@ -1,9 +1,10 @@
 """Training throughput (forward + backward + AdamW step): slow-fast vs the self-attention-only LLM, equal frames.
 
-A tiny model (the scaled Qwen2 of `common` at D = 256, 4 layers, hybrid layers 0 and 2, s2t4 knobs)
-and the same LLM with `hybrid_layers=[]`. Every parameter of the LLM (and, in slow-fast, the
-cross-attention branch) is trained, as in stage 2; the visual tokens are precomputed (random), so
-the vision encoder and projector, which cost the same in both designs at equal frames, are left out.
+A tiny model (the named config "bench-train": the scaled Qwen2 at D = 256, 4 layers, s2t4 knobs;
+hybrid layers 0 and 2) and the same LLM with `hybrid_layers=[]`. Every parameter of the LLM (and, in
+slow-fast, the cross-attention branch) is trained, as in stage 2; the visual tokens are precomputed
+(random), so the vision encoder and projector, which cost the same in both designs at equal frames,
+are left out.
 A sample is the video's tokens (fast tokens, or every slow token for self-attention), a 32-token
 prompt and a 32-token response whose tokens carry the loss. Weights, activations and AdamW state are
 all in `--dtype` (bf16 by default; no fp32 master copy). bf16 autocast over fp32 weights, the usual
@@ -26,12 +27,14 @@ import argparse
 
 import torch
 
-from slowfast_vlm.modeling.hybrid import SlowCache
+from slowfast_vlm import SlowFastConfig
+from slowfast_vlm.modeling.slow_tokens import SlowCache
 
 from .common import (
     DTYPES,
     add_common_arguments,
     build_model,
+    config_name,
     interleaved,
     log_axes,
     machine_note,
@@ -41,7 +44,6 @@ from .common import (
     new_figure,
     paired_ratio,
     save_figure,
-    scaled_config,
     setup,
     timed,
     visual_tokens,
@@ -50,7 +52,6 @@ from .common import (
 DESIGNS = ("self-attention", "slowfast")
 FRAMES = (16, 32, 64, 128, 256)
 QUICK_FRAMES = (16, 32)
-TRAIN_TEXT_CONFIG = dict(hidden_size=256, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=4)
 PROMPT_TOKENS = RESPONSE_TOKENS = 32
 
 
@@ -98,14 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2, help="samples per step")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights, activations, optimizer")
     args = parser.parse_args(argv)
-    text = setup(args) or TRAIN_TEXT_CONFIG
+    setup(args)
     frames_list = sorted(args.frames or (QUICK_FRAMES if args.quick else FRAMES))
     batch = 1 if args.quick else args.batch
 
     steps = {}
     for design in DESIGNS:  # one model and optimizer per design, shared by its frame counts
         knobs = dict(hybrid_every_n_layers=2) if design == "slowfast" else dict(hybrid_layers=[])
-        model = build_model(scaled_config(text, **knobs), DTYPES[args.dtype]).train()
+        config = SlowFastConfig.from_name(config_name(args, "bench-train"), **knobs)
+        model = build_model(config, DTYPES[args.dtype]).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         for frames in frames_list:
             steps[design, frames] = TrainStep(model, optimizer, design, frames, batch)

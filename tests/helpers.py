@@ -8,69 +8,16 @@ from transformers import PreTrainedTokenizerFast
 from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration
 from slowfast_vlm.training.tiny import train_tokenizer
 
-VOCAB = 128
-VIDEO_TOKEN_ID = VOCAB - 2
-IMAGE_TOKEN_ID = VOCAB - 1
-
-TEXT_CONFIGS = {
-    "qwen2": dict(model_type="qwen2"),
-    "llama": dict(model_type="llama"),
-    "mistral": dict(model_type="mistral"),
-    "qwen3": dict(model_type="qwen3", head_dim=16),
-}
-VISION_CONFIGS = {
-    # 32 px frames; 4x4 grids
-    "siglip": dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-    ),
-    "clip": dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-    ),
-    "convnext": dict(
-        model_type="convnext",
-        hidden_sizes=[8, 16],
-        depths=[1, 1],
-        num_stages=2,
-        patch_size=4,
-        image_size=32,
-    ),
-}
+_TINY = SlowFastConfig.from_name("tiny")
+VOCAB = _TINY.text_config.vocab_size
+VIDEO_TOKEN_ID = _TINY.video_token_id
+IMAGE_TOKEN_ID = _TINY.image_token_id
 
 
 def tiny_config(llm: str = "qwen2", vision: str = "siglip", **overrides) -> SlowFastConfig:
-    """A 4-layer, 64-wide LLM (4 heads, 2 kv heads) with hybrid layers 0 and 2, and a 32 px encoder."""
-    text = dict(
-        TEXT_CONFIGS[llm],
-        num_hidden_layers=4,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    knobs = dict(
-        hybrid_every_n_layers=2,
-        min_fast_frames=2,
-        video_token_id=VIDEO_TOKEN_ID,
-        image_token_id=IMAGE_TOKEN_ID,
-    )
-    knobs.update(overrides)
-    return SlowFastConfig(text_config=text, vision_config=dict(VISION_CONFIGS[vision]), **knobs)
+    """The named config "tiny-<llm>-<vision>": a 4-layer, 64-wide LLM (4 heads, 2 kv heads) with hybrid
+    layers 0 and 2, and a 32 px encoder; `overrides` as in `SlowFastConfig.from_name`."""
+    return SlowFastConfig.from_name(f"tiny-{llm}-{vision}", **overrides)
 
 
 def tiny_model(config: SlowFastConfig | None = None, attn: str = "sdpa", seed: int = 0, **overrides):
@@ -84,7 +31,7 @@ def tiny_model(config: SlowFastConfig | None = None, attn: str = "sdpa", seed: i
 def open_gates(model: SlowFastForConditionalGeneration, value: float = 1.0) -> None:
     """Set every warm-up gate to `value` (they start at 0, i.e. the branch is off)."""
     with torch.no_grad():
-        for layer in model.hybrid_layers:
+        for layer in model.hybrid_attentions:
             if layer.gate_type == "tanh-warmup":
                 layer.cross_attn_warm_up_gate.fill_(value)
 

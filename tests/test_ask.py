@@ -95,6 +95,7 @@ def test_ask_reports_bad_inputs(tmp_path, capsys):
         (["--model", str(tmp_path / "model"), str(tmp_path / "notes.mp4"), "q"], "notes.mp4"),
         (["--model", str(tmp_path / "nowhere"), str(tmp_path / "notes.mp4"), "q"], "cannot load model"),
         (["--model", "some-org/not-cached-model", str(tmp_path / "notes.mp4"), "q"], "cannot load model"),
+        (["--model", str(tmp_path / "model"), "--device", "gpu0", str(tmp_path / "notes.mp4"), "q"], "gpu0"),
     ]
     for args, needle in cases:
         assert main(["ask", *args]) == 2

@@ -6,14 +6,15 @@ from helpers import VIDEO_TOKEN_ID, open_gates, tiny_model
 from PIL import Image
 
 from slowfast_vlm import fast_token_count
-from slowfast_vlm.attention_maps import compute_attention_map, save_attention_map_png, video_attention_map
-from slowfast_vlm.modeling.hybrid import SlowCache
+from slowfast_vlm.attention_maps import save_attention_map_png, video_attention_map
+from slowfast_vlm.inference import compute_attention_map
+from slowfast_vlm.modeling.slow_tokens import SlowCache
 
 
 def test_constructed_example_peaks_at_the_matching_token():
     """Queries equal to one slow token's direction must read that token: frame 5, row 1, col 0."""
     model = tiny_model(seed=20).double()
-    attn = model.hybrid_layers[0]
+    attn = model.hybrid_attentions[0]
     num_frames, h, w, dim = 8, 2, 2, 64
     with torch.no_grad():
         attn.q_proj.weight.copy_(torch.eye(dim))

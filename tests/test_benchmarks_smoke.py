@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slowfast_vlm import SlowFastConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks/`
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -107,10 +109,10 @@ def test_training(tmp_path, capsys):
 
 @pytest.mark.parametrize("variant", ["cached", "re-projected", "text-only"])
 def test_decoding_loop_is_generates_greedy_loop(variant):
-    from benchmarks.common import QUICK_TEXT_CONFIG, build_model, scaled_config
+    from benchmarks.common import build_model
     from benchmarks.decoding import GreedyDecoder, generation_inputs
 
-    model = build_model(scaled_config(QUICK_TEXT_CONFIG), torch.float32)
+    model = build_model(SlowFastConfig.from_name("bench-quick"), torch.float32)
     inputs = generation_inputs(model, variant, frames=16, batch=2, prompt_tokens=8)
     decoder = GreedyDecoder(model, inputs)
     decoder.start()

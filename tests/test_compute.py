@@ -15,7 +15,8 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration, add_hybrid_layers
 from slowfast_vlm.cli import main as cli_main
-from slowfast_vlm.compute import PRESETS, count_parameters, estimate, vision_encoder_flops
+from slowfast_vlm.compute import count_parameters, estimate, vision_encoder_flops
+from slowfast_vlm.named_configs import NAMED_CONFIGS
 from slowfast_vlm.transformers_compat import cache_field, cache_of
 
 VIDEO_TOKEN = 255
@@ -23,29 +24,15 @@ FRAMES, PROMPT_BEFORE, PROMPT_AFTER = 8, 5, 7
 
 
 def tiny_config(**overrides) -> SlowFastConfig:
-    """Qwen2-style LLM (4 layers, GQA 4/2, hybrid layers 0 and 2) + 2-stage ConvNeXt with a 4 x 4 grid."""
-    config = SlowFastConfig(
-        text_config=dict(
-            model_type="qwen2",
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            vocab_size=256,
-        ),
-        vision_config=dict(
-            model_type="convnext",
-            hidden_sizes=[8, 16],
-            depths=[1, 2],
-            num_stages=2,
-            patch_size=4,
-            image_size=32,
-        ),
-        hybrid_every_n_layers=2,
-        min_fast_frames=2,
+    """The named config "tiny-qwen2-convnext" (GQA 4/2, hybrid layers 0 and 2, a 4 x 4 grid) with a 3-block
+    ConvNeXt, temporal pooling 2, Qwen2's own context length, and a vocabulary of 256 (ids 0..199 are text)."""
+    config = SlowFastConfig.from_name(
+        "tiny-qwen2-convnext",
+        text_config={"vocab_size": 256, "max_position_embeddings": 32768},
+        vision_config={"depths": [1, 2]},
         fast_temporal_pooling_stride=2,
         video_token_id=VIDEO_TOKEN,
+        image_token_id=None,
         **overrides,
     )
     config._attn_implementation = "sdpa"
@@ -170,7 +157,7 @@ def test_vision_encoder_flops_match_flop_counter(vision_config):
 
 
 def test_7b_headline_prefill_matches_flop_counter_on_meta():
-    config = PRESETS["reference-7b-s2t4"]()
+    config = SlowFastConfig.from_name("reference-7b-s2t4")
     config.text_config._attn_implementation = "sdpa"
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config.text_config)
@@ -207,7 +194,7 @@ def test_7b_headline_prefill_matches_flop_counter_on_meta():
 
 # ----- memory --------------------------------------------------------------------------------------
 def test_7b_parameters_and_caches_match_closed_forms():
-    config = PRESETS["reference-7b"]()
+    config = SlowFastConfig.from_name("reference-7b")
     parameters = count_parameters(config)
     assert parameters.llm == 7_615_616_512  # Qwen2-7B-Instruct's published size (15,231,233,024 bf16 bytes)
     # 4 hybrid layers: kv projection 3584 -> 2 * 4 * 128 with bias, gate Linear(28 * 128, 1), warm-up scalar
@@ -268,6 +255,16 @@ def test_cli_table_and_saved_config(tmp_path, capsys):
     assert lines[0].split()[:5] == ["design", "frames", "fast", "slow", "seq"]
     assert lines[1].split()[:5] == ["slowfast", "8", "16", "32", "28"]
     assert lines[2].split()[:5] == ["self-attention", "8", "0", "32", "44"]
+
+
+def test_cli_presets_are_the_named_configs(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["flops", "--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines at hyphens too
+    assert all(name in help_text for name in NAMED_CONFIGS)
+    (record,) = run_cli(capsys, "--preset", "tiny-llama-convnext", "--frames", "8", "--design", "slowfast")
+    # 8 frames of a 4 x 4 grid pooled 2x2; temporal pooling 4 -> 2 fast frames
+    assert (record["slow_tokens"], record["fast_tokens"]) == (8 * 4, 2 * 4)
 
 
 @pytest.mark.parametrize(

@@ -40,14 +40,13 @@ def test_ask_without_model_answers_the_demo_clip(capsys):
 
 def test_demo_model_reads_the_asked_about_frame():
     # Where the asked-about digit is drawn comes from the generator; the map from the model's cross-attention.
-    from slowfast_vlm.ask import answer, load_model_and_processor
-    from slowfast_vlm.attention_maps import compute_attention_map
+    from slowfast_vlm.inference import answer, compute_attention_map, load_model
 
     record = json.loads(DEMO_RECORD.read_text())
-    model, processor = load_model_and_processor(str(DEMO_MODEL_DIR), torch.device("cpu"), torch.float32)
+    model, processor = load_model(str(DEMO_MODEL_DIR), "cpu", "float32")
     frames, _ = load_video(DEMO_CLIP, **processor.sampling_defaults())
     with torch.inference_mode():
-        text, ids, video = answer(model, processor, frames, open_question(record), max_new_tokens=4)
-        per_frame = compute_attention_map(model, ids, video).per_layer.mean(0).sum((1, 2))
-    assert text == record["answer_text"]
+        reply = answer(model, processor, frames, open_question(record), max_new_tokens=4)
+        per_frame = compute_attention_map(model, reply.output, reply.video).per_layer.mean(0).sum((1, 2))
+    assert reply.text == record["answer_text"]
     assert int(per_frame.argmax()) == record["detail_frames"][0]

@@ -1,7 +1,7 @@
 """Tests of the synthetic fine-detail benchmark (slowfast_vlm.synth).
 
 The frame samplers of the 16-frame baseline and the fast-token pooling windows are re-derived here
-from design doc sections 1.1 and 1.3, not taken from the generator.
+from architecture sections 1.1 and 1.3 (docs/architecture.md), not taken from the generator.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def baseline_frames(total: int, video_fps: float) -> set[int]:
-    """Every frame a 16-frame baseline sees: uniform, and fps sampling at 1, 2 and 4 fps (design 1.1)."""
+    """Every frame a 16-frame baseline sees: uniform, and fps sampling at 1, 2 and 4 fps (architecture 1.1)."""
     seen = set(np.linspace(0, total - 1, 16).astype(int).tolist())
     for target_fps in (1, 2, 4):
         step = max(1, round(video_fps / target_fps))

@@ -38,13 +38,14 @@ from tqdm import tqdm
 
 from slowfast_vlm.attention_maps import video_attention_map
 from slowfast_vlm.compute import estimate
+from slowfast_vlm.config import SlowFastConfig
 from slowfast_vlm.modeling.hybrid import add_hybrid_layers
 from slowfast_vlm.modeling.model import SlowFastForConditionalGeneration
 from slowfast_vlm.modeling.vision import build_vision_tower, encoder_grids
 from slowfast_vlm.processing.processor import SlowFastProcessor, image_processor_for
 from slowfast_vlm.processing.video import load_video, uniform_sample_indices, write_video
 from slowfast_vlm.synth import COLOURS, CRF, QUESTIONS_PER_CLIP, generate_clip, open_question
-from slowfast_vlm.training.scratch import ScratchGeometry, build_scratch_model, scratch_vision_config
+from slowfast_vlm.training.scratch import build_scratch_model
 
 HERE = Path(__file__).parent
 DATA = Path("outputs/synth/data")
@@ -78,9 +79,9 @@ MODELS = {
         {"num_frames": 64, "fps": FPS, "sampling": "fps"},
     ),
 }
-# 32 px frames, 8 px patches: a 4 x 4 grid, not pooled (video_pooling_stride 1), so one 5 x 7 px digit
-# lies in one or two tokens of 8 x 8 px.
-GEOMETRY = {"video_pooling_stride": 1}
+# Every model is the named config "scratch": 32 px frames, 8 px patches: a 4 x 4 grid, not pooled
+# (video_pooling_stride 1), so one 5 x 7 px digit lies in one or two tokens of 8 x 8 px.
+SCRATCH_VISION = SlowFastConfig.from_name("scratch").vision_config
 
 
 def read_clips(split: str) -> list[list[dict]]:
@@ -107,7 +108,7 @@ def prepare(pool_clips: int = POOL_CLIPS) -> None:
 
 
 # ----- stage 0: the frame encoder, pre-trained once on single frames and frozen for every model -----
-PATCH = ScratchGeometry().patch_size
+PATCH = SCRATCH_VISION.patch_size
 NO_DIGIT, NO_COLOUR, NO_SQUARE = 10, len(COLOURS), 2
 HEADS = {"digit": NO_DIGIT + 1, "colour": NO_COLOUR + 1, "touching": NO_SQUARE + 1}
 
@@ -190,7 +191,7 @@ def pretrain_vision(steps: int, batch: int, lr: float, out: Path = VISION, seed:
     """
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    vision_config = scratch_vision_config(ScratchGeometry(image_size=SIZE))
+    vision_config = SCRATCH_VISION
     encoder = build_vision_tower(vision_config)
     heads = torch.nn.Linear(vision_config.hidden_size, sum(HEADS.values()))
     image_processor = image_processor_for(vision_config)
@@ -289,8 +290,7 @@ def pretrain_llm(
     """Train projector + LLM (no hybrid layer) on image QA about the frame pool's digit frames, on the
     frozen encoder; every video model of this seed starts from this checkpoint."""
     torch.set_num_threads(1)
-    geometry = ScratchGeometry(image_size=SIZE, slowfast={**GEOMETRY, **STAGE1_KNOBS[kind]})
-    model, processor = build_scratch_model(scratch_texts(), geometry, seed=seed)
+    model, processor = build_scratch_model(scratch_texts(), seed=seed, **STAGE1_KNOBS[kind])
     load_frozen_vision(model, vision)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -588,26 +588,26 @@ def ship(run_dir: Path) -> None:
     """Save a trained model in bfloat16 as the package's demo model, with the first test question it
     answers correctly through `slowfast-vlm ask`'s own code path (`answer`, greedy) while its
     cross-attention peaks on the frame of the asked-about digit."""
-    from slowfast_vlm.ask import answer
-    from slowfast_vlm.attention_maps import compute_attention_map
     from slowfast_vlm.default_model import DEMO_CLIP, DEMO_MODEL_DIR
+    from slowfast_vlm.inference import answer, compute_attention_map, load_model
 
     model = SlowFastForConditionalGeneration.from_pretrained(run_dir, dtype=torch.bfloat16)
     model.save_pretrained(DEMO_MODEL_DIR)
     SlowFastProcessor.from_pretrained(run_dir).save_pretrained(DEMO_MODEL_DIR)
-    model = SlowFastForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
-    processor = SlowFastProcessor.from_pretrained(DEMO_MODEL_DIR)
+    model, processor = load_model(DEMO_MODEL_DIR, "cpu", "float32")
     defaults = processor.video_defaults
     for clip in read_clips("test"):
         frames, _ = load_video(DATA / clip[0]["video"], defaults["num_frames"], **_sampling(defaults))
         for record in clip:
             with torch.inference_mode():
-                text, ids, video = answer(model, processor, frames, open_question(record), max_new_tokens=4)
-                per_frame = compute_attention_map(model, ids, video).per_layer.mean(0).sum((1, 2))
-            if text == record["answer_text"] and int(per_frame.argmax()) == record["detail_frames"][0]:
+                reply = answer(model, processor, frames, open_question(record), max_new_tokens=4)
+                per_frame = (
+                    compute_attention_map(model, reply.output, reply.video).per_layer.mean(0).sum((1, 2))
+                )
+            if reply.text == record["answer_text"] and int(per_frame.argmax()) == record["detail_frames"][0]:
                 shutil.copyfile(DATA / record["video"], DEMO_CLIP)
                 DEMO_CLIP.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-                print(f"shipped {run_dir} with {record['id']}: {open_question(record)!r} -> {text}")
+                print(f"shipped {run_dir} with {record['id']}: {open_question(record)!r} -> {reply.text}")
                 return
     raise RuntimeError(f"{run_dir} answers no test question correctly while looking at its digit")
 

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .modeling.hybrid import SlowCache
+from .modeling.slow_tokens import SlowCache
 
 
 @dataclass
@@ -115,20 +114,4 @@ def save_attention_map_png(
     return path
 
 
-@torch.no_grad()
-def compute_attention_map(model, input_ids: torch.Tensor, video: torch.Tensor) -> AttentionMap:
-    """Run `model` once on one sample (`input_ids` `(1, L)`, e.g. prompt + generated answer, and its
-    `video` `(T, 3, H, W)`) and return the map of what its text tokens read from the slow tokens.
-
-    With `generated_tokens_see_slow=True` this is exactly what a cached generation read, since the
-    cached decoding equals recomputing the sequence.
-    """
-    outputs = model(
-        input_ids=input_ids, pixel_values_videos=[video], record_slow_attention=True, use_cache=False
-    )
-    num_frames = video.shape[0]
-    h, w = model.model.visual_grid(num_frames)
-    return video_attention_map(outputs.slow_cache, 0, (num_frames, h, w))
-
-
-__all__ = ["AttentionMap", "compute_attention_map", "save_attention_map_png", "video_attention_map"]
+__all__ = ["AttentionMap", "save_attention_map_png", "video_attention_map"]

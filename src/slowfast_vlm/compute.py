@@ -10,7 +10,7 @@ Everything is computed from the config alone; no weights are loaded. Conventions
 
 Two designs per frame count:
 - "slowfast": the fast tokens of the video are in the LLM sequence; all slow tokens go through the
-  hybrid layers' cross-attention (design doc 1.3-1.5);
+  hybrid layers' cross-attention (architecture 1.3-1.5);
 - "self-attention": the same LLM without hybrid layers, with every frame's pooled tokens (all slow
   tokens) in the sequence.
 """
@@ -26,48 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import ConvNextConfig, PretrainedConfig, Qwen2Config
+from transformers import PretrainedConfig
 
 from .config import SlowFastConfig
 from .modeling.fast_tokens import fast_token_count
+from .modeling.slow_tokens import slow_grid
 from .modeling.vision import (
     CNN_MODEL_TYPES,
     VIT_WITH_CLASS_TOKEN,
-    slow_grid,
     vision_feature_size,
     vision_grid,
 )
+from .named_configs import DESIGNS, NAMED_CONFIGS
 
-DESIGNS = ("slowfast", "self-attention")
 VIT_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")
-
-
-def reference_7b(**overrides) -> SlowFastConfig:
-    """The released models' geometry: Qwen2-7B-Instruct + ConvNeXt-XXL CLIP at 576 px (18 x 18 grid)."""
-    text_config = Qwen2Config(
-        hidden_size=3584,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        intermediate_size=18944,
-        vocab_size=152064,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-    )
-    vision_config = ConvNextConfig(
-        hidden_sizes=[384, 768, 1536, 3072], depths=[3, 4, 30, 3], patch_size=4, num_stages=4, image_size=576
-    )
-    return SlowFastConfig(text_config=text_config, vision_config=vision_config, **overrides)
-
-
-# Released checkpoints: frame64-s1t4, frame96-s1t6, frame128-s2t4 (s = temporal sampling, t = pooling stride).
-PRESETS = {
-    "reference-7b": lambda: reference_7b(),
-    "reference-7b-s1t4": lambda: reference_7b(),
-    "reference-7b-s1t6": lambda: reference_7b(fast_temporal_pooling_stride=6),
-    "reference-7b-s2t4": lambda: reference_7b(fast_temporal_sampling_stride=2),
-}
 
 
 @dataclass
@@ -336,7 +308,7 @@ def apply_overrides(config: SlowFastConfig, overrides: list[str]) -> SlowFastCon
     return config
 
 
-def load_config(preset: str | None, path: str | None) -> SlowFastConfig:
+def flops_config(preset: str | None, path: str | None) -> SlowFastConfig:
     if path is not None:
         location = Path(path)
         if not location.exists():
@@ -344,9 +316,9 @@ def load_config(preset: str | None, path: str | None) -> SlowFastConfig:
         if location.is_file():
             return SlowFastConfig.from_json_file(str(location))
         return SlowFastConfig.from_pretrained(str(location))
-    if preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    return PRESETS[preset]()
+    if preset not in NAMED_CONFIGS:
+        raise ValueError(f"--preset {preset!r} is unknown; choose one of {', '.join(NAMED_CONFIGS)}")
+    return SlowFastConfig.from_name(preset)
 
 
 def _human(value: float, unit: str = "") -> str:
@@ -382,28 +354,9 @@ def format_table(records: list[ComputeRecord]) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="reference-7b", help=f"one of {', '.join(PRESETS)}")
-    source.add_argument("--config", help="a saved SlowFastConfig: model directory or config.json")
-    parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="frame counts")
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens in the prompt")
-    parser.add_argument("--design", choices=DESIGNS, nargs="+", default=list(DESIGNS))
-    parser.add_argument("--dtype", default="bfloat16", help="dtype of parameters and caches")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. fast_temporal_sampling_stride=2 or text_config.num_hidden_layers=32",
-    )
-    parser.add_argument("--json", action="store_true", help="print a JSON array of records")
-
-
 def main(args: argparse.Namespace) -> int:
     try:
-        config = apply_overrides(load_config(args.preset, args.config), args.overrides)
+        config = apply_overrides(flops_config(args.preset, args.config), args.overrides)
         parameters = count_parameters(config)
         records = [
             estimate(config, frames, args.prompt_tokens, design, args.dtype, parameters)

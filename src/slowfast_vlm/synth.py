@@ -282,20 +282,6 @@ def check_detail(frames: np.ndarray, record: dict, max_mismatch: int = 0) -> Non
         )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (videos/ and <split>.jsonl)")
-    parser.add_argument(
-        "--num", type=int, required=True, help=f"number of samples ({QUESTIONS_PER_CLIP} per clip)"
-    )
-    parser.add_argument("--split", choices=SPLITS, default="train", help="split (default train)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    parser.add_argument(
-        "--frames", type=int, default=64, help=f"frames per clip, >= {MIN_FRAMES} (default 64)"
-    )
-    parser.add_argument("--size", type=int, default=64, help="frame width and height in px (default 64)")
-    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the videos (default 8)")
-
-
 def main(args: argparse.Namespace) -> int:
     try:
         path = write_split(args.out, args.num, args.split, args.seed, args.frames, args.size, args.fps)

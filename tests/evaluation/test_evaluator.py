@@ -1,4 +1,4 @@
-"""The built-in evaluator (`slowfast-vlm eval`): data formats, accuracy bookkeeping, failed videos,
+"""The built-in evaluator's loop (`slowfast-vlm eval`): accuracy bookkeeping, failed videos,
 resuming after a crash, and the real model end to end.
 
 Bookkeeping tests drive a scripted stand-in for the model, so every response, and hence every
@@ -16,53 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_checkpoint, tiny_config, tiny_tokenizer, write_random_video
+from evaluation_helpers import EXPECTED, RESPONSES
+from helpers import save_tiny_checkpoint, tiny_config, tiny_tokenizer
 
 from slowfast_vlm.cli import main as cli_main
-from slowfast_vlm.evaluation.evaluator import (
-    MC_INSTRUCTION,
-    OPEN_INSTRUCTION,
-    evaluate,
-    load_samples,
-    read_predictions,
-)
+from slowfast_vlm.evaluation.dataset import load_samples
+from slowfast_vlm.evaluation.evaluator import evaluate
+from slowfast_vlm.evaluation.predictions import read_predictions
 from slowfast_vlm.processing.processor import SlowFastProcessor
 from slowfast_vlm.processing.video import load_video
 
-OPTIONS = ["a red car", "the dog sleeps", "two cats", "nothing happens"]
-# (record, scripted response, correct?); None = the video fails, the sample is not scored
-CASES = [
-    (
-        dict(id="q1", question="What moves?", answer="B", category="action", duration="short"),
-        "The answer is (B).",
-        True,
-    ),
-    (dict(id="q2", question="Who sleeps?", answer="C", category="action", duration="short"), "b", False),
-    (
-        dict(id="q3", question="What is red?", answer="A", category="object", duration="long"),
-        "a red car",
-        True,
-    ),
-    (
-        dict(id="q4", question="How many?", answer="D", category="object", duration="long"),
-        "I am not sure.",
-        False,
-    ),
-    (
-        dict(id="q5", question="Which animal?", answer="dog", category="open", duration="short"),
-        "A dog.",
-        True,
-    ),
-    (
-        dict(id="q6", question="How many cats?", answer=["two", "2"], category="open", duration="long"),
-        "three",
-        False,
-    ),
-    (dict(id="q7", question="Broken clip?", answer="A", category="action", duration="short"), None, None),
-    (dict(id="q8", question="Lost clip?", answer="A", category="object", duration="long"), None, None),
-]
-RESPONSES = {record["question"]: response for record, response, _ in CASES if response is not None}
-EXPECTED = {record["id"]: correct for record, _, correct in CASES}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where `slowfast-vlm eval` puts the model
 
 
@@ -102,123 +65,11 @@ def processor():
     return SlowFastProcessor.from_model_config(tiny_config(), tiny_tokenizer())
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """The CASES as a JSONL file next to their videos: q7's is not a video, q8's does not exist."""
-    root = tmp_path_factory.mktemp("qa")
-    (root / "videos").mkdir()
-    records = []
-    for i, (record, _, _) in enumerate(CASES):
-        record = dict(record, video=f"videos/{record['id']}.mp4")
-        if record["answer"] in ("A", "B", "C", "D"):
-            record["options"] = OPTIONS
-        records.append(record)
-        if record["id"] == "q7":
-            (root / record["video"]).write_bytes(b"this is not a video" * 20)
-        elif record["id"] != "q8":
-            write_random_video(root / record["video"], num_frames=4, fps=4, seed=i)
-    path = root / "qa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def run(processor, dataset, output, model=None, **kwargs):
     samples = load_samples(dataset)
     model = model or ScriptedModel(processor.tokenizer)
     settings = dict(num_frames=4, batch_size=3, num_workers=2) | kwargs
     return evaluate(model, processor, samples, output, **settings)
-
-
-# ----- data --------------------------------------------------------------------------------------
-def test_samples_from_videomme_mvbench_egoschema_and_llava_records(tmp_path):
-    (tmp_path / "abc.mkv").write_bytes(b"")
-    records = [
-        # VideoMME: videoID without suffix, "A. ..." options, letter answer, task_type
-        dict(
-            question_id="001-1",
-            videoID="abc",
-            question="What?",
-            options=["A. x", "B. y"],
-            answer="B",
-            task_type="OCR",
-            duration="short",
-        ),
-        # MVBench: candidates, answer given as the option text
-        dict(video="m.mp4", question="Where?", candidates=["left", "right"], answer="right"),
-        # EgoSchema: "option N" fields, answer index
-        {
-            "q_uid": "e1",
-            "video_idx": "e1.mp4",
-            "question": "Why?",
-            "option 0": "p",
-            "option 1": "q",
-            "answer": 1,
-        },
-        # open-ended, no id: the row number is the id
-        dict(video="o.mp4", question="Color?", answer="red"),
-        # LLaVA-style conversations: the human turn is the prompt as is
-        dict(
-            id="s1",
-            video="s.mp4",
-            conversations=[{"from": "human", "value": "<video>\nDigit?\nA. 1\nB. 2"}],
-            options=["1", "2"],
-            answer="A",
-        ),
-    ]
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(records))
-    samples = load_samples(path)
-    assert [s.id for s in samples] == ["001-1", "1", "e1", "3", "s1"]
-    assert samples[0].video == str(tmp_path / "abc.mkv")
-    assert samples[0].prompt == f"What?\nA. x\nB. y\n{MC_INSTRUCTION}"
-    assert (samples[0].answer, samples[0].category, samples[0].duration) == ("B", "OCR", "short")
-    assert samples[1].prompt == f"Where?\nA. left\nB. right\n{MC_INSTRUCTION}" and samples[1].answer == "B"
-    assert samples[2].options == {"A": "p", "B": "q"} and samples[2].answer == "B"
-    assert samples[2].video == str(tmp_path / "e1.mp4")
-    assert samples[3].prompt == f"Color?\n{OPEN_INSTRUCTION}" and samples[3].answer == "red"
-    assert samples[3].options is None
-    assert samples[4].prompt == "Digit?\nA. 1\nB. 2" and samples[4].answer == "A"
-
-
-def test_json_jsonl_and_parquet_give_the_same_samples(dataset, tmp_path):
-    pd = pytest.importorskip("pandas", reason="parquet support is optional (pandas + pyarrow)")
-    pytest.importorskip("pyarrow", reason="parquet support is optional (pandas + pyarrow)")
-    # a parquet column has one type: q6's list answer becomes a string in all three files
-    records = [dict(r, answer="two") if r["id"] == "q6" else r for r in read_predictions(dataset)]
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "qa.json").write_text(json.dumps(records))
-    pd.DataFrame(records).to_parquet(tmp_path / "qa.parquet")
-    expected = load_samples(tmp_path / "qa.jsonl", dataset.parent)
-    assert len(expected) == 8 and expected[1].options == dict(zip("ABCD", OPTIONS))
-    assert load_samples(tmp_path / "qa.json", dataset.parent) == expected
-    assert load_samples(tmp_path / "qa.parquet", dataset.parent) == expected
-
-
-@pytest.mark.parametrize(
-    "record, message",
-    [
-        (dict(id="x", video="v.mp4", answer="A"), "record 0 \\(id 'x'\\): no question field"),
-        (dict(id="x", question="Q?", answer="A"), "record 0 \\(id 'x'\\): no video field"),
-        (dict(id="x", video="v.mp4", question="Q?"), "record 0 \\(id 'x'\\): no answer field"),
-        (
-            dict(id="x", video="v.mp4", question="Q?", options=["a", "b"], answer="C"),
-            "record 0 \\(id 'x'\\): answer 'C'",
-        ),
-    ],
-)
-def test_bad_records_are_named(tmp_path, record, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(record) + "\n")
-    with pytest.raises(ValueError, match=message):
-        load_samples(path)
-
-
-def test_duplicate_ids_are_refused(tmp_path):
-    path = tmp_path / "dup.jsonl"
-    path.write_text(json.dumps(dict(id="a", video="v.mp4", question="Q?", answer="x")) + "\n")
-    path.write_text(path.read_text() * 2)
-    with pytest.raises(ValueError, match="sample id 'a' occurs more than once"):
-        load_samples(path)
 
 
 # ----- accuracy and failures -----------------------------------------------------------------------
@@ -291,13 +142,6 @@ def test_resume_of_a_finished_run_predicts_nothing(processor, dataset, tmp_path)
     model = ScriptedModel(processor.tokenizer)
     assert run(processor, dataset, tmp_path, model=model, resume=True) == first
     assert model.calls == 0
-
-
-def test_a_corrupt_line_before_the_last_is_an_error(tmp_path):
-    path = tmp_path / "predictions.jsonl"
-    path.write_text('{"id": "a"}\n{"id": \n{"id": "b"}\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        read_predictions(path)
 
 
 # ----- the real model --------------------------------------------------------------------------------

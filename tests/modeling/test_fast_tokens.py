@@ -1,4 +1,4 @@
-"""`build_fast_tokens` against a direct, loop-by-loop transcription of design doc section 1.3."""
+"""`build_fast_tokens` against a direct, loop-by-loop transcription of architecture section 1.3. (docs/architecture.md)"""
 
 import itertools
 import math
@@ -70,7 +70,7 @@ def test_matches_reference(num_frames, grid, sampling, pooling, spatial, min_fra
 
 
 def test_published_geometry():
-    """64 frames of 9x9 with the published strides give 16 x 81 = 1296 fast tokens (design 1.3)."""
+    """64 frames of 9x9 with the published strides give 16 x 81 = 1296 fast tokens (architecture 1.3)."""
     config = tiny_config(min_fast_frames=16)  # published strides are the defaults
     assert fast_token_count(64, (9, 9), config) == 1296
     assert build_fast_tokens(torch.randn(64, 81, 4), (9, 9), config).shape == (1296, 4)

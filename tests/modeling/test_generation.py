@@ -5,7 +5,7 @@ import torch
 from helpers import VIDEO_TOKEN_ID, open_gates, tiny_model
 
 from slowfast_vlm import fast_token_count
-from slowfast_vlm.modeling.hybrid import query_positions
+from slowfast_vlm.modeling.slow_tokens import query_positions
 
 
 def prompt(model, frames, before=(3, 4), after=(5, 6, 7)):
@@ -115,7 +115,7 @@ def test_vision_and_slow_projection_run_once_per_request():
     model.model.vision_tower.register_forward_hook(
         lambda *a: calls.__setitem__("vision", calls["vision"] + 1)
     )
-    for layer in model.hybrid_layers:
+    for layer in model.hybrid_attentions:
         layer.cross_attn_kv_proj.register_forward_hook(lambda *a: calls.__setitem__("kv", calls["kv"] + 1))
     model.generate(
         input_ids=torch.tensor([prompt(model, 8)]),
@@ -123,7 +123,7 @@ def test_vision_and_slow_projection_run_once_per_request():
         max_new_tokens=6,
         do_sample=False,
     )
-    assert calls == {"vision": 1, "kv": len(model.hybrid_layers)}
+    assert calls == {"vision": 1, "kv": len(model.hybrid_attentions)}
 
     # re-projection at every step (the reference's decoding cost) when caching is switched off
     calls.update(vision=0, kv=0)
@@ -135,7 +135,7 @@ def test_vision_and_slow_projection_run_once_per_request():
         cache_slow_kv=False,
         min_new_tokens=6,
     )
-    assert calls == {"vision": 1, "kv": 6 * len(model.hybrid_layers)}
+    assert calls == {"vision": 1, "kv": 6 * len(model.hybrid_attentions)}
 
 
 def test_sampling_runs_and_respects_seed():

@@ -1,11 +1,12 @@
-"""Hybrid layers against a naive einsum/softmax transcription of design doc section 1.5."""
+"""Hybrid layers against a naive einsum/softmax transcription of architecture section 1.5. (docs/architecture.md)"""
 
 import pytest
 import torch
 from helpers import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, open_gates, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from slowfast_vlm.modeling.hybrid import HybridAttention, SlowCache, query_positions
+from slowfast_vlm.modeling.hybrid import HybridAttention
+from slowfast_vlm.modeling.slow_tokens import SlowCache, query_positions
 
 
 def rotate_half(x):
@@ -189,7 +190,7 @@ def test_initial_gates_give_the_plain_llm(llm, attn_impl):
 def test_kv_projection_initialised_from_lm():
     """init_cross_kv_from_lm: the cross keys/values equal k_proj/v_proj of the normalised slow tokens."""
     model = tiny_model(seed=3)
-    attn = model.hybrid_layers[0]
+    attn = model.hybrid_attentions[0]
     slow = torch.randn(2, 5, 64)
     with torch.no_grad():
         key, value = attn.project_slow(slow)
@@ -203,7 +204,7 @@ def test_kv_projection_initialised_from_lm():
 
 def test_gate_init_opens_the_branch_from_the_start():
     closed, opened = tiny_model(seed=3), tiny_model(seed=3, cross_attn_gate_init=0.5)
-    assert all(layer.cross_attn_warm_up_gate.item() == 0.5 for layer in opened.hybrid_layers)
+    assert all(layer.cross_attn_warm_up_gate.item() == 0.5 for layer in opened.hybrid_attentions)
     ids = torch.tensor([[3, 4] + [VIDEO_TOKEN_ID] * 8 + [5, 6]])
     video = torch.randn(1, 4, 3, 32, 32)
     with torch.no_grad():
@@ -215,7 +216,7 @@ def test_gate_init_opens_the_branch_from_the_start():
 
 def test_random_kv_init_and_weight_names():
     model = tiny_model(init_cross_kv_from_lm=False, seed=4)
-    attn = model.hybrid_layers[0]
+    attn = model.hybrid_attentions[0]
     assert not torch.allclose(attn.cross_attn_kv_proj.weight[:16], attn.k_proj.weight[:16])
     names = {n for n, _ in model.named_parameters()}
     # pretrained weights keep their names; the new ones sit under self_attn as in the reference

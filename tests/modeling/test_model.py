@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from helpers import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, open_gates, tiny_model
 
 from slowfast_vlm import fast_token_count
-from slowfast_vlm.modeling.vision import encode_frames, pool_frames
+from slowfast_vlm.modeling.slow_tokens import pool_frames
+from slowfast_vlm.modeling.vision import encode_frames
 
 
 def video_prompt(model, frames, before=(3, 4), after=(5, 6, 7)):
@@ -76,7 +77,7 @@ def test_labels_give_shifted_cross_entropy():
     expected = F.cross_entropy(out.logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
-    gate_grads = [layer.cross_attn_warm_up_gate.grad for layer in model.hybrid_layers]
+    gate_grads = [layer.cross_attn_warm_up_gate.grad for layer in model.hybrid_attentions]
     assert all(g is not None and g.abs().sum() > 0 for g in gate_grads)
 
 
@@ -137,6 +138,6 @@ def test_bf16_autocast_forward_and_backward():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=ids, pixel_values_videos=video, labels=ids)
     out.loss.backward()
-    assert model.hybrid_layers[0].cross_attn_warm_up_gate.grad is not None
+    assert model.hybrid_attentions[0].cross_attn_warm_up_gate.grad is not None
     # bf16 compute stays close to the fp32 result
     torch.testing.assert_close(out.logits.float(), reference, rtol=0.1, atol=0.1)

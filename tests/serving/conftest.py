@@ -6,7 +6,7 @@ import time
 import pytest
 from helpers import save_tiny_checkpoint, write_random_video
 
-from slowfast_vlm.serving.runner import ModelRunner
+from slowfast_vlm.serving.model_runner import ModelRunner
 
 
 @pytest.fixture(scope="session")

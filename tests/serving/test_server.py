@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from serving_helpers import chatml, greedy_reference
 
-from slowfast_vlm.ask import answer
+from slowfast_vlm.inference import answer
 from slowfast_vlm.processing.video import load_video
-from slowfast_vlm.serving.runner import StopTrimmer
+from slowfast_vlm.serving.model_runner import StopTrimmer
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'slowfast-vlm[serve]'")
 openai = pytest.importorskip("openai", reason="needs the test extra: pip install 'slowfast-vlm[test]'")
@@ -62,7 +62,7 @@ def test_models_and_health(client, base_url):
 
 def test_completion_equals_direct_answer(client, checkpoint, frames, data_url):
     _, model, processor = checkpoint
-    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6)[0]
+    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6).text
     _, prompt_tokens, completion_tokens, finish = greedy_reference(
         model, processor, chatml(("user", "What happens?")), frames, 6
     )
@@ -79,7 +79,7 @@ def test_completion_equals_direct_answer(client, checkpoint, frames, data_url):
 
 def test_streaming_equals_direct_answer(client, base_url, checkpoint, frames, data_url):
     _, model, processor = checkpoint
-    expected = answer(model, processor, frames, "Describe it.", max_new_tokens=8)[0]
+    expected = answer(model, processor, frames, "Describe it.", max_new_tokens=8).text
     stream = ask_video(client, data_url, "Describe it.", max_tokens=8, stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -104,7 +104,7 @@ def test_streaming_equals_direct_answer(client, base_url, checkpoint, frames, da
 
 def test_media_root_paths(client, checkpoint, frames, media_root, tmp_path):
     _, model, processor = checkpoint
-    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6)[0]
+    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6).text
     for url in ("clip.mp4", "/clip.mp4", f"file://{media_root / 'clip.mp4'}", "sub/../clip.mp4"):
         assert ask_video(client, url, "What happens?").choices[0].message.content == expected, url
 
@@ -173,7 +173,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(
 
     # still serving, with the right answer
     _, model, processor = checkpoint
-    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6)[0]
+    expected = answer(model, processor, frames, "What happens?", max_new_tokens=6).text
     assert ask_video(client, data_url, "What happens?").choices[0].message.content == expected
 
 
@@ -194,7 +194,7 @@ def test_oversized_body_is_refused(runner, serve, media_root):
 
 def test_stop_sequences(client, checkpoint, frames, data_url):
     _, model, processor = checkpoint
-    full = answer(model, processor, frames, "What happens?", max_new_tokens=8)[0]
+    full = answer(model, processor, frames, "What happens?", max_new_tokens=8).text
     stop = full[2:4]  # appears in the greedy answer, so generation stops on it
     expected = full[: full.index(stop)].strip()
     response = ask_video(client, data_url, "What happens?", max_tokens=8, stop=[stop])
@@ -234,7 +234,7 @@ def test_multi_turn_and_text_only(client, checkpoint, frames, data_url):
 def test_fifty_concurrent_requests_are_all_answered(client, checkpoint, frames, data_url):
     _, model, processor = checkpoint
     questions = ["What happens?", "Describe it.", "Is there a dog?", "Who cooks?", "Where?"]
-    expected = {q: answer(model, processor, frames, q, max_new_tokens=2)[0] for q in questions}
+    expected = {q: answer(model, processor, frames, q, max_new_tokens=2).text for q in questions}
     asked = [questions[i % len(questions)] for i in range(50)]
 
     def one(question):

@@ -213,8 +213,8 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(base_models, media
 # ----- several processes -----------------------------------------------------------------------------
 RANK_SCRIPT = """
 import sys, torch
-from slowfast_vlm.training.runner import load_config, train
-trainer = train(load_config(sys.argv[1]))
+from slowfast_vlm.training.runner import load_train_config, train
+trainer = train(load_train_config(sys.argv[1]))
 state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 torch.save({"state": state, "skipped": trainer.skipped}, f"{sys.argv[2]}/rank{trainer.args.process_index}.pt")
 """

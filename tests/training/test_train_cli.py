@@ -15,7 +15,7 @@ from transformers.integrations import is_tensorboard_available
 
 from slowfast_vlm import SlowFastForConditionalGeneration, cli
 from slowfast_vlm.processing.video import load_video
-from slowfast_vlm.training.runner import COMPLETE_MARKER, load_config
+from slowfast_vlm.training.runner import COMPLETE_MARKER, load_train_config
 from slowfast_vlm.training.tiny import write_tiny_setup
 from slowfast_vlm.transformers_compat import training_arguments_fields
 
@@ -26,7 +26,7 @@ TRAINING_ARGUMENTS = {f.name for f in dataclasses.fields(TrainingArguments)}
 
 @pytest.mark.parametrize("name", ["stage1_7b.yaml", "stage2_7b.yaml", "tiny_cpu.yaml"])
 def test_shipped_configs_load_and_name_only_real_training_arguments(name):
-    config = load_config(str(CONFIGS / name))
+    config = load_train_config(str(CONFIGS / name))
     assert set(training_arguments_fields(config.training)) <= TRAINING_ARGUMENTS
     if "deepspeed" in config.training:
         ds = json.loads((ROOT / config.training["deepspeed"]).read_text())
@@ -37,8 +37,8 @@ def test_shipped_configs_load_and_name_only_real_training_arguments(name):
 
 def test_published_recipe_numbers():
     stage1, stage2 = (
-        load_config(str(CONFIGS / "stage1_7b.yaml")),
-        load_config(str(CONFIGS / "stage2_7b.yaml")),
+        load_train_config(str(CONFIGS / "stage1_7b.yaml")),
+        load_train_config(str(CONFIGS / "stage2_7b.yaml")),
     )
     for config in (stage1, stage2):
         assert (config.data.num_frames, config.data.fps, config.training["bf16"]) == (64, 4.0, True)
@@ -62,19 +62,19 @@ def test_accelerate_configs_parse():
 def test_load_config_with_overrides_and_errors(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: {llm: a, vision: b}\ndata: {train: [x.jsonl]}\ntraining: {output_dir: out}\n")
-    config = load_config(str(path), ["training.max_steps=10", "data.num_frames=8", "learning_rates.vision=1e-5",
+    config = load_train_config(str(path), ["training.max_steps=10", "data.num_frames=8", "learning_rates.vision=1e-5",
                                      "data.train=[a.jsonl, b.jsonl]", "model.slowfast.min_fast_frames=4"])  # fmt: skip
     assert config.training == {"output_dir": "out", "max_steps": 10}
     assert config.data.num_frames == 8 and config.data.train == ["a.jsonl", "b.jsonl"]
     assert config.learning_rates == {"vision": 1e-5} and config.model.slowfast == {"min_fast_frames": 4}
     with pytest.raises(ValueError, match=r"section 'data': unknown key\(s\) \['frames'\]"):
-        load_config(str(path), ["data.frames=8"])
+        load_train_config(str(path), ["data.frames=8"])
     with pytest.raises(ValueError, match=r"unknown top-level key\(s\) \['optimizer'\]"):
-        load_config(str(path), ["optimizer.lr=1"])
+        load_train_config(str(path), ["optimizer.lr=1"])
     with pytest.raises(ValueError, match="--set expects key=value"):
-        load_config(str(path), ["training.max_steps"])
+        load_train_config(str(path), ["training.max_steps"])
     with pytest.raises(ValueError, match="'output_dir' is not a section"):
-        load_config(str(path), ["training.output_dir.x=1"])
+        load_train_config(str(path), ["training.output_dir.x=1"])
 
 
 def test_tiny_cpu_config_trains_through_the_cli(tmp_path):

@@ -6,8 +6,9 @@ lmms-eval finds it through the `lmms_eval.models` entry point of this package (`
 
 Model args: `pretrained` (a folder saved with `save_pretrained`, model + processor), `num_frames`
 (most frames per video, default 64), `fps` (frame sampling rate, default 2), `sampling` ("fps" or
-"uniform"), `dtype` ("auto": bfloat16 on GPU), `num_workers` (video decoding threads), `on_error`
-("mark" or "raise", see `SlowFastLMMS`). `--batch_size N` batches requests. Under
+"uniform"), `device` (default: the process's accelerate device), `dtype` (as for
+`inference.load_model`; "auto": bfloat16 on a GPU that supports it, else float32), `num_workers`
+(video decoding threads), `on_error` ("mark" or "raise", see `SlowFastLMMS`). `--batch_size N` batches requests. Under
 `accelerate launch` each process holds a full model on its own GPU (data parallel).
 """
 
@@ -28,8 +29,9 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from loguru import logger
 from tqdm import tqdm
 
+from ..inference import chat_prompt, generate_responses, load_model, to_device
 from ..processing.video import load_video
-from .evaluator import chat_prompt, generate_responses, load_model, prefetch, to_device
+from .evaluator import prefetch
 
 MODEL_ID = "slowfast_vlm"
 FAILED_RESPONSE = "[slowfast_vlm: sample failed]"
@@ -110,7 +112,7 @@ class SlowFastLMMS(lmms):
         # per process, each on its own GPU whatever --device says)
         self.accelerator = Accelerator()
         state = self.accelerator.state
-        device = state.device if state.num_processes > 1 or device is None else torch.device(device)
+        device = state.device if state.num_processes > 1 or device is None else device
         self.model, self.processor = load_model(pretrained, device, dtype)
         self.num_frames, self.fps, self.sampling = int(num_frames), float(fps), sampling
         self.batch_size_per_device = int(batch_size)

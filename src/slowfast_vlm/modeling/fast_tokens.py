@@ -1,6 +1,6 @@
 """Fast tokens: the compressed preview of a sample's slow tokens that enters the LLM sequence.
 
-Design doc section 1.3. Everything here is a pure function of shapes and the config, so the
+Architecture section 1.3 (docs/architecture.md). Everything here is a pure function of shapes and the config, so the
 processor can count fast tokens (for placeholder expansion) without running the model.
 """
 
@@ -47,7 +47,7 @@ def fast_token_count(num_frames: int, grid: tuple[int, int], config: SlowFastCon
 def build_fast_tokens(
     frame_tokens: torch.Tensor, grid: tuple[int, int], config: SlowFastConfig
 ) -> torch.Tensor:
-    """Build one sample's fast tokens from its slow tokens (design doc section 1.3).
+    """Build one sample's fast tokens from its slow tokens (architecture section 1.3).
 
     Args:
         frame_tokens: `(T, h*w, D)` slow tokens of one sample, frame-major (T = 1 for a still image).

@@ -1,6 +1,6 @@
 """Hybrid decoder layers: a pretrained LLM attention block plus gated cross-attention to slow tokens.
 
-Design doc section 1.5. A chosen decoder layer keeps every pretrained weight under its own name;
+Architecture section 1.5 (docs/architecture.md). A chosen decoder layer keeps every pretrained weight under its own name;
 its `self_attn` is swapped for a `HybridAttention` that adopts the original projections and adds
 three new parameters (the torchtune "fusion layer" pattern):
 
@@ -9,14 +9,11 @@ three new parameters (the torchtune "fusion layer" pattern):
     self_attn.cross_attn_gate_proj.0  Linear(heads * head_dim, 1)      (gate "tanh-warmup" only)
     self_attn.cross_attn_warm_up_gate scalar, initialised to 0          (gate "tanh-warmup" only)
 
-Slow tokens travel through the forward call inside a `SlowCache`, which also caches their
-projected keys/values per layer for the whole of a generation.
+Slow tokens travel through the forward call inside a `SlowCache` (`slow_tokens.py`), which also caches
+their projected keys/values per layer for the whole of a generation. The gate is `TanhWarmupGate`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,59 +21,43 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
-from ..config import SlowFastConfig
+from ..config import SlowBranchConfig
 from ..transformers_compat import pop_cache
+from .slow_tokens import SlowCache
 
 CROSS_ATTN_PARAM_PREFIXES = ("cross_attn_kv_proj", "cross_attn_gate_proj", "cross_attn_warm_up_gate")
 
 
-@dataclass
-class SlowCache:
-    """The slow tokens of a batch and, when `cache_kv`, their projected keys/values per hybrid layer.
+class TanhWarmupGate:
+    """The published gate ("whole-dynamic-tanh-warmup", architecture 1.5.5) of a hybrid attention block:
 
-    Attributes:
-        tokens: `(B, N, D)` projected slow tokens, zero-padded to the longest sample.
-        mask: `(B, N)` bool, True at real slow tokens.
-        cache_kv: keep each layer's keys/values after their first computation (generation).
-        record_attention: accumulate the cross-attention probabilities per layer (attention maps).
+        g = tanh(cross_attn_gate_proj(attn_out)) * tanh(cross_attn_warm_up_gate)    per querying token
+
+    `cross_attn_gate_proj` is Linear(H*hd, 1) (in a Sequential, index 0, as in the reference weights) and
+    `cross_attn_warm_up_gate` a scalar w. w = 0 closes the gate, so a new hybrid layer computes exactly
+    what the LLM computed. The two parameters live on the attention block itself under the reference's
+    names (checkpoints keep them; sharding wrappers see them as the block's own); this unit adds,
+    initialises and applies them.
     """
 
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    cache_kv: bool = True
-    record_attention: bool = False
-    key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    @staticmethod
+    def add_to(block: nn.Module, width: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Give `block` the gate's two parameters (values set by `reset`)."""
+        block.cross_attn_gate_proj = nn.Sequential(nn.Linear(width, 1, device=device, dtype=dtype))
+        block.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
 
-    def __post_init__(self):
-        # Derived once per request, not at every layer and decoding step:
-        # `has_slow` (B,): which samples have any slow token;
-        # `key_mask` (B, N): the cross-attention's key padding, None when nothing is padded. A sample
-        # without slow tokens would give an all-masked softmax (NaN), so it sees its padding instead;
-        # its queries are discarded anyway.
-        self.has_slow = self.mask.any(dim=1)
-        self.key_mask = None if bool(self.mask.all()) else self.mask | ~self.has_slow[:, None]
+    @staticmethod
+    @torch.no_grad()
+    def reset(block: nn.Module, warm_up: float, std: float) -> None:
+        """Projection drawn from N(0, std), bias 0, the scalar w at `warm_up` (0: closed)."""
+        nn.init.normal_(block.cross_attn_gate_proj[0].weight, std=std)
+        nn.init.zeros_(block.cross_attn_gate_proj[0].bias)
+        nn.init.constant_(block.cross_attn_warm_up_gate, warm_up)
 
-    def get(self, layer_idx: int, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
-        """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once."""
-        if layer_idx in self.key_values:
-            return self.key_values[layer_idx]
-        key_value = project(self.tokens)
-        if self.cache_kv:
-            self.key_values[layer_idx] = key_value
-        return key_value
-
-    def record(self, layer_idx: int, probs_sum: torch.Tensor, num_queries: torch.Tensor) -> None:
-        """Accumulate one call's cross-attention: `probs_sum` `(B, H, N)` summed over its `num_queries` `(B,)`."""
-        total, count = self.attention.get(layer_idx, (0.0, 0))
-        self.attention[layer_idx] = (total + probs_sum.detach().float(), count + num_queries.detach())
-
-    def attention_map(self) -> torch.Tensor:
-        """`(B, hybrid layers, H, N)`: cross-attention probabilities averaged over every recorded query token."""
-        if not self.attention:
-            raise ValueError("no cross-attention was recorded: pass record_slow_attention=True")
-        maps = [total / count.clamp(min=1)[:, None, None] for total, count in self.attention.values()]
-        return torch.stack(maps, dim=1)
+    @staticmethod
+    def apply(block: nn.Module, gate_input: torch.Tensor) -> torch.Tensor:
+        """`(B, Q, H*hd)` self-attention outputs of the querying tokens -> their gates `(B, Q, 1)`."""
+        return torch.tanh(block.cross_attn_gate_proj(gate_input)) * torch.tanh(block.cross_attn_warm_up_gate)
 
 
 class HybridAttention(nn.Module):
@@ -84,11 +65,11 @@ class HybridAttention(nn.Module):
 
     Built from an existing attention module, whose submodules (q/k/v/o projections, Qwen3's q/k
     norms) it adopts under their original names. `slow_norm` is the decoder layer's
-    `input_layernorm`, shared with the self-attention input (design 1.5.1); it is held outside the
+    `input_layernorm`, shared with the self-attention input (architecture 1.5.1); it is held outside the
     module tree so that its weight keeps its single name.
     """
 
-    def __init__(self, attention: nn.Module, slow_norm: nn.Module, config: SlowFastConfig):
+    def __init__(self, attention: nn.Module, slow_norm: nn.Module, config: SlowBranchConfig):
         super().__init__()
         for name, child in attention.named_children():
             self.add_module(name, child)
@@ -115,10 +96,7 @@ class HybridAttention(nn.Module):
             hidden_size, 2 * self.num_kv_heads * self.head_dim, bias=True, device=device, dtype=dtype
         )
         if self.gate_type == "tanh-warmup":
-            self.cross_attn_gate_proj = nn.Sequential(
-                nn.Linear(self.num_heads * self.head_dim, 1, device=device, dtype=dtype)
-            )
-            self.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
+            TanhWarmupGate.add_to(self, self.num_heads * self.head_dim, device, dtype)
 
     @property
     def slow_norm(self) -> nn.Module:
@@ -140,9 +118,7 @@ class HybridAttention(nn.Module):
             nn.init.normal_(self.cross_attn_kv_proj.weight, std=std)
             nn.init.zeros_(self.cross_attn_kv_proj.bias)
         if self.gate_type == "tanh-warmup":
-            nn.init.normal_(self.cross_attn_gate_proj[0].weight, std=std)
-            nn.init.zeros_(self.cross_attn_gate_proj[0].bias)
-            nn.init.constant_(self.cross_attn_warm_up_gate, self.gate_init)
+            TanhWarmupGate.reset(self, self.gate_init, std)
         # Tell transformers' post-init weight pass that these are set (it would re-draw them at random).
         for name, module in self.named_modules():
             if name.startswith("cross_attn") or module is self:
@@ -216,7 +192,7 @@ class HybridAttention(nn.Module):
         """Gated cross-attention of the querying positions to the slow tokens.
 
         Args:
-            query_states: `(B, H, L, hd)` self-attention queries after RoPE (shared, design 1.5.3).
+            query_states: `(B, H, L, hd)` self-attention queries after RoPE (shared, architecture 1.5.3).
             attn_output: `(B, L, H*hd)` self-attention output before `o_proj` (the gate's input).
             query_mask: `(B, L)` bool, positions that query the slow tokens.
 
@@ -263,49 +239,14 @@ class HybridAttention(nn.Module):
 
         gather_index = positions[..., None].expand(batch, num_queries, attn_output.shape[-1])
         if self.gate_type == "tanh-warmup":
-            gate_input = attn_output.gather(1, gather_index)
-            gate = torch.tanh(self.cross_attn_gate_proj(gate_input)) * torch.tanh(
-                self.cross_attn_warm_up_gate
-            )
-            cross = gate * cross
+            cross = TanhWarmupGate.apply(self, attn_output.gather(1, gather_index)) * cross
         # (the fp32 warm-up gate would otherwise promote a bf16 branch under autocast)
         cross = torch.where(valid[..., None], cross, torch.zeros_like(cross)).to(attn_output.dtype)
         return torch.zeros_like(attn_output).scatter_add(1, gather_index, cross)
 
 
-class SlowCacheGenerationMixin:
-    """Carries the `slow_cache` a prefill returns into every later `generate` step (mixed in before
-    `GenerationMixin`): the slow tokens and their projected keys/values serve the whole request."""
-
-    def _update_model_kwargs_for_generation(
-        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
-    ):
-        model_kwargs = super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-        if getattr(outputs, "slow_cache", None) is not None:
-            model_kwargs["slow_cache"] = outputs.slow_cache
-        return model_kwargs
-
-
-def query_positions(
-    is_visual: torch.Tensor, attention_mask: torch.Tensor | None, config: SlowFastConfig
-) -> torch.Tensor:
-    """`(B, L)` bool: the prompt positions whose queries read the slow tokens (design 1.5.3).
-
-    Text positions (`cross_attn_queries="text"`) or all non-padding ones (`"all"`); with
-    `mask_system_tokens`, none before the first visual token. `is_visual` `(B, L)` marks the fast
-    tokens (visual placeholders), `attention_mask` `(B, L)` the non-padding positions.
-    """
-    not_pad = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
-    queries = not_pad & ~is_visual if config.cross_attn_queries == "text" else not_pad
-    if config.mask_system_tokens:
-        queries = queries & (is_visual.cumsum(dim=1) > 0)
-    return queries
-
-
 def add_hybrid_layers(
-    language_model: nn.Module, config: SlowFastConfig, init_weights: bool = True
+    language_model: nn.Module, config: SlowBranchConfig, init_weights: bool = True
 ) -> list[int]:
     """Turn the decoder layers `config.hybrid_layer_indices` of `language_model` into hybrid layers, in place.
 
@@ -341,3 +282,15 @@ def cross_attention_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
         for name, param in model.named_parameters()
         if any(f".{prefix}" in name for prefix in CROSS_ATTN_PARAM_PREFIXES)
     ]
+
+
+def freeze_all_but_slow_branch(model: nn.Module) -> list[nn.Parameter]:
+    """Stage 1 of plug-and-play training: freeze every pretrained weight; only the hybrid layers' new
+    parameters (`cross_attention_parameters`) keep `requires_grad`. Returns them, for the optimizer."""
+    trainable = [param for _, param in cross_attention_parameters(model)]
+    if not trainable:
+        raise ValueError(f"freeze_all_but_slow_branch: {type(model).__name__} has no hybrid layers")
+    keep = {id(param) for param in trainable}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+    return trainable

@@ -1,6 +1,6 @@
 """`SlowFastForConditionalGeneration`: vision encoder + projector + an LLM with hybrid layers.
 
-Data flow for one sample (design doc sections 1.2-1.5):
+Data flow for one sample (architecture sections 1.2-1.5, docs/architecture.md):
 
     frames (T, 3, H, W) --encoder, projector--> (T, h, w, D) --pool if T > 1--> slow tokens (T*h'*w', D)
     slow tokens --build_fast_tokens--> fast tokens, scattered into the placeholder positions of the text
@@ -12,27 +12,32 @@ through the forward call, which `generate` carries from step to step.
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..config import SlowFastConfig
 from ..transformers_compat import cache_field, cache_of
+from . import reference_format
 from .fast_tokens import build_fast_tokens, fast_token_count
-from .hybrid import HybridAttention, SlowCache, SlowCacheGenerationMixin, add_hybrid_layers, query_positions
-from .vision import (
-    build_projector,
-    build_vision_tower,
-    encode_frames,
+from .hybrid import HybridAttention, add_hybrid_layers
+from .slow_tokens import (
+    SlowCache,
+    SlowCacheGenerationMixin,
+    build_slow_cache,
     pool_frames,
+    query_mask,
     slow_grid,
-    vision_feature_size,
-    vision_grid,
 )
+from .vision import build_projector, build_vision_tower, encode_frames, vision_feature_size, vision_grid
+
+logger = logging.getLogger(__name__)
 
 VisualInput = torch.Tensor | list[torch.Tensor] | None
 
@@ -179,33 +184,22 @@ class SlowFastModel(SlowFastPreTrainedModel):
             input_ids, _as_list(pixel_values_videos), _as_list(pixel_values)
         )
         items = [item for sample in per_sample for _, item in sample]
-        dim = inputs_embeds.shape[-1]
-        slow_per_sample: list[torch.Tensor] = []
-        fast = []
+        slow_per_sample = [inputs_embeds.new_zeros(0, inputs_embeds.shape[-1]) for _ in per_sample]
         if items:
             slow_items = iter(self.encode_visual_items(items))
-            for sample in per_sample:
-                sample_slow = [next(slow_items) for _ in sample]
+            fast = []
+            for b, sample in enumerate(per_sample):
+                sample_slow = [next(slow_items) for _ in sample]  # each (T_i, h*w, D)
                 for (_, item), slow in zip(sample, sample_slow):
                     fast.append(build_fast_tokens(slow, self.visual_grid(item.shape[0]), self.config))
-                slow_per_sample.append(
-                    torch.cat([s.flatten(0, 1) for s in sample_slow])
-                    if sample_slow
-                    else inputs_embeds.new_zeros(0, dim)
-                )
+                if sample_slow:
+                    slow_per_sample[b] = torch.cat([s.flatten(0, 1) for s in sample_slow])
             fast_tokens = torch.cat(fast).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(
                 self.placeholder_mask(input_ids)[..., None], fast_tokens
             )
-        else:
-            slow_per_sample = [inputs_embeds.new_zeros(0, dim) for _ in per_sample]
-        lengths = torch.tensor([s.shape[0] for s in slow_per_sample], device=inputs_embeds.device)
-        tokens = pad_sequence(slow_per_sample, batch_first=True).to(inputs_embeds.dtype)
-        if tokens.shape[1] == 0:  # no visual input in the batch: one masked dummy slot keeps shapes valid
-            tokens = inputs_embeds.new_zeros(len(per_sample), 1, dim)
-        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
-        slow_cache = SlowCache(
-            tokens=tokens, mask=mask, cache_kv=cache_slow_kv, record_attention=record_slow_attention
+        slow_cache = build_slow_cache(
+            slow_per_sample, inputs_embeds, cache_kv=cache_slow_kv, record_attention=record_slow_attention
         )
         return inputs_embeds, slow_cache
 
@@ -232,7 +226,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        query_mask = None
+        is_visual = None
         if pixel_values_videos is not None or pixel_values is not None:
             if input_ids is None:
                 raise ValueError("visual inputs need input_ids to locate their placeholder tokens")
@@ -245,20 +239,18 @@ class SlowFastModel(SlowFastPreTrainedModel):
                 cache_slow_kv=cache_slow_kv and not self.training,
                 record_slow_attention=record_slow_attention,
             )
-            query_mask = query_positions(self.placeholder_mask(input_ids), attention_mask, self.config)
-        elif slow_cache is not None and self.config.generated_tokens_see_slow:
-            # Tokens after the prompt (generated ones): text positions after the visual input.
-            query_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-
-        if slow_query_mask is not None:
-            query_mask = slow_query_mask
+            is_visual = self.placeholder_mask(input_ids)
+        if slow_query_mask is None:
+            slow_query_mask = query_mask(
+                self.config, inputs_embeds.shape[:2], is_visual, attention_mask, slow_cache
+            )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
             slow_cache=slow_cache,
-            slow_query_mask=query_mask,
+            slow_query_mask=slow_query_mask,
             **kwargs,
         )
         return SlowFastModelOutput(
@@ -297,14 +289,64 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, also accepting the reference release's checkpoint format
         (LLaVA-style `llava_qwen_slow_fast` configs and weight names), converted on the fly."""
-        from ..convert import is_reference_checkpoint, load_reference_checkpoint  # convert imports modeling
-
-        if is_reference_checkpoint(pretrained_model_name_or_path, **kwargs):
-            return load_reference_checkpoint(pretrained_model_name_or_path, **kwargs)
+        if reference_format.is_reference_checkpoint(pretrained_model_name_or_path, **kwargs):
+            return cls.from_reference_checkpoint(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    @classmethod
+    def expected_weights(cls, config: SlowFastConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+        """`{name: shape}` of the weights of a model for `config`, and the names that may be absent (tied
+        to another), from a model built on the meta device (no memory)."""
+        with torch.device("meta"):
+            skeleton = cls(config)
+        shapes = {name: tuple(value.shape) for name, value in skeleton.state_dict().items()}
+        return shapes, set(skeleton.all_tied_weights_keys)
+
+    @classmethod
+    def from_reference_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        vision_config: str | os.PathLike | Mapping | PretrainedConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: str | Mapping | torch.device | None = None,
+        **kwargs,
+    ) -> SlowFastForConditionalGeneration:
+        """Load a reference checkpoint (directory or hub repository id; `reference_format`).
+
+        Weights are read lazily, tensor by tensor, straight into the model. Takes `from_pretrained`'s
+        keyword arguments: `torch_dtype` (alias of `dtype`; default: the checkpoint's), `attn_implementation`,
+        `output_loading_info`, and the hub arguments `cache_dir`, `revision`, `token`, `local_files_only`,
+        `force_download`; others are ignored with a warning. `vision_config` overrides the vision tower's
+        config (see `reference_format.convert_vision_config`).
+        """
+        dtype = dtype if dtype is not None else kwargs.pop("torch_dtype", None)
+        attn_implementation = kwargs.pop("attn_implementation", None)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        hub_kwargs = {k: kwargs.pop(k) for k in reference_format.HUB_KWARGS if k in kwargs}
+        if kwargs:
+            logger.warning("from_reference_checkpoint ignores %s", sorted(kwargs))
+        with reference_format.open_reference_checkpoint(path, vision_config, hub_kwargs) as checkpoint:
+            config = checkpoint.config
+            state_dict = reference_format.convert_reference_state_dict(
+                checkpoint.tensors, config, *cls.expected_weights(config)
+            )
+            # `None` + `state_dict`: transformers' own loading (dtype, device_map, buffers, tied weights)
+            loaded = cls.from_pretrained(
+                None,
+                config=config,
+                state_dict=state_dict,
+                dtype=checkpoint.dtype if dtype in (None, "auto") else dtype,
+                device_map=device_map,
+                attn_implementation=attn_implementation,
+                output_loading_info=output_loading_info,
+            )
+        model = loaded[0] if output_loading_info else loaded
+        if (checkpoint.directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(checkpoint.directory)
+        return loaded
+
     @property
-    def hybrid_layers(self) -> list[HybridAttention]:
+    def hybrid_attentions(self) -> list[HybridAttention]:
         """The cross-attention blocks of the hybrid decoder layers, in layer order."""
         return [m for m in self.model.language_model.modules() if isinstance(m, HybridAttention)]
 

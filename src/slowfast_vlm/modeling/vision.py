@@ -1,4 +1,4 @@
-"""Vision side: encoder feature grids, the projector, and per-frame pooling of videos (design 1.2).
+"""Vision side: the encoder's feature grids and the projector into the LLM width (architecture 1.2).
 
 Supported encoders (any transformers vision model with one of these layouts):
 - ViTs with a patch grid: SigLIP (`siglip_vision_model`) and CLIP (`clip_vision_model`, its class
@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
@@ -48,12 +47,6 @@ def vision_grid(vision_config: PretrainedConfig) -> tuple[int, int]:
     return size // stride, size // stride
 
 
-def slow_grid(frame_grid: tuple[int, int], num_frames: int, video_pooling_stride: int) -> tuple[int, int]:
-    """`(h, w)` of one frame's slow tokens: video frames (T > 1) are pooled, still images are not."""
-    stride = video_pooling_stride if num_frames > 1 else 1
-    return frame_grid[0] // stride, frame_grid[1] // stride
-
-
 def vision_feature_size(vision_config: PretrainedConfig) -> int:
     """Channels C of the encoder's feature grid."""
     if vision_config.model_type in CNN_MODEL_TYPES:
@@ -87,14 +80,6 @@ def build_projector(projector_type: str, in_features: int, out_features: int) ->
     for _ in range(int(match.group(1)) - 1):
         modules += [nn.GELU(), nn.Linear(out_features, out_features)]
     return nn.Sequential(*modules)
-
-
-def pool_frames(grids: torch.Tensor, stride: int) -> torch.Tensor:
-    """Average-pool each frame's grid with kernel = stride: `(T, h, w, D)` -> `(T, h // s, w // s, D)`."""
-    if stride == 1:
-        return grids
-    pooled = F.avg_pool2d(grids.permute(0, 3, 1, 2), kernel_size=stride, stride=stride)
-    return pooled.permute(0, 2, 3, 1)
 
 
 def encode_frames(

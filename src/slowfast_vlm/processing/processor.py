@@ -3,7 +3,7 @@
 Each placeholder is expanded to exactly as many placeholder tokens as the model will put fast tokens
 there (`fast_token_count`), so `input_ids` can go straight into
 `SlowFastForConditionalGeneration.forward` / `generate`. Pixels follow the reference preprocessing
-(design 1.1), with Pillow/numpy only (no torchvision):
+(architecture 1.1), with Pillow/numpy only (no torchvision):
 
 - CLIP / ConvNeXt encoders: resize the shortest edge to the encoder's size, centre-crop a square,
   CLIP mean/std (the reference's `CLIPImageProcessor`); SigLIP: resize to the square, mean/std 0.5;
@@ -30,7 +30,8 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from ..config import SlowFastConfig
 from ..modeling.fast_tokens import fast_token_count
-from ..modeling.vision import slow_grid, vision_grid
+from ..modeling.slow_tokens import slow_grid
+from ..modeling.vision import vision_grid
 
 # The SlowFastConfig fields that decide how many fast tokens a video gets.
 FAST_TOKEN_FIELDS = (
@@ -41,7 +42,7 @@ FAST_TOKEN_FIELDS = (
     "min_fast_frames",
 )
 
-# Qwen ChatML with the reference system prompt (design 1.6). Message content is a string (with its
+# Qwen ChatML with the reference system prompt (architecture 1.6). Message content is a string (with its
 # own placeholders) or a list of {"type": "video" | "image" | "text"} parts; a visual part becomes its
 # placeholder and a newline, as in the reference prompts ("<image>\nQuestion").
 CHATML_TEMPLATE = r"""{%- for message in messages -%}

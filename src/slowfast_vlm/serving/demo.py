@@ -17,30 +17,9 @@ import gradio as gr
 import numpy as np
 import PIL.Image
 
-from ..attention_maps import compute_attention_map, save_attention_map_png
-from .runner import ModelRunner, add_model_arguments
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument(
-        "--samples", nargs="*", type=Path, help="sample videos to offer (default: the demo clip)"
-    )
-    parser.add_argument("--max-upload-mb", type=float, default=256, help="largest video upload")
-
-
-def _conversation(turns: list[tuple[str, str]], question: str) -> list[dict]:
-    """Chat-template messages for earlier (question, answer) turns and the new question; the video
-    goes with the first question."""
-    conversation = []
-    for i, (asked, answered) in enumerate([*turns, (question, None)]):
-        video = [{"type": "video"}] if i == 0 else []
-        conversation.append({"role": "user", "content": [*video, {"type": "text", "text": asked}]})
-        if answered is not None:
-            conversation.append({"role": "assistant", "content": answered})
-    return conversation
+from ..attention_maps import save_attention_map_png
+from ..inference import Reply, build_conversation, compute_attention_map, first_line
+from .model_runner import ModelRunner
 
 
 def _chat(turns: list[tuple[str, str]]) -> list[dict]:
@@ -53,7 +32,7 @@ def _chat(turns: list[tuple[str, str]]) -> list[dict]:
 
 
 def _attention_image(
-    runner: ModelRunner, reply, frames: np.ndarray, title: str
+    runner: ModelRunner, reply: Reply, frames: np.ndarray, title: str
 ) -> tuple[PIL.Image.Image, str]:
     """The attention map PNG of a reply, and a sentence naming the frame it read most."""
     with runner.lock:
@@ -96,7 +75,9 @@ def respond(runner: ModelRunner, question, frames, turns, temperature, max_new_t
         gr.Warning("Type a question first.")
         yield _chat(turns), "", turns, gr.skip(), gr.skip()
         return
-    generation = runner.start(_conversation(turns, question), frames, int(max_new_tokens), float(temperature))
+    generation = runner.start(
+        build_conversation(question, turns), frames, int(max_new_tokens), float(temperature)
+    )
     history = _chat(turns) + [{"role": "user", "content": question}]
     text = ""
     for piece in generation:
@@ -175,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         runner = ModelRunner.from_args(args)
     except (OSError, ValueError) as error:
-        print(f"slowfast-vlm demo: cannot load model: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"slowfast-vlm demo: cannot load model: {first_line(error)}", file=sys.stderr)
         return 2
     launch(build_demo(runner, samples), args.host, args.port, args.max_upload_mb)
     return 0

@@ -31,21 +31,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .runner import ModelRunner, Reply, add_model_arguments
+from ..inference import Reply, first_line
+from .model_runner import ModelRunner
 
 MiB = 1 << 20
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--media-root", type=Path, help="directory whose videos requests may name by path")
-    parser.add_argument("--served-model-name", help="model name in the API (default: the checkpoint's name)")
-    parser.add_argument("--max-body-mb", type=float, default=64, help="largest request body (413 above)")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting or running (503 above)")
-    parser.add_argument("--max-frames", type=int, default=256, help="largest num_frames a request may ask")
-    parser.add_argument("--default-max-tokens", type=int, default=256, help="when a request sets none")
 
 
 # ----- errors ------------------------------------------------------------------------------------
@@ -448,7 +437,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         runner = ModelRunner.from_args(args)
     except (OSError, ValueError) as error:
-        print(f"slowfast-vlm serve: cannot load model: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"slowfast-vlm serve: cannot load model: {first_line(error)}", file=sys.stderr)
         return 2
     if args.served_model_name:
         runner.name = args.served_model_name

@@ -1,12 +1,19 @@
 """Training slow-fast models: LLaVA-style data, stage presets, the Trainer setup and the `train` CLI."""
 
-from .build import COMPONENTS, PRESETS, ModelConfig, build_model, learning_rates
+from .build import COMPONENTS, STAGE_LEARNING_RATES, ModelConfig, build_model, learning_rates
 from .data import Collator, ConversationDataset, DataConfig, ModalityGroupedSampler, read_records
-from .runner import SlowFastTrainer, TrainConfig, build_trainer, last_complete_checkpoint, load_config, train
+from .runner import (
+    SlowFastTrainer,
+    TrainConfig,
+    build_trainer,
+    last_complete_checkpoint,
+    load_train_config,
+    train,
+)
 
 __all__ = [
     "COMPONENTS",
-    "PRESETS",
+    "STAGE_LEARNING_RATES",
     "Collator",
     "ConversationDataset",
     "DataConfig",
@@ -18,7 +25,7 @@ __all__ = [
     "build_trainer",
     "last_complete_checkpoint",
     "learning_rates",
-    "load_config",
+    "load_train_config",
     "read_records",
     "train",
 ]

@@ -25,8 +25,8 @@ from ..modeling.model import SlowFastForConditionalGeneration
 from ..processing.processor import SlowFastProcessor
 
 COMPONENTS = ("llm", "vision", "projector", "cross_attention")
-# Learning rate per trained component (design 1.6); a component not listed is frozen.
-PRESETS: dict[str, dict[str, float]] = {
+# Learning rate per trained component (architecture 1.6); a component not listed is frozen.
+STAGE_LEARNING_RATES: dict[str, dict[str, float]] = {
     "stage1": {"projector": 1e-3, "cross_attention": 2e-4},
     "stage2": {"llm": 2e-5, "projector": 2e-5, "cross_attention": 2e-5},
     "custom": {},
@@ -84,7 +84,7 @@ def load_pretrained_parts(model: SlowFastForConditionalGeneration, llm: nn.Modul
     model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     std = getattr(model.config.text_config, "initializer_range", 0.02)
-    for layer in model.hybrid_layers:  # from the *loaded* k_proj / v_proj
+    for layer in model.hybrid_attentions:  # from the *loaded* k_proj / v_proj
         layer.reset_cross_parameters(model.config.init_cross_kv_from_lm, std=std)
 
 
@@ -164,9 +164,9 @@ def component_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Param
 def learning_rates(stage: str, overrides: dict[str, float | None] | None = None) -> dict[str, float]:
     """Learning rate of each trained component: the preset of `stage`, updated by `overrides`
     (a component mapped to `None` is frozen)."""
-    if stage not in PRESETS:
-        raise ValueError(f"stage must be one of {list(PRESETS)}, got {stage!r}")
-    rates: dict[str, float | None] = {**PRESETS[stage], **(overrides or {})}
+    if stage not in STAGE_LEARNING_RATES:
+        raise ValueError(f"stage must be one of {list(STAGE_LEARNING_RATES)}, got {stage!r}")
+    rates: dict[str, float | None] = {**STAGE_LEARNING_RATES[stage], **(overrides or {})}
     unknown = set(rates) - set(COMPONENTS)
     if unknown:
         raise ValueError(

@@ -41,7 +41,7 @@ from ..processing.video import load_video
 
 logger = logging.getLogger(__name__)
 
-# Token types (design 1.4).
+# Token types (architecture 1.4).
 PROMPT, RESPONSE, VISUAL, PAD = 1, 2, 3, 4
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -107,7 +107,7 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.load(raw, Loader=YamlLoader)
 
 
-def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_train_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML training config and apply `--set` overrides."""
     with open(path, encoding="utf-8") as f:
         values = yaml.load(f, Loader=YamlLoader) or {}
@@ -355,19 +355,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     return trainer
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML training config (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set training.max_steps=10 (repeatable; value parsed as YAML)",
-    )
-
-
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(load_config(args.config, args.overrides))
+    train(load_train_config(args.config, args.overrides))
     return 0

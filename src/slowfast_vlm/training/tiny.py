@@ -1,7 +1,8 @@
 """Write a tiny, random, offline setup to try the training pipeline on a CPU in a minute.
 
-A 4-layer Qwen2 LLM, a 32 px SigLIP encoder, a byte-level BPE tokenizer with ChatML tokens, a few
-short mp4 videos of a moving square, an image, and `train.jsonl` (what `configs/tiny_cpu.yaml` reads):
+The LLM and encoder of the named config "tiny" (a 4-layer Qwen2 LLM, a 32 px SigLIP encoder), a
+byte-level BPE tokenizer with ChatML tokens, a few short mp4 videos of a moving square, an image, and
+`train.jsonl` (what `configs/tiny_cpu.yaml` reads):
 
     python -m slowfast_vlm.training.tiny outputs/tiny
     slowfast-vlm train configs/tiny_cpu.yaml
@@ -17,14 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
+from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM, SiglipVisionModel
 
+from ..config import SlowFastConfig
 from ..processing.video import write_video
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 40), "blue": (50, 80, 230)}
@@ -94,31 +90,14 @@ def write_tiny_setup(folder: str | Path, seed: int = 0) -> dict[str, str]:
 
     texts = ["You are a helpful assistant."] + [t["value"] for r in records for t in r["conversations"]]
     tokenizer = train_tokenizer(texts)
-    torch.manual_seed(seed)
-    llm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-        )
+    config = SlowFastConfig.from_name(
+        "tiny", text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 1024}
     )
+    torch.manual_seed(seed)
+    llm = Qwen2ForCausalLM(config.text_config)
     llm.save_pretrained(folder / "llm")
     tokenizer.save_pretrained(folder / "llm")
-    vision = SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
+    vision = SiglipVisionModel(config.vision_config)
     vision.save_pretrained(folder / "vision")
     return {
         "llm": str(folder / "llm"),

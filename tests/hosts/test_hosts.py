@@ -17,17 +17,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from slowfast_vlm.modeling.host import (
-    SlowFastLlavaNextVideoProcessor,
-    SlowFastLlavaOnevisionConfig,
-    SlowFastLlavaOnevisionProcessor,
-    convert_host,
-    freeze_all_but_slow_branch,
-    from_host,
-    processor_from_host,
-    select_fast_frames,
-)
-from slowfast_vlm.modeling.hybrid import HybridAttention
+from slowfast_vlm.hosts import convert_host, from_host, processor_from_host, select_fast_frames
+from slowfast_vlm.hosts.llava_next_video import SlowFastLlavaNextVideoProcessor
+from slowfast_vlm.hosts.llava_onevision import SlowFastLlavaOnevisionConfig, SlowFastLlavaOnevisionProcessor
+from slowfast_vlm.modeling.hybrid import HybridAttention, freeze_all_but_slow_branch
 
 FAMILIES = ["onevision", "next_video"]
 FRAMES, FAST = 8, 4
@@ -75,7 +68,7 @@ def prompt(family: str, before=(3, 4), after=(5, 6, 7)) -> list[int]:
 
 def open_gates(model, value: float = 0.8) -> None:
     with torch.no_grad():
-        for layer in model.hybrid_layers:
+        for layer in model.hybrid_attentions:
             layer.cross_attn_warm_up_gate.fill_(value)
 
 
@@ -129,7 +122,7 @@ def test_a_frame_only_the_slow_tokens_carry_matters_once_gates_open(family):
 
 @pytest.mark.parametrize(("family", "stride"), [("onevision", 2), ("next_video", 1)])
 def test_slow_tokens_are_every_frame_projected_and_pooled(family, stride):
-    host, model = host_and_slowfast(family, seed=3, slow_pooling_stride=stride, vision_frame_chunk_size=3)
+    host, model = host_and_slowfast(family, seed=3, video_pooling_stride=stride, vision_frame_chunk_size=3)
     torch.manual_seed(0)
     video = torch.randn(1, FRAMES, 3, 32, 32)
     with torch.no_grad():
@@ -328,12 +321,12 @@ def test_convert_cli_from_host(tmp_path):
         "3",
         "--hybrid-every-n-layers",
         "2",
-        "--slow-pooling-stride",
+        "--video-pooling-stride",
         "2",
     ]
     assert main(args) == 0
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
-    assert (reloaded.config.frames, reloaded.config.fast_frames, reloaded.config.slow_pooling_stride) == (
+    assert (reloaded.config.frames, reloaded.config.fast_frames, reloaded.config.video_pooling_stride) == (
         12,
         3,
         2,

@@ -1,49 +1,23 @@
 """One loaded model shared by the demo and the API server: video decoding with the model's frame
-settings, and generations that stream text from a worker thread, one at a time on the model."""
+settings, and generations (`inference.reply`) that stream text from a worker thread, one at a time
+on the model."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from ..ask import DTYPES, load_model_and_processor, reply, resolve_device_dtype
+from ..default_model import default_model_path
+from ..inference import Reply, load_model, reply
 from ..processing.video import VideoMetadata, load_video
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--device`, `--dtype`: the options of `ModelRunner.from_args`."""
-    parser.add_argument("--model", help="checkpoint directory or hub id (default: the shipped demo model)")
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
-    )
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="default: bfloat16 on GPU")
-
-
-@dataclass
-class Reply:
-    """A finished generation.
-
-    Attributes:
-        text: the answer, cut before the first stop sequence.
-        finish_reason: "stop" (end of turn or a stop sequence) or "length" (`max_new_tokens` reached).
-        output: `(1, L)` prompt + generated ids.
-        video: `(T, 3, H, W)` pixels the model saw, or None for a text-only chat.
-    """
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    output: torch.Tensor
-    video: torch.Tensor | None
 
 
 class StopTrimmer:
@@ -92,23 +66,12 @@ class _Cancelled(StoppingCriteria):
         )
 
 
-class _PromptCountingStreamer(TextIteratorStreamer):
-    """A `TextIteratorStreamer` that also notes the prompt length (`generate` puts the prompt first)."""
-
-    prompt_tokens = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.skip_prompt and self.next_tokens_are_prompt:
-            self.prompt_tokens = value.shape[-1]
-        super().put(value)
-
-
 class Generation:
     """A generation running in a worker thread. Iterate it for text pieces as they are generated
-    (already cut at a stop sequence), then call `result()` for the `Reply`."""
+    (already cut at a stop sequence), then call `result()` for the `Reply` (its text cut there too)."""
 
     def __init__(self, runner: ModelRunner, stop: Sequence[str], cancel: threading.Event | None, **kwargs):
-        self.streamer = _PromptCountingStreamer(
+        self.streamer = TextIteratorStreamer(
             runner.processor.tokenizer, skip_prompt=True, skip_special_tokens=True
         )
         self.trimmer = StopTrimmer(stop)
@@ -154,16 +117,16 @@ class ModelRunner:
 
     @classmethod
     def load(cls, model_id: str | None = None, device: str = "auto", dtype: str = "auto") -> ModelRunner:
-        """Load `model_id` (default: the shipped demo model); `OSError` if it cannot be found."""
-        from ..default_model import default_model_path
-
+        """Load `model_id` (default: the shipped demo model) with `inference.load_model`; `OSError` if
+        it cannot be found, `ValueError` for a bad device or dtype."""
         model_id = model_id or str(default_model_path())
-        model, processor = load_model_and_processor(model_id, *resolve_device_dtype(device, dtype))
+        model, processor = load_model(model_id, device, dtype)
         local = Path(model_id)
         return cls(model, processor, name=local.resolve().name if local.is_dir() else model_id)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelRunner:
+        """`load` with the options of `model_options.add_model_arguments`."""
         return cls.load(args.model, args.device, args.dtype)
 
     def load_video(
@@ -198,7 +161,7 @@ class ModelRunner:
 
     def _generate(
         self,
-        streamer: _PromptCountingStreamer,
+        streamer: TextIteratorStreamer,
         stop: Sequence[str],
         cancel: threading.Event | None,
         conversation: list[dict],
@@ -211,8 +174,8 @@ class ModelRunner:
             extra.update(stop_strings=list(stop), tokenizer=self.processor.tokenizer)
         if cancel is not None:
             extra.update(stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
-        with self.lock, torch.inference_mode():
-            text, output, video = reply(
+        with self.lock:
+            result = reply(
                 self.model,
                 self.processor,
                 conversation,
@@ -223,16 +186,7 @@ class ModelRunner:
                 **extra,
             )
         trimmer = StopTrimmer(stop)
-        trimmed = trimmer.feed(text) + trimmer.flush()
-        completion_tokens = output.shape[1] - streamer.prompt_tokens
-        eos = self.model.generation_config.eos_token_id
-        eos = {eos} if isinstance(eos, int) else set(eos or ())
-        at_length = completion_tokens >= max_new_tokens and output[0, -1].item() not in eos
-        return Reply(
-            text=trimmed.strip(),
-            finish_reason="length" if at_length and not trimmer.stopped else "stop",
-            prompt_tokens=streamer.prompt_tokens,
-            completion_tokens=completion_tokens,
-            output=output,
-            video=video,
-        )
+        trimmed = trimmer.feed(result.text) + trimmer.flush()
+        # a stop sequence ends the answer even where it came with the last allowed token
+        finish_reason = "stop" if trimmer.stopped else result.finish_reason
+        return dataclasses.replace(result, text=trimmed.strip(), finish_reason=finish_reason)
