@@ -17,6 +17,13 @@ from .named_configs import DESIGNS, NAMED_CONFIGS
 from .synth import MIN_FRAMES, QUESTIONS_PER_CLIP, SPLITS
 
 
+def add_set_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--set KEY=VALUE` (repeatable) into `args.overrides`."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", help="path to a video file")
     parser.add_argument("question", help="the question to answer")
@@ -42,26 +49,17 @@ def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens in the prompt")
     parser.add_argument("--design", choices=DESIGNS, nargs="+", default=list(DESIGNS))
     parser.add_argument("--dtype", default="bfloat16", help="dtype of parameters and caches")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. fast_temporal_sampling_stride=2 or text_config.num_hidden_layers=32",
+    add_set_argument(
+        parser,
+        "override a config field, e.g. fast_temporal_sampling_stride=2 or text_config.num_hidden_layers=32",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON array of records")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML training config (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set training.max_steps=10 (repeatable; value parsed as YAML)",
+    add_set_argument(
+        parser, "override a config value, e.g. --set training.max_steps=10 (repeatable; value parsed as YAML)"
     )
 
 

@@ -334,3 +334,25 @@ def test_convert_cli_from_host(tmp_path):
     hybrid = [m for m in reloaded.modules() if isinstance(m, HybridAttention)]
     assert len(hybrid) == len(range(0, host.config.text_config.num_hidden_layers, 2))
     assert main(["convert", "--from-host", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hosts_take_every_slow_branch_knob_and_record_attention(family):
+    """The knobs are `SlowBranchConfig`'s, as for the native model: an explicit layer list, an open gate
+    at init; and the hosts record the cross-attention for attention maps."""
+    _, model = host_and_slowfast(family, seed=4, hybrid_layers=[1, 3], cross_attn_gate_init=0.5)
+    layers = model.model.language_model.layers
+    assert [i for i, layer in enumerate(layers) if isinstance(layer.self_attn, HybridAttention)] == [1, 3]
+    assert [layer.cross_attn_warm_up_gate.item() for layer in model.hybrid_attentions] == [0.5, 0.5]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = model(
+            input_ids=torch.tensor([prompt(family)]),
+            pixel_values_videos=torch.randn(1, FRAMES, 3, 32, 32),
+            record_slow_attention=True,
+        )
+    attention = output.slow_cache.attention_map()  # (B, hybrid layers, H, N)
+    slow_tokens = FRAMES * 4 * 4  # every frame's 4 x 4 grid, unpooled by default
+    assert attention.shape == (1, 2, 4, slow_tokens)
+    # each query's probabilities over the slow tokens sum to 1, so their average does too
+    torch.testing.assert_close(attention.sum(-1), torch.ones(1, 2, 4))

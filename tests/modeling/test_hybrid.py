@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from helpers import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, open_gates, tiny_config, tiny_model
+from helpers import VIDEO_TOKEN_ID, open_gates, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from slowfast_vlm.modeling.hybrid import HybridAttention
-from slowfast_vlm.modeling.slow_tokens import SlowCache, query_positions
+from slowfast_vlm.modeling.slow_tokens import SlowCache
 
 
 def rotate_half(x):
@@ -129,32 +129,6 @@ def test_hybrid_attention_matches_naive(llm, attn_impl, gate_type):
     reads = query_mask & slow_mask.any(1)[:, None] & valid
     assert not torch.allclose(plain[reads], got[reads])
     torch.testing.assert_close(plain[~reads & valid], got[~reads & valid], rtol=0, atol=0)
-
-
-def reference_query_mask(types, mode, mask_system):
-    """Design 1.4/1.5.3 from token types: 1 prompt, 2 response, 3 fast visual, 4 padding."""
-    result = []
-    for row in types:
-        seen_visual, out = False, []
-        for t in row:
-            seen_visual |= t == 3
-            is_query = t in (1, 2) if mode == "text" else t in (1, 2, 3)
-            out.append(is_query and (seen_visual or not mask_system))
-        result.append(out)
-    return torch.tensor(result)
-
-
-@pytest.mark.parametrize("mode", ["text", "all"])
-@pytest.mark.parametrize("mask_system", [False, True])
-def test_query_positions(mode, mask_system):
-    model = tiny_model(cross_attn_queries=mode, mask_system_tokens=mask_system)
-    V, I = VIDEO_TOKEN_ID, IMAGE_TOKEN_ID  # noqa: E741
-    input_ids = torch.tensor([[5, 6, V, V, 7, 8, 0], [5, I, I, 6, 7, 0, 0], [5, 6, 7, 8, 9, 10, 11]])
-    attention_mask = torch.tensor([[1] * 6 + [0], [1] * 5 + [0] * 2, [1] * 7])
-    types = torch.where(model.model.placeholder_mask(input_ids), 3, 1)
-    types = torch.where(attention_mask.bool(), types, 4).tolist()
-    got = query_positions(model.model.placeholder_mask(input_ids), attention_mask, model.config)
-    assert torch.equal(got, reference_query_mask(types, mode, mask_system))
 
 
 @pytest.mark.parametrize("llm", ["qwen2", "llama", "mistral", "qwen3"])

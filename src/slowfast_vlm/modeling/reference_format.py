@@ -51,23 +51,17 @@ REQUIRED_FIELDS = (
     "fast_token_temporal_sampling_stride",
 )
 # Vision config fields that must be known to build each kind of tower.
+VIT_REQUIRED_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+)
 VISION_REQUIRED_FIELDS = {
-    "siglip_vision_model": (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "image_size",
-        "patch_size",
-    ),
-    "clip_vision_model": (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "image_size",
-        "patch_size",
-    ),
+    "siglip_vision_model": VIT_REQUIRED_FIELDS,
+    "clip_vision_model": VIT_REQUIRED_FIELDS,
     "convnext": ("hidden_sizes", "depths", "num_stages", "image_size", "patch_size"),
 }
 VISION_MODEL_TYPE_ALIASES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
