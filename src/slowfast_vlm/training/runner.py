@@ -12,11 +12,14 @@ import logging
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import yaml
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -167,10 +170,43 @@ class SlowFastTrainer(Trainer):
         self.rates, self.num_records, self.skipped = rates, num_records, skipped
         self.max_bad_sample_fraction, self.group_by_length = max_bad_sample_fraction, group_by_length
 
+    # ----- engines -----
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        fsdp_requested = (
+            self.args.fsdp_plugin_args is not None
+            or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        )
+        if fsdp_requested and state.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate enables FSDP only on GPU-like devices and drops the plugin on CPU without a word;
+            # torch's FSDP2 runs on CPU with gloo, so make the state FSDP (the shared PartialState too, which
+            # the checkpoint code reads).
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+            if state.mixed_precision != "no":
+                plugin.set_mixed_precision(state.mixed_precision)
+            state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+        if fsdp_requested and not self.is_fsdp_enabled:
+            raise ValueError(
+                f"FSDP was requested but is not active ({state.distributed_type.value}, "
+                f"{state.num_processes} process(es)): launch 2 or more processes with torchrun"
+            )
+
+    def save_final_model(self) -> None:
+        """The complete model, config and processor in `output_dir`, whatever the engine's checkpoint format."""
+        if self.is_fsdp_enabled:
+            # Trainer.save_model writes nothing under SHARDED_STATE_DICT: gather the full state dict once.
+            self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        self.save_model(self.args.output_dir)
+
     # ----- data and optimizer -----
     def _get_train_sampler(self, train_dataset=None) -> ModalityGroupedSampler:
         dataset = train_dataset or self.train_dataset
-        return ModalityGroupedSampler(
+        self.train_sampler = ModalityGroupedSampler(
             dataset.modalities,
             dataset.lengths,
             batch_size=self._train_batch_size,
@@ -178,6 +214,13 @@ class SlowFastTrainer(Trainer):
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             group_by_length=self.group_by_length,
         )
+        return self.train_sampler
+
+    def _run_epoch(self, *args, epoch: int, **kwargs):
+        # accelerate's `set_epoch` does not reach the sampler of a resumed multi-process epoch (wrapped in
+        # SkipBatchSampler(BatchSamplerShard(...))): it would deal epoch 0's order. Set it here, always.
+        self.train_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -262,6 +305,8 @@ class SlowFastTrainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank has written its part (ZeRO shards, RNG states)
         if self.args.should_save:
+            if not os.path.isfile(os.path.join(output_dir, "config.json")):  # FSDP's sharded format has none
+                self.accelerator.unwrap_model(model).config.save_pretrained(output_dir)
             marker = os.path.join(output_dir, COMPLETE_MARKER)
             with open(marker + ".tmp", "w") as f:
                 json.dump({"global_step": self.state.global_step, "skipped_samples": self.skipped}, f)
@@ -312,6 +357,12 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         args = TrainingArguments(**training_arguments_fields(training))
     except TypeError as e:  # an unknown key
         raise ValueError(f"config section 'training' (TrainingArguments): {e}") from e
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != args.world_size:
+        raise ValueError(
+            f"launched as {launched} processes but the Trainer sees {args.world_size} (on CPU, set "
+            "training.use_cpu: true): each process would train its own copy into the same output_dir"
+        )
 
     records, skipped = read_records(config.data, processor)
     num_records = len(records) + len(skipped)
@@ -351,11 +402,20 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     trainer.train(resume_from_checkpoint=checkpoint)
     if config.model.lora is not None:
         merge_lora(trainer.model)
-    trainer.save_model(trainer.args.output_dir)
+    trainer.save_final_model()
     return trainer
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(load_train_config(args.config, args.overrides))
+    try:
+        train(load_train_config(args.config, args.overrides))
+    except (OSError, ValueError) as error:  # a bad config, a missing file, an engine set-up refused
+        print(f"slowfast-vlm train: {args.config}: {error}", file=sys.stderr)
+        return 2
+    finally:
+        # A process group left to the interpreter's exit can abort a rank ("terminate called without an
+        # active exception") after the final save.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
