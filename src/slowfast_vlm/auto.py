@@ -28,10 +28,12 @@ def _register() -> None:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForImageTextToText.register(config_class, family.model, exist_ok=True)
         AutoProcessor.register(config_class, family.processor, exist_ok=True)
-        # Checkpoints keep the host's on-disk key layout (transformers saves a loaded host in it).
-        register_checkpoint_conversion_mapping(
-            config_class.model_type, get_checkpoint_conversion_mapping(family.host_model_type), overwrite=True
-        )
+        # Checkpoints keep the host's on-disk key layout (transformers saves a loaded host in it); the
+        # host's mapping is registered under its model type (LLaVA) or its class name (Qwen-VL).
+        mapping = get_checkpoint_conversion_mapping(
+            family.host_model_type
+        ) or get_checkpoint_conversion_mapping(family.host_model.__name__)
+        register_checkpoint_conversion_mapping(config_class.model_type, mapping, overwrite=True)
 
 
 _register()

@@ -206,6 +206,54 @@ def dtype_bytes(dtype: str) -> int:
     return torch.empty(0, dtype=torch_dtype).element_size()
 
 
+def _record(
+    config: PretrainedConfig,
+    design: str,
+    frames: int,
+    prompt_tokens: int,
+    tokens: tuple[int, int, int, int, int],
+    vision: tuple[int, int],
+    dtype: str,
+    parameters: int,
+) -> ComputeRecord:
+    """One `ComputeRecord` from the token counts `(fast, slow, sequence, queries, hybrid_layers)` and the
+    vision `(encoder, projector)` FLOPs: the LLM's prefill and first decoding step, the caches."""
+    fast, slow, sequence, queries, hybrid_layers = tokens
+    element = dtype_bytes(dtype)
+    _, _, kv_heads, head_dim, _, _, layers = _text_dims(config.text_config)
+    prefill = decoder_flops(config.text_config, sequence, sequence, hybrid_layers, queries, slow)
+    decode_queries = 1 if config.generated_tokens_see_slow else 0
+    decode = decoder_flops(
+        config.text_config, 1, sequence + 1, hybrid_layers, decode_queries, slow, project_slow=False
+    )
+    encoder, projector = vision
+    return ComputeRecord(
+        design=design,
+        frames=frames,
+        prompt_tokens=prompt_tokens,
+        fast_tokens=fast,
+        slow_tokens=slow,
+        sequence_length=sequence,
+        query_tokens=queries,
+        hybrid_layers=hybrid_layers,
+        llm_prefill_flops=sum(prefill.values()),
+        prefill_self_attention_flops=prefill["self_attention"],
+        prefill_mlp_flops=prefill["mlp"],
+        prefill_hybrid_flops=prefill["hybrid"],
+        prefill_lm_head_flops=prefill["lm_head"],
+        decode_context=sequence + 1,
+        decode_flops_per_token=sum(decode.values()),
+        vision_flops=encoder + projector,
+        vision_encoder_flops=encoder,
+        projector_flops=projector,
+        dtype=dtype,
+        parameters=parameters,
+        parameter_bytes=parameters * element,
+        kv_cache_bytes=2 * layers * kv_heads * head_dim * sequence * element,
+        slow_kv_cache_bytes=2 * hybrid_layers * kv_heads * head_dim * slow * element,
+    )
+
+
 def estimate(
     config: SlowFastConfig,
     frames: int,
@@ -227,9 +275,6 @@ def estimate(
     if not isinstance(prompt_tokens, int) or prompt_tokens < 0:
         raise ValueError(f"prompt_tokens must be an integer >= 0, got {prompt_tokens!r}")
     parameters = parameters or count_parameters(config)
-    element = dtype_bytes(dtype)
-    _, _, kv_heads, head_dim, _, _, layers = _text_dims(config.text_config)
-
     grid = slow_grid(vision_grid(config.vision_config), frames, config.video_pooling_stride)
     slow = frames * grid[0] * grid[1]
     if design == "slowfast":
@@ -239,40 +284,82 @@ def estimate(
         queries = prompt_tokens + (fast if config.cross_attn_queries == "all" else 0)
     else:
         fast, sequence, hybrid_layers, queries = 0, prompt_tokens + slow, 0, 0
-
-    prefill = decoder_flops(config.text_config, sequence, sequence, hybrid_layers, queries, slow)
-    decode_queries = 1 if config.generated_tokens_see_slow else 0
-    decode = decoder_flops(
-        config.text_config, 1, sequence + 1, hybrid_layers, decode_queries, slow, project_slow=False
-    )
-    encoder, projector = frames * vision_encoder_flops(config.vision_config), frames * projector_flops(config)
+    vision = frames * vision_encoder_flops(config.vision_config), frames * projector_flops(config)
     param_total = parameters.llm + parameters.vision + parameters.projector
     param_total += parameters.cross_attention if design == "slowfast" else 0
-    return ComputeRecord(
-        design=design,
-        frames=frames,
-        prompt_tokens=prompt_tokens,
-        fast_tokens=fast,
-        slow_tokens=slow,
-        sequence_length=sequence,
-        query_tokens=queries,
-        hybrid_layers=hybrid_layers,
-        llm_prefill_flops=sum(prefill.values()),
-        prefill_self_attention_flops=prefill["self_attention"],
-        prefill_mlp_flops=prefill["mlp"],
-        prefill_hybrid_flops=prefill["hybrid"],
-        prefill_lm_head_flops=prefill["lm_head"],
-        decode_context=sequence + 1,
-        decode_flops_per_token=sum(decode.values()),
-        vision_flops=encoder + projector,
-        vision_encoder_flops=encoder,
-        projector_flops=projector,
-        dtype=dtype,
-        parameters=param_total,
-        parameter_bytes=param_total * element,
-        kv_cache_bytes=2 * layers * kv_heads * head_dim * sequence * element,
-        slow_kv_cache_bytes=2 * hybrid_layers * kv_heads * head_dim * slow * element,
+    tokens = (fast, slow, sequence, queries, hybrid_layers)
+    return _record(config, design, frames, prompt_tokens, tokens, vision, dtype, param_total)
+
+
+def qwen_vl_vision_flops(vision_config: PretrainedConfig, height: int, width: int) -> tuple[int, int]:
+    """(encoder, patch merger) FLOPs of a Qwen2.5-VL vision tower on one temporal patch of `height x width`
+    pixels: patch embedding, blocks (window attention within `window_size` windows, full attention in
+    `fullatt_block_indexes`, both within the temporal patch), gated MLP; merger MLP on merged tokens."""
+    patch, merge = vision_config.patch_size, vision_config.spatial_merge_size
+    hidden, intermediate = vision_config.hidden_size, vision_config.intermediate_size
+    grid_h, grid_w = height // patch, width // patch
+    tokens = grid_h * grid_w
+    window = vision_config.window_size // merge // patch  # merged units per window side
+
+    def squared_sides(units: int) -> int:  # sum of window side lengths squared along one axis
+        return (units // window) * window**2 + (units % window) ** 2
+
+    window_pairs = merge**4 * squared_sides(grid_h // merge) * squared_sides(grid_w // merge)
+    encoder = (
+        2 * tokens * vision_config.in_channels * vision_config.temporal_patch_size * patch * patch * hidden
     )
+    for block in range(vision_config.depth):
+        pairs = tokens * tokens if block in vision_config.fullatt_block_indexes else window_pairs
+        encoder += (
+            2 * tokens * 4 * hidden * hidden + 2 * 2 * pairs * hidden + 3 * 2 * tokens * hidden * intermediate
+        )
+    merged, width_in = tokens // merge**2, hidden * merge**2
+    merger = 2 * merged * width_in * (width_in + vision_config.out_hidden_size)
+    return encoder, merger
+
+
+def host_estimate(
+    config: PretrainedConfig,
+    frames: int,
+    height: int,
+    width: int,
+    prompt_tokens: int = 64,
+    design: str = "slowfast",
+    dtype: str = "bfloat16",
+) -> ComputeRecord:
+    """FLOPs and memory of a Qwen2.5-VL host with the slow branch (`design="slowfast"`: the fast temporal
+    patches in the sequence, every one cross-attended) or of the host itself given all `frames`
+    (`"self-attention"`), on one video of `frames` frames of `height x width` pixels (the size after the
+    processor's resize: multiples of `patch_size * spatial_merge_size`). Conventions as in `estimate`."""
+    from .hosts import HOST_FAMILIES
+    from .hosts.qwen2_5_vl import fast_temporal_patches
+    from .modeling import cross_attention_parameters
+
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    vision = config.vision_config
+    patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    if height % (patch * merge) or width % (patch * merge):
+        raise ValueError(f"height and width must be multiples of {patch * merge}, got {height} x {width}")
+    family = next(f for f in HOST_FAMILIES if f.model.config_class is type(config))
+    with torch.device("meta"):
+        model = family.model(config)
+    cross = sum(p.numel() for _, p in cross_attention_parameters(model))
+    parameters = sum(p.numel() for p in model.parameters()) - (cross if design != "slowfast" else 0)
+    patches = -(-frames // temporal)  # the host pads the last temporal patch with copies of the last frame
+    merged_h, merged_w = height // patch // merge, width // patch // merge
+    stride = config.video_pooling_stride
+    if design == "slowfast":
+        fast = len(fast_temporal_patches(patches, config.fast_frames, temporal)) * merged_h * merged_w
+        slow = patches * (merged_h // stride) * (merged_w // stride)
+        sequence, hybrid_layers = prompt_tokens + fast, len(config.hybrid_layer_indices)
+        queries = prompt_tokens + (fast if config.cross_attn_queries == "all" else 0)
+    else:
+        fast, slow, hybrid_layers, queries = 0, patches * merged_h * merged_w, 0, 0
+        sequence = prompt_tokens + slow
+    vision_flops = tuple(patches * flops for flops in qwen_vl_vision_flops(vision, height, width))
+    tokens = (fast, slow, sequence, queries, hybrid_layers)
+    return _record(config, design, frames, prompt_tokens, tokens, vision_flops, dtype, parameters)
 
 
 # ----- command line: `slowfast-vlm flops` ------------------------------------------------------------

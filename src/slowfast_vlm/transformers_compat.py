@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 # 5.24 renamed the KV cache `past_key_values` -> `cache`, both as the forward argument of every model
@@ -46,3 +47,29 @@ def training_arguments_fields(fields: dict[str, Any]) -> dict[str, Any]:
     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
         return dict(fields)
     return {ACTIVATION_CHECKPOINTING_NAMES.get(key, key): value for key, value in fields.items()}
+
+
+# Before 5.17, Qwen2.5-VL's rotary embedding returned one cos/sin per position axis, `(3, B, L, hd)`, and
+# its attention composed them with `mrope_section` (`apply_multimodal_rotary_pos_emb`); later releases
+# compose them inside the rotary embedding, which returns `(B, L, hd)` like any LLM's.
+def compose_multimodal_rotary(
+    cos: torch.Tensor, sin: torch.Tensor, config: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(cos, sin)` of shape `(B, L, hd)` from what this release's rotary embedding gives the attention."""
+    if cos.dim() == 3:
+        return cos, sin
+    section = config.rope_parameters["mrope_section"] * 2  # the halves of head_dim are rotated alike
+    return tuple(
+        torch.cat([part[i % 3] for i, part in enumerate(x.split(section, dim=-1))], dim=-1)
+        for x in (cos, sin)
+    )
+
+
+def multimodal_output_class(module: Any, family_class_name: str) -> type:
+    """The causal-LM output class of a Qwen-VL host: its own (e.g. `Qwen2_5_VLCausalLMOutputWithPast`)
+    before 5.23, transformers' shared `MultimodalCausalLMOutputWithPast` from 5.23 on."""
+    if hasattr(module, family_class_name):
+        return getattr(module, family_class_name)
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+
+    return MultimodalCausalLMOutputWithPast

@@ -6,6 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_config, tiny_tokenizer
+from host_checks import (
+    assert_hosts_weights_plus_cross_attention,
+    assert_reloads_identically,
+    assert_stage1_trains_only_new_parameters,
+    open_gates,
+)
 from transformers import (
     AutoModelForImageTextToText,
     LlavaNextVideoConfig,
@@ -20,7 +26,7 @@ from transformers import (
 from slowfast_vlm.hosts import convert_host, from_host, processor_from_host, select_fast_frames
 from slowfast_vlm.hosts.llava_next_video import SlowFastLlavaNextVideoProcessor
 from slowfast_vlm.hosts.llava_onevision import SlowFastLlavaOnevisionConfig, SlowFastLlavaOnevisionProcessor
-from slowfast_vlm.modeling.hybrid import HybridAttention, freeze_all_but_slow_branch
+from slowfast_vlm.modeling.hybrid import HybridAttention
 
 FAMILIES = ["onevision", "next_video"]
 FRAMES, FAST = 8, 4
@@ -64,12 +70,6 @@ def host_and_slowfast(family: str, seed: int = 0, **knobs):
 
 def prompt(family: str, before=(3, 4), after=(5, 6, 7)) -> list[int]:
     return [*before, *[VIDEO_TOKEN_ID] * FAST_TOKENS[family], *after]
-
-
-def open_gates(model, value: float = 0.8) -> None:
-    with torch.no_grad():
-        for layer in model.hybrid_attentions:
-            layer.cross_attn_warm_up_gate.fill_(value)
 
 
 def test_fast_frames_are_uniform():
@@ -140,22 +140,7 @@ def test_slow_tokens_are_every_frame_projected_and_pooled(family, stride):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weights_are_the_hosts_plus_the_cross_attention(family):
-    host, model = host_and_slowfast(family)
-    host_state, state = host.state_dict(), model.state_dict()
-    new = set(state) - set(host_state)
-    assert set(host_state) <= set(state)
-    assert all(torch.equal(state[k], v) for k, v in host_state.items())
-    assert new == {
-        f"model.language_model.layers.{i}.self_attn.{name}"
-        for i in (0, 2)
-        for name in (
-            "cross_attn_kv_proj.weight",
-            "cross_attn_kv_proj.bias",
-            "cross_attn_gate_proj.0.weight",
-            "cross_attn_gate_proj.0.bias",
-            "cross_attn_warm_up_gate",
-        )
-    }
+    assert_hosts_weights_plus_cross_attention(*host_and_slowfast(family))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -173,14 +158,9 @@ def test_convert_save_and_reload(family, tmp_path):
         expected = host(input_ids=ids, pixel_values_videos=video[:, FAST_INDEX]).logits
         torch.testing.assert_close(model(input_ids=ids, pixel_values_videos=video).logits, expected)
 
-    open_gates(model, 0.6)
-    model.save_pretrained(tmp_path / "slowfast")
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "slowfast", attn_implementation="sdpa")
-    assert type(reloaded) is type(model)
-    assert (reloaded.config.frames, reloaded.config.fast_frames) == (FRAMES, FAST)
-    with torch.no_grad():
-        logits = model.eval()(input_ids=ids, pixel_values_videos=video).logits
-        assert torch.equal(reloaded.eval()(input_ids=ids, pixel_values_videos=video).logits, logits)
+    assert_reloads_identically(
+        model, tmp_path / "slowfast", dict(input_ids=ids, pixel_values_videos=video), FRAMES, FAST
+    )
 
 
 def test_generation_carries_the_slow_cache_and_projects_it_once(monkeypatch):
@@ -235,24 +215,11 @@ def test_images_next_to_a_video_stay_the_hosts():
 
 def test_stage1_trains_only_the_new_parameters():
     _, model = host_and_slowfast("onevision", seed=8)
-    open_gates(model, 0.5)  # so that every new parameter gets a gradient
-    model.train()
-    trainable = freeze_all_but_slow_branch(model)
-    names = {name for name, param in model.named_parameters() if param.requires_grad}
-    assert names == {name for name in model.state_dict() if ".self_attn.cross_attn_" in name}
-    assert len(trainable) == len(names) == 10
-
-    before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     torch.manual_seed(0)
-    ids = torch.tensor([prompt("onevision")])
-    labels = torch.where(ids == VIDEO_TOKEN_ID, -100, ids)
-    loss = model(input_ids=ids, pixel_values_videos=torch.randn(1, FRAMES, 3, 32, 32), labels=labels).loss
-    loss.backward()
-    optimizer.step()
-    for name, param in model.named_parameters():
-        changed = not torch.equal(param, before[name])
-        assert changed == (name in names), name
+    inputs = dict(
+        input_ids=torch.tensor([prompt("onevision")]), pixel_values_videos=torch.randn(1, FRAMES, 3, 32, 32)
+    )
+    assert_stage1_trains_only_new_parameters(model, inputs, VIDEO_TOKEN_ID)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from transformers.models.llava_next_video.modeling_llava_next_video import (
 )
 
 from ..modeling.slow_tokens import SlowCache
-from .base import HostFamily, SlowFastHostConfig, SlowFastHostMixin, SlowFastHostProcessorMixin
+from .base import HostFamily, LlavaHostMixin, SlowFastHostConfig, SlowFastHostProcessorMixin
 
 
 class SlowFastLlavaNextVideoConfig(SlowFastHostConfig, LlavaNextVideoConfig):
@@ -30,9 +30,7 @@ class SlowFastLlavaNextVideoOutput(LlavaNextVideoCausalLMOutputWithPast):
     slow_cache: SlowCache | None = None
 
 
-class SlowFastLlavaNextVideoForConditionalGeneration(
-    SlowFastHostMixin, LlavaNextVideoForConditionalGeneration
-):
+class SlowFastLlavaNextVideoForConditionalGeneration(LlavaHostMixin, LlavaNextVideoForConditionalGeneration):
     """LLaVA-NeXT-Video with the slow branch."""
 
     config: SlowFastLlavaNextVideoConfig

@@ -12,7 +12,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionCausalLMOutputWithPast
 
 from ..modeling.slow_tokens import SlowCache
-from .base import HostFamily, SlowFastHostConfig, SlowFastHostMixin, SlowFastHostProcessorMixin
+from .base import HostFamily, LlavaHostMixin, SlowFastHostConfig, SlowFastHostProcessorMixin
 
 
 class SlowFastLlavaOnevisionConfig(SlowFastHostConfig, LlavaOnevisionConfig):
@@ -29,9 +29,7 @@ class SlowFastLlavaOnevisionOutput(LlavaOnevisionCausalLMOutputWithPast):
     slow_cache: SlowCache | None = None
 
 
-class SlowFastLlavaOnevisionForConditionalGeneration(
-    SlowFastHostMixin, LlavaOnevisionForConditionalGeneration
-):
+class SlowFastLlavaOnevisionForConditionalGeneration(LlavaHostMixin, LlavaOnevisionForConditionalGeneration):
     """LLaVA-OneVision / LLaVA-Video with the slow branch."""
 
     config: SlowFastLlavaOnevisionConfig

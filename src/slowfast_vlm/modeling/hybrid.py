@@ -15,17 +15,30 @@ their projected keys/values per layer for the whole of a generation. The gate is
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
 
 from ..config import SlowBranchConfig
-from ..transformers_compat import pop_cache
+from ..transformers_compat import compose_multimodal_rotary, pop_cache
 from .slow_tokens import SlowCache
 
 CROSS_ATTN_PARAM_PREFIXES = ("cross_attn_kv_proj", "cross_attn_gate_proj", "cross_attn_warm_up_gate")
+
+
+def gathered_for_init(module: nn.Module):
+    """A context in which `module`'s parameters are whole: under ZeRO-3 (`deepspeed.zero.Init`, a
+    partitioned build) they are gathered, changed on rank 0 and partitioned again on exit."""
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
 class TanhWarmupGate:
@@ -106,19 +119,20 @@ class HybridAttention(nn.Module):
     def reset_cross_parameters(self, init_from_lm: bool, std: float = 0.02) -> None:
         """Initialise the new parameters: warm-up gate at `cross_attn_gate_init` (0: branch off); key/value
         projection from k_proj/v_proj or random."""
-        kv_weight = self.cross_attn_kv_proj.weight.view(self.num_kv_heads, 2, self.head_dim, -1)
-        kv_bias = self.cross_attn_kv_proj.bias.view(self.num_kv_heads, 2, self.head_dim)
-        if init_from_lm:
-            for slot, proj in enumerate((self.k_proj, self.v_proj)):
-                kv_weight[:, slot].copy_(proj.weight.view(self.num_kv_heads, self.head_dim, -1))
-                kv_bias[:, slot].copy_(
-                    proj.bias.view(self.num_kv_heads, self.head_dim) if proj.bias is not None else 0.0
-                )
-        else:
-            nn.init.normal_(self.cross_attn_kv_proj.weight, std=std)
-            nn.init.zeros_(self.cross_attn_kv_proj.bias)
-        if self.gate_type == "tanh-warmup":
-            TanhWarmupGate.reset(self, self.gate_init, std)
+        with gathered_for_init(self):
+            kv_weight = self.cross_attn_kv_proj.weight.view(self.num_kv_heads, 2, self.head_dim, -1)
+            kv_bias = self.cross_attn_kv_proj.bias.view(self.num_kv_heads, 2, self.head_dim)
+            if init_from_lm:
+                for slot, proj in enumerate((self.k_proj, self.v_proj)):
+                    kv_weight[:, slot].copy_(proj.weight.view(self.num_kv_heads, self.head_dim, -1))
+                    kv_bias[:, slot].copy_(
+                        proj.bias.view(self.num_kv_heads, self.head_dim) if proj.bias is not None else 0.0
+                    )
+            else:
+                nn.init.normal_(self.cross_attn_kv_proj.weight, std=std)
+                nn.init.zeros_(self.cross_attn_kv_proj.bias)
+            if self.gate_type == "tanh-warmup":
+                TanhWarmupGate.reset(self, self.gate_init, std)
         # Tell transformers' post-init weight pass that these are set (it would re-draw them at random).
         for name, module in self.named_modules():
             if name.startswith("cross_attn") or module is self:
@@ -154,7 +168,7 @@ class HybridAttention(nn.Module):
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        cos, sin = position_embeddings
+        cos, sin = compose_multimodal_rotary(*position_embeddings, self.config)  # (B, L, hd) each
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         kv_cache = pop_cache(kwargs)  # the decoder layer passes it under the release's own name
         if kv_cache is not None:
