@@ -3,20 +3,31 @@
 
 The answer streams to stdout as it is generated; progress goes to stderr. Exit status 0 on
 success; 2 with a one-line reason on stderr for a bad video, a missing model, a model id that
-cannot be fetched offline, or a bad device.
+cannot be fetched offline, a bad device, an unwritable --attention-map path, or a prompt longer than
+the model's positions. Out-of-range options are refused while parsing (`commands`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from transformers import TextStreamer
 
 from .attention_maps import save_attention_map_png
 from .default_model import default_model_path
-from .inference import answer, compute_attention_map, first_line, load_model, resolve_device, resolve_dtype
+from .inference import (
+    PromptTooLongError,
+    answer,
+    compute_attention_map,
+    first_line,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 from .processing.video import load_video
 
 
@@ -24,40 +35,70 @@ def _progress(message: str) -> None:
     print(f"[slowfast-vlm] {message}", file=sys.stderr, flush=True)
 
 
+def _fail(message: str) -> int:
+    print(f"slowfast-vlm ask: {message}", file=sys.stderr)
+    return 2
+
+
+def check_writable(path: Path) -> None:
+    """Raise `OSError` unless a file can be written at `path` (checked before the work, not after)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory {str(folder)!r}")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{path}: not writable")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         model_id = args.model or str(default_model_path())
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-    except (OSError, ValueError) as error:
-        print(f"slowfast-vlm ask: {error}", file=sys.stderr)
-        return 2
+        if args.attention_map is not None:
+            check_writable(args.attention_map)
+    except OSError as error:
+        return _fail(f"--attention-map {error}")
+    except ValueError as error:
+        return _fail(str(error))
+    if not os.path.isfile(args.video):  # before the model loads, which takes a while
+        return _fail(f"{args.video}: no such video file")
     started = time.perf_counter()
     _progress(f"loading {model_id} on {device} ({str(dtype).removeprefix('torch.')})")
     try:
         model, processor = load_model(model_id, device, dtype)
     except (OSError, ValueError) as error:
-        print(f"slowfast-vlm ask: cannot load model {model_id!r}: {first_line(error)}", file=sys.stderr)
-        return 2
+        return _fail(f"cannot load model {model_id!r}: {first_line(error)}")
+    # None means "not given": the parser has refused 0 and negatives, so nothing is replaced silently
     defaults = processor.sampling_defaults()
-    num_frames = args.frames or defaults["num_frames"]
-    fps = args.fps or defaults["fps"]
+    num_frames = defaults["num_frames"] if args.frames is None else args.frames
+    fps = defaults["fps"] if args.fps is None else args.fps
     sampling = args.sampling or defaults["sampling"]
 
     _progress(f"decoding {args.video} ({num_frames} frames, {sampling} sampling at {fps} fps)")
     try:
-        frames, metadata = load_video(args.video, num_frames, fps=fps, sampling=sampling)
+        frames, metadata = load_video(
+            args.video, num_frames, fps=fps, sampling=sampling, short_side=processor.decode_short_side()
+        )
     except (OSError, ValueError) as error:
-        print(f"slowfast-vlm ask: {error}", file=sys.stderr)
-        return 2
+        return _fail(first_line(error))
     _progress(f"{len(frames)} frames of {metadata.duration:.1f} s; generating")
 
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    reply = answer(model, processor, frames, args.question, args.max_new_tokens, args.temperature, streamer)
+    try:
+        reply = answer(
+            model, processor, frames, args.question, args.max_new_tokens, args.temperature, streamer
+        )
+    except PromptTooLongError as error:
+        return _fail(str(error))
     _progress(f"done in {time.perf_counter() - started:.1f} s")
 
     if args.attention_map is not None:
         attention = compute_attention_map(model, reply.output, reply.video)
-        save_attention_map_png(attention, args.attention_map, frames=frames, title=args.question)
+        try:
+            save_attention_map_png(attention, args.attention_map, frames=frames, title=args.question)
+        except OSError as error:
+            return _fail(f"--attention-map {args.attention_map}: {first_line(error)}")
         _progress(f"attention map (peak at frame {attention.peak_frame}) written to {args.attention_map}")
     return 0

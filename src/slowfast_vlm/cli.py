@@ -14,10 +14,15 @@ import sys
 from .commands import SUBCOMMANDS
 
 
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (exit 2): the command, the option, the problem."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="slowfast-vlm", description="Slow-Fast video LLMs: run, train, evaluate, serve."
-    )
+    parser = Parser(prog="slowfast-vlm", description="Slow-Fast video LLMs: run, train, evaluate, serve.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in SUBCOMMANDS:
         sub = subparsers.add_parser(command.name, help=command.summary, description=command.description)

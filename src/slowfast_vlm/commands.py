@@ -8,6 +8,7 @@ line has parsed.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -15,6 +16,30 @@ from typing import NamedTuple
 from .model_options import DTYPES, add_model_arguments
 from .named_configs import DESIGNS, NAMED_CONFIGS
 from .synth import MIN_FRAMES, QUESTIONS_PER_CLIP, SPLITS
+
+
+def _bounded(kind: type, minimum: float, inclusive: bool, wording: str) -> Callable[[str], float]:
+    """An argparse `type` that reads a finite `kind` and refuses values below `minimum` (argparse then
+    exits 2 naming the option): an out-of-range value is an error, never replaced by a default."""
+
+    def read(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {wording}, got {text}")
+        return value
+
+    read.__name__ = wording  # argparse names the type in some messages
+    return read
+
+
+positive_int = _bounded(int, 1, True, "an integer >= 1")
+non_negative_int = _bounded(int, 0, True, "an integer >= 0")
+positive_float = _bounded(float, 0, False, "a finite number > 0")
+non_negative_float = _bounded(float, 0, True, "a finite number >= 0")
 
 
 def add_set_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -28,11 +53,15 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", help="path to a video file")
     parser.add_argument("question", help="the question to answer")
     add_model_arguments(parser)
-    parser.add_argument("--frames", type=int, default=None, help="frames to sample (default: the model's)")
-    parser.add_argument("--fps", type=float, default=None, help="target sampling rate (default: the model's)")
+    parser.add_argument(
+        "--frames", type=positive_int, default=None, help="frames to sample (default: the model's)"
+    )
+    parser.add_argument(
+        "--fps", type=positive_float, default=None, help="target sampling rate (default: the model's)"
+    )
     parser.add_argument("--sampling", choices=("fps", "uniform"), default=None, help="frame-selection rule")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy decoding")
     parser.add_argument("--attention-map", type=Path, help="also write the slow-token attention map PNG here")
 
 
@@ -71,19 +100,25 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="folder for predictions.jsonl and metrics.json")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
-    parser.add_argument("--frames", type=int, default=64, help="most frames per video (default 64)")
-    parser.add_argument("--fps", type=float, default=2.0, help="frame sampling rate (default 2)")
+    parser.add_argument("--frames", type=positive_int, default=64, help="most frames per video (default 64)")
+    parser.add_argument("--fps", type=positive_float, default=2.0, help="frame sampling rate (default 2)")
     parser.add_argument("--sampling", choices=("fps", "uniform"), default="fps", help="frame sampling rule")
-    parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap (default 32)")
-    parser.add_argument("--num-workers", type=int, default=2, help="video decoding threads (default 2)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=1, help="questions per generate call (default 1)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="answer length cap (default 32)"
+    )
+    parser.add_argument(
+        "--num-workers", type=positive_int, default=2, help="video decoding threads (default 2)"
+    )
     parser.add_argument(
         "--dtype",
         choices=DTYPES,
         default="auto",
         help="auto: bfloat16 on a GPU that supports it, else float32",
     )
-    parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    parser.add_argument("--limit", type=non_negative_int, help="evaluate only the first N samples")
 
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,17 +170,47 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--samples", nargs="*", type=Path, help="sample videos to offer (default: the demo clip)"
     )
-    parser.add_argument("--max-upload-mb", type=float, default=256, help="largest video upload")
+    parser.add_argument("--max-upload-mb", type=positive_float, default=256, help="largest video upload")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser, port=8000)
     parser.add_argument("--media-root", type=Path, help="directory whose videos requests may name by path")
     parser.add_argument("--served-model-name", help="model name in the API (default: the checkpoint's name)")
-    parser.add_argument("--max-body-mb", type=float, default=64, help="largest request body (413 above)")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting or running (503 above)")
-    parser.add_argument("--max-frames", type=int, default=256, help="largest num_frames a request may ask")
-    parser.add_argument("--default-max-tokens", type=int, default=256, help="when a request sets none")
+    parser.add_argument(
+        "--max-body-mb", type=positive_float, default=64, help="largest request body (413 above)"
+    )
+    parser.add_argument(
+        "--max-queue", type=positive_int, default=64, help="requests waiting or running (503 above)"
+    )
+    parser.add_argument(
+        "--max-frames", type=positive_int, default=256, help="largest num_frames a request may ask"
+    )
+    parser.add_argument(
+        "--default-max-tokens", type=positive_int, default=256, help="when a request sets none"
+    )
+    parser.add_argument(
+        "--max-decoding",
+        type=positive_int,
+        default=2,
+        help="requests decoding their video at once (default 2)",
+    )
+    parser.add_argument(
+        "--memory-budget-mb",
+        type=positive_float,
+        default=None,
+        help="bytes that request bodies and decoded frames may hold at once, in MiB (503 above; "
+        "default: no budget beyond --max-queue and --max-decoding)",
+    )
+    parser.add_argument(
+        "--max-video-pixels",
+        type=positive_int,
+        default=4096 * 4096,
+        help="largest source frame in pixels, width x height (default 4096x4096)",
+    )
+    parser.add_argument(
+        "--max-video-seconds", type=positive_float, default=4 * 3600, help="longest video (default 4 h)"
+    )
 
 
 class Subcommand(NamedTuple):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,9 +62,23 @@ def load_model(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    check_model_path(model_id)
     model = SlowFastForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
     processor = SlowFastProcessor.from_pretrained(model_id)
     return processor.prepare_model(model).to(device).eval(), processor
+
+
+def check_model_path(model_id: str | os.PathLike[str]) -> None:
+    """Raise `FileNotFoundError` for a model id that can only be a local path (absolute, `./`, `~`,
+    more than one `/`, a trailing `/`) and names no directory: the hub would only say the id is malformed."""
+    text = os.fspath(model_id)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{text}: not a directory (a model is a folder with config.json)")
+    if path.is_absolute() or text.startswith((".", "~")) or text.endswith("/") or text.count("/") > 1:
+        raise FileNotFoundError(f"{text}: no such model directory")
 
 
 def first_line(error: BaseException) -> str:
@@ -112,6 +127,38 @@ def to_device(inputs, device: torch.device | str, dtype: torch.dtype) -> dict[st
     return {key: move(value) for key, value in inputs.items()}
 
 
+class PromptTooLongError(ValueError):
+    """A prompt that, with the new tokens asked for, does not fit the model's positions."""
+
+
+def max_positions(model) -> int | None:
+    """The LLM's position limit (`max_position_embeddings`), or None when it has no transformers config."""
+    config = getattr(model, "config", None)
+    return None if config is None else getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def prompt_length(processor: SlowFastProcessor, conversation: list[dict], num_frames: int | None) -> int:
+    """Tokens of `conversation`'s generation prompt, its video (`num_frames` frames, None: none)
+    expanded to its fast tokens: what `reply` would feed the model, without processing any pixels."""
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    tokens = len(processor.tokenizer(prompt)["input_ids"])
+    if num_frames:
+        tokens += (processor.num_fast_tokens(num_frames) - 1) * prompt.count(processor.video_token)
+    return tokens
+
+
+def check_prompt_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise `PromptTooLongError`, with the numbers, when `prompt_tokens + max_new_tokens` exceed the
+    model's positions: past them the answer would be generated from positions it never learned."""
+    limit = max_positions(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise PromptTooLongError(
+            f"the prompt is {prompt_tokens} tokens and up to {max_new_tokens} new tokens were asked for: "
+            f"{prompt_tokens + max_new_tokens} > the model's {limit} positions; shorten the question, use "
+            "fewer frames or ask for fewer new tokens"
+        )
+
+
 # ----- generation --------------------------------------------------------------------------------
 @dataclass
 class Reply:
@@ -147,6 +194,7 @@ def _generate(
         padding_side="left",
         return_tensors="pt",
     )
+    check_prompt_length(model, inputs["input_ids"].shape[1], generation.get("max_new_tokens") or 0)
     inputs = to_device(inputs, model.device, model.dtype)
     output = model.generate(**inputs, **generation)
     texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -163,6 +163,21 @@ def test_too_many_bad_samples_stop_the_run(base_models, media, tmp_path):
         trainer.train()
 
 
+def test_the_budget_counts_a_bad_record_once_however_often_it_is_drawn(base_models, media, tmp_path):
+    # 7 good videos and 1 corrupt one, for 3 epochs: the corrupt record is met every epoch, yet it is
+    # 1 unusable record of 8, within a budget of 1/8 (counting draws, it was 3 of 8 by the third epoch)
+    good = [{**GOOD_RECORDS[i % 2], "id": f"good{i}"} for i in range(7)]
+    data = write_jsonl(tmp_path / "train.jsonl", [*good, CORRUPT])
+    config = make_config(
+        base_models, data, media, tmp_path / "out", max_bad_sample_fraction=0.125,
+        training={"per_device_train_batch_size": 4, "max_steps": 6},
+    )  # fmt: skip
+    trainer = build_trainer(config)
+    trainer.train()
+    assert trainer.state.epoch == 3 and trainer.skipped == 1
+    assert trainer.skipped_where == {f"{data}:8"}
+
+
 # ----- checkpoints and resume ------------------------------------------------------------------------
 class Kill(TrainerCallback):
     """Simulate a crash: raise once `global_step` reaches `step`."""

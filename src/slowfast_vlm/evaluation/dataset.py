@@ -52,11 +52,24 @@ def read_qa_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             ) from e
         # through JSON so numpy scalars / arrays become plain Python values
         return json.loads(pd.read_parquet(path).to_json(orient="records"))
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: malformed JSON ({e})") from e
+        return records
     if path.suffix == ".json":
-        records = json.loads(text)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON ({e})") from e
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
         return records
@@ -86,6 +99,8 @@ def _options(record: dict[str, Any]) -> Any:
 
 def sample_from_record(record: dict[str, Any], index: int, video_root: Path) -> QASample:
     """A `QASample` from one dataset row (`index` names the row in errors and is the fallback id)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record {index}: expected a JSON object, got {type(record).__name__}")
     sample_id = _first(record, ID_KEYS)
     where = f"record {index} (id {sample_id!r})"
     video = _first(record, VIDEO_KEYS)
@@ -134,7 +149,13 @@ def load_samples(
 ) -> list[QASample]:
     """All samples of a data file; videos are resolved against `video_root` (default: the file's folder)."""
     root = Path(video_root) if video_root is not None else Path(data).parent
-    samples = [sample_from_record(r, i, root) for i, r in enumerate(read_qa_records(data))]
+    records = read_qa_records(data)
+    if not records:
+        raise ValueError(f"{data}: no records")
+    try:
+        samples = [sample_from_record(r, i, root) for i, r in enumerate(records)]
+    except ValueError as e:
+        raise ValueError(f"{data}: {e}") from e
     seen: set[str] = set()
     for sample in samples:
         if sample.id in seen:

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from ..inference import chat_prompt, generate_responses, load_model
+from ..inference import chat_prompt, first_line, generate_responses, load_model
 from ..processing.video import load_video
 from .dataset import QASample, load_samples
 from .predictions import (
@@ -89,7 +90,9 @@ def predict(
 
     def decode(sample: QASample) -> tuple[QASample, np.ndarray | None, str | None]:
         try:
-            frames, _ = load_video(sample.video, num_frames, fps=fps, sampling=sampling)
+            frames, _ = load_video(
+                sample.video, num_frames, fps=fps, sampling=sampling, short_side=processor.decode_short_side()
+            )
             return sample, frames, None
         except (OSError, ValueError) as e:  # FileNotFoundError, VideoDecodeError
             return sample, None, f"{type(e).__name__}: {e}"
@@ -180,9 +183,23 @@ def evaluate(
 
 
 def main(args: argparse.Namespace) -> int:
+    """`slowfast-vlm eval`; exit 2 with a one-line reason for bad data, a missing model or output clash."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (OSError, ValueError, ImportError) as error:
+        print(f"slowfast-vlm eval: {first_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.video_root is not None and not Path(args.video_root).is_dir():
+        raise FileNotFoundError(f"--video-root {args.video_root}: no such directory")
     samples = load_samples(args.data, args.video_root)[: args.limit]
-    model, processor = load_model(args.model, process_state().device, args.dtype)
+    try:
+        model, processor = load_model(args.model, process_state().device, args.dtype)
+    except (OSError, ValueError) as error:
+        raise OSError(f"cannot load model {args.model!r}: {first_line(error)}") from error
     metrics = evaluate(
         model,
         processor,

@@ -12,6 +12,7 @@ there (`fast_token_count`), so `input_ids` can go straight into
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from ..config import SlowFastConfig
 from ..modeling.fast_tokens import fast_token_count
 from ..modeling.slow_tokens import slow_grid
 from ..modeling.vision import vision_grid
+from .video import fps_sample_indices, uniform_sample_indices
 
 # The SlowFastConfig fields that decide how many fast tokens a video gets.
 FAST_TOKEN_FIELDS = (
@@ -65,6 +67,10 @@ CHATML_TEMPLATE = r"""{%- for message in messages -%}
 {%- if add_generation_prompt -%}
     {{- '<|im_start|>assistant\n' -}}
 {%- endif -%}"""
+
+
+WORD_JOINER = "\u2060"
+"""Put after the first character of a special-token string in message text, so that it tokenizes as text."""
 
 
 def image_processor_for(vision_config: PretrainedConfig) -> LlavaImageProcessorPil:
@@ -129,6 +135,15 @@ def _list_videos(videos: Any) -> list[list]:
         f"videos: expected decoded frames, (T, H, W, 3) uint8 arrays/tensors or lists of PIL images, "
         f"got {type(videos).__name__}{hint}"
     )
+
+
+def _metadata_fps(metadata: Any) -> float | None:
+    """The frame rate in a video's metadata: ours (`average_fps`), transformers' (`fps`) or a dict."""
+    if metadata is None:
+        return None
+    if isinstance(metadata, dict):
+        return metadata.get("fps") or metadata.get("average_fps")
+    return getattr(metadata, "average_fps", None) or getattr(metadata, "fps", None)
 
 
 def _check_placeholders(texts: list[str], token: str, kind: str, num_given: int) -> list[int]:
@@ -232,6 +247,56 @@ class SlowFastProcessor(ProcessorMixin):
             **kwargs,
         )
 
+    def decode_short_side(self) -> int:
+        """The shorter side, in pixels, that video frames can be decoded at without changing what the
+        image processor makes of them (its resize target): `load_video(..., short_side=...)`."""
+        size = self.image_processor.size
+        return size.shortest_edge or min(size.height, size.width)
+
+    def escape_text(self, text: str, keep: tuple[str, ...] = ()) -> str:
+        """`text` with every special-token string of the tokenizer (`<|im_end|>`, `<video>`, ...) but
+        those in `keep` broken by a `WORD_JOINER`, so that it tokenizes as text, never as control tokens."""
+        tokens = sorted(
+            {t.content for t in self.tokenizer.added_tokens_decoder.values()} - set(keep),
+            key=len,
+            reverse=True,
+        )
+        if not tokens:
+            return text
+        pattern = "|".join(re.escape(token) for token in tokens)
+        return re.sub(pattern, lambda match: match[0][0] + WORD_JOINER + match[0][1:], text)
+
+    def escape_conversation(self, conversation: list[dict]) -> list[dict]:
+        """`conversation` with message text that cannot spell control tokens (`escape_text`): text parts
+        are all text; a string content keeps its `<video>` / `<image>` placeholders. New message and
+        text-part dicts; everything else (frames included) is shared, not copied."""
+        placeholders = (self.video_token, self.image_token)
+        escaped = []
+        for message in conversation:
+            content = message.get("content")
+            if isinstance(content, str):
+                content = self.escape_text(content, keep=placeholders)
+            elif isinstance(content, list):
+                content = [
+                    {**part, "text": self.escape_text(part["text"])}
+                    if isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                    else part
+                    for part in content
+                ]
+            escaped.append({**message, "content": content})
+        return escaped
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """`ProcessorMixin.apply_chat_template` on the escaped conversation (`escape_conversation`):
+        what users type is tokenized as text, so it cannot close a turn or open a role."""
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            conversation = [self.escape_conversation(c) for c in conversation]
+        else:
+            conversation = self.escape_conversation(conversation)
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
     def sampling_defaults(self) -> dict:
         """`num_frames`, `fps` and `sampling` to decode videos with: `video_defaults` over the
         evaluation settings of the released models (64 frames read at 2 fps)."""
@@ -282,6 +347,11 @@ class SlowFastProcessor(ProcessorMixin):
         padding: bool | str = False,
         padding_side: str | None = None,
         return_tensors: str | None = None,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        do_sample_frames: bool | None = None,
+        video_metadata=None,
+        return_metadata: bool = False,
         **kwargs,
     ) -> BatchFeature:
         r"""Tokenize `text`, expanding each `<video>` / `<image>` to its fast-token count, and preprocess pixels.
@@ -293,6 +363,13 @@ class SlowFastProcessor(ProcessorMixin):
                 `<video>`, in order over the batch.
             padding, padding_side: as for the tokenizer; use `padding_side="left"` for batched `generate`.
             return_tensors: `"pt"` for tensors; pixel values are always float32 tensors.
+            num_frames, fps, do_sample_frames, video_metadata, return_metadata: transformers' video
+                processor keywords. With `do_sample_frames` (default: when `num_frames` or `fps` is
+                given) each video is taken as all of its frames and sampled here by the reference fps
+                rule (`fps_sample_indices`; its frame rate from `video_metadata`, one per video:
+                a `VideoMetadata` of `load_video` or transformers', or a dict with `fps`), or
+                uniformly when no frame rate is known; unset values are `sampling_defaults()`.
+                `return_metadata` adds `video_metadata`: per video, `frames_indices` and `fps`.
             kwargs: passed to the tokenizer (`truncation`, `max_length`, ...).
 
         Returns:
@@ -307,6 +384,8 @@ class SlowFastProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         videos = _list_videos(videos) if videos is not None else []
         images = _list_images(images) if images is not None else []
+        sampled, rates = self._sample_frames(videos, num_frames, fps, do_sample_frames, video_metadata)
+        videos = [[video[i] for i in indices] for video, indices in zip(videos, sampled)]
         videos_per_sample = _check_placeholders(texts, self.video_token, "video", len(videos))
         images_per_sample = _check_placeholders(texts, self.image_token, "image", len(images))
 
@@ -320,6 +399,11 @@ class SlowFastProcessor(ProcessorMixin):
             video_counts = [self.num_fast_tokens(video.shape[0]) for video in pixels]
             same_length = len({video.shape[0] for video in pixels}) == 1
             data["pixel_values_videos"] = torch.stack(pixels) if same_length else pixels
+        if return_metadata and videos:
+            data["video_metadata"] = [
+                {"frames_indices": indices, "fps": rate, "total_num_frames": total}
+                for indices, (rate, total) in zip(sampled, rates)
+            ]
         if images:
             data["pixel_values"] = self._pixels(images, do_pad=True)
             image_counts = [self.num_fast_tokens(1)] * len(images)
@@ -337,8 +421,35 @@ class SlowFastProcessor(ProcessorMixin):
         return BatchFeature(
             {**text_inputs, **data},
             tensor_type=return_tensors,
-            skip_tensor_conversion=["pixel_values_videos"],
+            skip_tensor_conversion=["pixel_values_videos", "video_metadata"],
         )
+
+    def _sample_frames(
+        self, videos: list[list], num_frames, fps, do_sample_frames, video_metadata
+    ) -> tuple[list[list[int]], list[tuple[float | None, int]]]:
+        """Per video, the indices of the frames to keep (all of them unless sampling is asked for), and
+        per video `(frame rate or None, frame count)`."""
+        if isinstance(video_metadata, (list, tuple)):
+            metadata = list(video_metadata)
+        else:
+            metadata = [video_metadata] * len(videos)
+        if len(metadata) != len(videos):
+            raise ValueError(f"video_metadata: {len(metadata)} given for {len(videos)} videos")
+        rates = [(_metadata_fps(meta), len(video)) for meta, video in zip(metadata, videos)]
+        if do_sample_frames is None:
+            do_sample_frames = num_frames is not None or fps is not None
+        if not do_sample_frames:
+            return [list(range(len(video))) for video in videos], rates
+        defaults = self.sampling_defaults()
+        num_frames = defaults["num_frames"] if num_frames is None else num_frames
+        fps = defaults["fps"] if fps is None else fps
+        sampled = [
+            fps_sample_indices(total, rate, num_frames, fps)
+            if rate
+            else uniform_sample_indices(total, num_frames)
+            for rate, total in rates
+        ]
+        return sampled, rates
 
     @property
     def model_input_names(self) -> list[str]:

@@ -13,6 +13,9 @@ wanted frames even in variable-frame-rate files.
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +29,11 @@ import numpy as np
 
 DEFAULT_TARGET_FPS = 2.0
 """Target frame rate of fps sampling when none is given (the reference evaluation value)."""
+
+MAX_SOURCE_PIXELS = 4096 * 4096
+"""Default cap on the pixels of one source frame (a 16.8 MP frame, e.g. 4096 x 4096 or 5461 x 3072)."""
+MAX_DURATION = 4 * 3600.0
+"""Default cap on a video's duration in seconds."""
 
 Sampling = Literal["fps", "uniform"]
 Backend = Literal["auto", "pyav", "decord"]
@@ -94,6 +102,9 @@ def load_video(
     sampling: Sampling = "fps",
     backend: Backend = "auto",
     seek: bool | None = None,
+    short_side: int | None = None,
+    max_source_pixels: int | None = MAX_SOURCE_PIXELS,
+    max_duration: float | None = MAX_DURATION,
 ) -> tuple[np.ndarray, VideoMetadata]:
     """Decode the sampled frames of a video.
 
@@ -109,6 +120,12 @@ def load_video(
             timestamps allow it exactly, else decode front to back; ``True``: same,
             but raise :class:`VideoDecodeError` instead of falling back; ``False``:
             always decode front to back.
+        short_side: scale frames while decoding (swscale, area averaging) so that their shorter
+            side is at most this many pixels, keeping the aspect ratio: memory then follows the
+            model's input size (`SlowFastProcessor.decode_short_side()`), not the file's. None:
+            the stream's stored size.
+        max_source_pixels, max_duration: refuse (:class:`VideoDecodeError`) a video whose frames
+            have more pixels, or which lasts longer in seconds; None: no cap.
 
     Returns:
         RGB uint8 frames ``(T, H, W, 3)``, upright per the display rotation, and
@@ -117,18 +134,20 @@ def load_video(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         VideoDecodeError: empty file, not a video container, no video stream,
-            no decodable frames, or a corrupt stream.
+            no decodable frames, a corrupt stream, or a video past the caps.
         ValueError: invalid arguments.
     """
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral) or num_frames < 1:
+        raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    if short_side is not None and short_side < 1:
+        raise ValueError(f"short_side must be >= 1, got {short_side}")
     if sampling not in ("fps", "uniform"):
         raise ValueError(f"sampling must be 'fps' or 'uniform', got {sampling!r}")
     if backend not in ("auto", "pyav", "decord"):
         raise ValueError(f"backend must be 'auto', 'pyav' or 'decord', got {backend!r}")
     target_fps = DEFAULT_TARGET_FPS if fps is None else fps
-    if not target_fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    if not (target_fps > 0 and math.isfinite(target_fps)):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such video file")
@@ -140,9 +159,37 @@ def load_video(
             return uniform_sample_indices(total, num_frames)
         return fps_sample_indices(total, video_fps, num_frames, target_fps)
 
+    caps = _Caps(short_side, max_source_pixels, max_duration)
     if backend == "decord":
-        return _load_decord(path, choose)
-    return _load_pyav(path, choose, seek)
+        return _load_decord(path, choose, caps)
+    return _load_pyav(path, choose, seek, caps)
+
+
+@dataclass(frozen=True)
+class _Caps:
+    """The output size rule and the limits of one `load_video` call."""
+
+    short_side: int | None
+    max_source_pixels: int | None
+    max_duration: float | None
+
+    def check(self, path: str, width: int, height: int, duration: float | None) -> None:
+        """Raise `VideoDecodeError` for a source past the caps."""
+        if self.max_source_pixels is not None and width * height > self.max_source_pixels:
+            raise VideoDecodeError(
+                f"{path}: frames of {width}x{height} = {width * height:,} pixels, over the limit of "
+                f"{self.max_source_pixels:,} pixels per frame"
+            )
+        if self.max_duration is not None and duration is not None and duration > self.max_duration:
+            raise VideoDecodeError(f"{path}: {duration:g} s long, over the limit of {self.max_duration:g} s")
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """`(width, height)` of the returned frames: the source's, scaled down to `short_side`."""
+        shorter = min(width, height)
+        if self.short_side is None or shorter <= self.short_side:
+            return width, height
+        scale = self.short_side / shorter
+        return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _check_counts(total_frames: int, num_frames: int) -> None:
@@ -184,6 +231,9 @@ def _open(path: str) -> av.container.InputContainer:
 def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
     # Cover art in audio files is a one-frame "video" stream; it is not a video.
     streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not container.streams:
+        # a header that ends before any stream is described: an mp4 cut inside its index
+        raise VideoDecodeError(f"{path}: not a readable video container (no streams: truncated file?)")
     if not streams:
         has_audio = bool(container.streams.audio)
         raise VideoDecodeError(f"{path}: no video stream" + (" (audio-only file)" if has_audio else ""))
@@ -212,7 +262,8 @@ def _probe(path: str) -> _Probe:
             raise VideoDecodeError(f"{path}: corrupt video stream ({e})") from e
         total = len(pts)
         if total == 0:
-            raise VideoDecodeError(f"{path}: no decodable video frames")
+            truncated = " (truncated file?)" if stream.frames else ""
+            raise VideoDecodeError(f"{path}: no decodable video frames{truncated}")
         if stream.frames > total:
             warnings.warn(
                 f"{path}: container declares {stream.frames} frames but only {total} are present "
@@ -256,8 +307,10 @@ def _probe(path: str) -> _Probe:
 
 
 def _to_rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-    """(H, W, 3) uint8, upright. Scaled to the stream's size so a mid-stream resolution change still stacks."""
-    rgb = frame.to_ndarray(format="rgb24", width=width or None, height=height or None)
+    """(H, W, 3) uint8, upright, scaled to `width` x `height` (before rotation) as it is converted: the
+    output size of the load, so a mid-stream resolution change still stacks. Area averaging keeps a
+    large downscale free of aliasing."""
+    rgb = frame.to_ndarray(format="rgb24", width=width or None, height=height or None, interpolation="AREA")
     # frame.rotation is the counter-clockwise display rotation; np.rot90 turns counter-clockwise.
     # Only quarter turns are applied; other angles go to the nearest one.
     quarter_turns = round(frame.rotation / 90) % 4
@@ -383,8 +436,13 @@ def _decode_seeking(
     return found, seeks
 
 
-def _load_pyav(path: str, choose: _Chooser, seek: bool | None) -> tuple[np.ndarray, VideoMetadata]:
+def _load_pyav(
+    path: str, choose: _Chooser, seek: bool | None, caps: _Caps
+) -> tuple[np.ndarray, VideoMetadata]:
     probe = _probe(path)
+    caps.check(path, probe.width, probe.height, probe.duration)
+    width, height = caps.output_size(probe.width, probe.height)
+    probe = dataclasses.replace(probe, width=width, height=height)
     total = probe.total_frames
     indices = choose(total, probe.average_fps)
     found: dict[int, tuple[np.ndarray, float]] | None = None
@@ -430,17 +488,24 @@ def _load_pyav(path: str, choose: _Chooser, seek: bool | None) -> tuple[np.ndarr
 # ------------------------------------------------------------------------- decord
 
 
-def _load_decord(path: str, choose: _Chooser) -> tuple[np.ndarray, VideoMetadata]:
+def _load_decord(path: str, choose: _Chooser, caps: _Caps) -> tuple[np.ndarray, VideoMetadata]:
     try:
         import decord
     except ImportError as e:
         raise ImportError("backend='decord' needs decord: pip install 'slowfast-vlm[decord]'") from e
     # Header checks with PyAV so both backends fail the same way on a bad file.
     with _open(path) as container:
-        _video_stream(container, path)
+        stream = _video_stream(container, path)
+        duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        caps.check(path, stream.width, stream.height, duration)
+        width, height = caps.output_size(stream.width, stream.height)
+        if (width, height) == (stream.width, stream.height):
+            width = height = -1  # decord's "as stored"
+        elif round(next(_decoded_frames(container, stream, path)).rotation / 90) % 2:
+            width, height = height, width  # decord's size is that of the rotated frames
     try:
-        # decord applies the display rotation itself.
-        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        # decord applies the display rotation itself, and resizes while decoding.
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height)
         total = len(reader)
         if total == 0:
             raise VideoDecodeError(f"{path}: no decodable video frames")

@@ -83,7 +83,10 @@ def respond(runner: ModelRunner, question, frames, turns, temperature, max_new_t
     for piece in generation:
         text += piece
         yield [*history, {"role": "assistant", "content": text}], "", turns, gr.skip(), gr.skip()
-    reply = generation.result()
+    try:
+        reply = generation.result()
+    except ValueError as error:  # e.g. a question longer than the model's positions
+        raise gr.Error(f"Cannot answer: {first_line(error)}") from error
     turns = [*turns, (question, reply.text)]
     image, summary = None, ""
     if show_attention:

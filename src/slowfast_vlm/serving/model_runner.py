@@ -130,10 +130,19 @@ class ModelRunner:
         return cls.load(args.model, args.device, args.dtype)
 
     def load_video(
-        self, path: str | Path, num_frames: int | None = None, fps: float | None = None
+        self, path: str | Path, num_frames: int | None = None, fps: float | None = None, **caps
     ) -> tuple[np.ndarray, VideoMetadata]:
-        """Decoded frames `(T, H, W, 3)` uint8 sampled with the given or the model's settings."""
-        return load_video(path, num_frames or self.num_frames, fps=fps or self.fps, sampling=self.sampling)
+        """Decoded frames `(T, H, W, 3)` uint8 sampled with the given (None: the model's) settings,
+        scaled while decoding to the model's input size; `caps` (`max_source_pixels`, `max_duration`)
+        go to `load_video`."""
+        return load_video(
+            path,
+            self.num_frames if num_frames is None else num_frames,
+            fps=self.fps if fps is None else fps,
+            sampling=self.sampling,
+            short_side=self.processor.decode_short_side(),
+            **caps,
+        )
 
     def start(
         self,

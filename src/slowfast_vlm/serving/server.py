@@ -4,7 +4,11 @@
 Videos go in a user message as `{"type": "video_url", "video_url": {"url": ...}}` (vLLM / SGLang
 style) with a `data:video/mp4;base64,...` URL, a `file:///abs/path` URL, or a path relative to
 `--media-root`; local files are read only under `--media-root`. Extra body fields `num_frames` and
-`fps` set the frame sampling. One generation runs at a time; up to `--max-queue` requests wait.
+`fps` (or vLLM's `media_io_kwargs.video` / `mm_processor_kwargs`) set the frame sampling.
+
+Memory is bounded before any work: a request is admitted (or refused with 503 and Retry-After)
+before its body is read, from the queue limit and the operator's memory budget; at most
+`--max-decoding` requests decode at once, each at the model's input size; one generation runs at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
@@ -31,7 +34,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..inference import Reply, first_line
+from ..inference import PromptTooLongError, Reply, check_prompt_length, first_line, prompt_length
+from ..processing.video import MAX_DURATION, MAX_SOURCE_PIXELS
 from .model_runner import ModelRunner
 
 MiB = 1 << 20
@@ -92,6 +96,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class VideoOptions(BaseModel):
+    """Frame sampling a request may set (vLLM names its frame count `num_frames` too)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    num_frames: int | None = Field(None, ge=1)
+    fps: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
 class ChatCompletionRequest(BaseModel):
     """The OpenAI chat-completions fields this server honours, plus `num_frames` and `fps`; other
     fields are ignored."""
@@ -102,40 +115,45 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     num_frames: int | None = Field(None, ge=1)
-    fps: float | None = Field(None, gt=0)
+    fps: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # vLLM's per-request media options: {"video": {"num_frames": N, "fps": F}} and {"num_frames": N, "fps": F}
+    media_io_kwargs: dict[Literal["video"], VideoOptions] | None = None
+    mm_processor_kwargs: VideoOptions | None = None
+
+    def sampling(self) -> tuple[int | None, float | None]:
+        """`(num_frames, fps)` asked for: the plain fields over vLLM's `media_io_kwargs.video` over its
+        `mm_processor_kwargs`; None where none sets it."""
+        sources = [self.mm_processor_kwargs, (self.media_io_kwargs or {}).get("video"), self]
+        num_frames = fps = None
+        for source in sources:
+            if source is not None:
+                num_frames = source.num_frames if source.num_frames is not None else num_frames
+                fps = source.fps if source.fps is not None else fps
+        return num_frames, fps
 
 
-def to_conversation(messages: list[Message], reserved: Sequence[str] = ()) -> tuple[list[dict], str | None]:
+def to_conversation(messages: list[Message]) -> tuple[list[dict], str | None]:
     """OpenAI messages -> (chat-template conversation, the one video URL or None).
 
-    Text may not contain the `reserved` strings (the processor's placeholders: they would stand for
-    videos that are not there).
+    All text becomes text parts, which the processor tokenizes as text: a `<video>` or `<|im_end|>`
+    typed in a message is text, never a placeholder or a control token.
     """
-
-    def text(i: int, value: str) -> str:
-        for token in reserved:
-            if token in value:
-                raise APIError(
-                    400, f"messages.{i}: the text contains {token!r}, which is reserved", "invalid_content"
-                )
-        return value
-
     conversation, videos = [], []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
         if isinstance(message.content, str):
-            conversation.append({"role": role, "content": text(i, message.content)})
+            conversation.append({"role": role, "content": [{"type": "text", "text": message.content}]})
             continue
         parts = []
         for part in message.content:
             if isinstance(part, TextPart):
-                parts.append({"type": "text", "text": text(i, part.text)})
+                parts.append({"type": "text", "text": part.text})
             elif role != "user":
                 raise APIError(
                     400, f"messages.{i}: videos go in user messages, not {role} ones", "invalid_content"
@@ -162,6 +180,8 @@ def resolve_video_url(url: str, media_root: Path | None) -> Path | bytes:
     Raises `APIError`: 400 for a malformed or remote URL, 403 for a path outside `media_root`
     (symlinks and `..` resolved) or any path when there is no media root.
     """
+    if "\x00" in url:
+        raise APIError(400, "video_url: the URL contains a NUL character", "invalid_url")
     if url.startswith("data:"):
         header, comma, data = url.partition(",")
         if not comma or not header.endswith(";base64"):
@@ -204,9 +224,10 @@ def resolve_video_url(url: str, media_root: Path | None) -> Path | bytes:
 
 
 def decode_video(
-    runner: ModelRunner, source: Path | bytes, url: str, num_frames: int | None, fps: float | None
+    runner: ModelRunner, source: Path | bytes, url: str, num_frames: int | None, fps: float | None, **caps
 ):
-    """Decoded frames of `source`; a bad video is a 400 naming the URL (not the server's paths)."""
+    """Decoded frames of `source` (`caps` as in `load_video`); a bad video is a 400 naming the URL
+    (not the server's paths)."""
     shown = "the base64 video" if isinstance(source, bytes) else repr(url)
     path = source
     if isinstance(source, bytes):
@@ -214,7 +235,7 @@ def decode_video(
             file.write(source)
         path = Path(file.name)
     try:
-        frames, _ = runner.load_video(path, num_frames, fps)
+        frames, _ = runner.load_video(path, num_frames, fps, **caps)
     except (OSError, ValueError) as error:
         reason = str(error).replace(str(path), shown)
         code = "video_not_found" if isinstance(error, FileNotFoundError) else "invalid_video"
@@ -228,8 +249,44 @@ def decode_video(
 # ----- the app -----------------------------------------------------------------------------------
 
 
+BODY_COPIES = 3
+"""A body is held about three times while a request lives: the bytes read, the parsed JSON text, and
+the video the base64 decodes to (3/4 of its text)."""
+
+
+def decode_bytes(max_source_pixels: int) -> int:
+    """What one decode may hold, in bytes: yuv420 source frames (1.5 bytes a pixel) for every decoder
+    thread (one per core) and the reference frames h264 keeps (up to 6 at such sizes); the converted
+    frames are at the model's size and small beside them."""
+    return int(max_source_pixels * 1.5 * ((os.cpu_count() or 1) + 6))
+
+
+class MemoryBudget:
+    """Bytes that admitted requests may hold at once (None: no limit). Used from the event loop only."""
+
+    def __init__(self, total: int | None):
+        self.total, self.used = total, 0
+
+    def reserve(self, size: int) -> bool:
+        """Take `size` bytes if they fit; False (nothing taken) if they do not."""
+        if self.total is not None and self.used + size > self.total:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
+
+
 class ChatService:
-    """Admission (a bounded queue), one generation at a time, and OpenAI response shapes."""
+    """Admission (a bounded queue and a memory budget, before a body is read), a bounded number of
+    decodes at once, one generation at a time, and OpenAI response shapes.
+
+    Args:
+        memory_budget: bytes for request bodies and decoding together (None: no budget); `max_decoding`
+            decodes are set aside from it first (`decode_bytes(max_source_pixels)` each), and the rest
+            holds admitted bodies (`BODY_COPIES` x their length).
+    """
 
     def __init__(
         self,
@@ -238,59 +295,99 @@ class ChatService:
         max_queue: int = 64,
         max_frames: int = 256,
         default_max_tokens: int = 256,
+        max_decoding: int = 2,
+        memory_budget: int | None = None,
+        max_source_pixels: int = MAX_SOURCE_PIXELS,
+        max_duration: float = MAX_DURATION,
     ):
         self.runner, self.media_root = runner, media_root
         self.max_queue, self.max_frames, self.default_max_tokens = max_queue, max_frames, default_max_tokens
-        self.pending = 0  # requests admitted and not yet finished (waiting or generating)
+        self.caps = {"max_source_pixels": max_source_pixels, "max_duration": max_duration}
+        decoding = max_decoding * decode_bytes(max_source_pixels)
+        if memory_budget is not None and memory_budget <= decoding:
+            raise ValueError(
+                f"a memory budget of {memory_budget / MiB:.0f} MiB leaves nothing for requests once "
+                f"{max_decoding} decodes of up to {max_source_pixels:,}-pixel frames take "
+                f"{decoding / MiB:.0f} MiB: raise it, or lower the decodes or the pixel limit"
+            )
+        self.budget = MemoryBudget(None if memory_budget is None else memory_budget - decoding)
+        self.pending = 0  # requests admitted and not yet finished (reading, decoding, waiting or generating)
+        self.decoding = asyncio.Semaphore(max_decoding)  # requests decoding a video at once
         self.turn = asyncio.Semaphore(1)  # whose turn it is on the model
 
-    async def complete(self, request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    def admit(self, body_bytes: int) -> int:
+        """Admit a request whose body is at most `body_bytes` long, before reading it: the bytes it
+        reserves (give them back with `leave`), or 503 with Retry-After when the queue or the memory
+        budget is full."""
+        reserved = BODY_COPIES * body_bytes
+        if self.pending >= self.max_queue:
+            reason, code = f"{self.pending} requests queued", "queue_full"
+        elif not self.budget.reserve(reserved):
+            reason, code = "its memory budget is taken by the requests in progress", "memory_budget_full"
+        else:
+            self.pending += 1
+            return reserved
+        raise APIError(503, f"the server is busy ({reason}); retry later", code, {"Retry-After": "1"})
+
+    def leave(self, reserved: int) -> None:
+        """A request admitted with `admit` is finished (answered, refused or gone)."""
+        self.pending -= 1
+        self.budget.release(reserved)
+
+    async def complete(self, request: ChatCompletionRequest, done) -> JSONResponse | StreamingResponse:
+        """Answer an admitted request; `done()` is called once when it is finished (here on an error,
+        else when its generation ends)."""
+        try:
+            return await self._complete(request, done)
+        except BaseException:
+            done()
+            raise
+
+    async def _complete(self, request: ChatCompletionRequest, done) -> JSONResponse | StreamingResponse:
         if request.model is not None and request.model != self.runner.name:
             raise APIError(
                 404,
                 f"model {request.model!r} does not exist; this server has {self.runner.name!r}",
                 "model_not_found",
             )
-        if request.num_frames is not None and request.num_frames > self.max_frames:
+        num_frames, fps = request.sampling()
+        if num_frames is not None and num_frames > self.max_frames:
             raise APIError(
                 400,
-                f"num_frames: {request.num_frames} is above this server's limit of {self.max_frames}",
+                f"num_frames: {num_frames} is above this server's limit of {self.max_frames}",
                 "invalid_value",
             )
         stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
         if len(stop) > 4:
             raise APIError(400, f"stop: at most 4 sequences, got {len(stop)}", "invalid_value")
         stop = [sequence for sequence in stop if sequence]
-        processor = self.runner.processor
-        conversation, url = to_conversation(request.messages, (processor.video_token, processor.image_token))
+        conversation, url = to_conversation(request.messages)
         source = None if url is None else resolve_video_url(url, self.media_root)
-        if self.pending >= self.max_queue:
-            raise APIError(
-                503,
-                f"the server is busy ({self.pending} requests queued); retry later",
-                "queue_full",
-                {"Retry-After": "1"},
-            )
-        self.pending += 1
-        try:
-            frames = None
-            if source is not None:
+        frames = None
+        if source is not None:
+            async with self.decoding:
                 frames = await asyncio.to_thread(
-                    decode_video, self.runner, source, url, request.num_frames, request.fps
+                    decode_video, self.runner, source, url, num_frames, fps, **self.caps
                 )
-        except BaseException:
-            self.pending -= 1
-            raise
+            del source  # the video's bytes are not needed any more
+        max_new_tokens = request.max_completion_tokens or request.max_tokens or self.default_max_tokens
+        try:
+            length = prompt_length(
+                self.runner.processor, conversation, None if frames is None else len(frames)
+            )
+            check_prompt_length(self.runner.model, length, max_new_tokens)
+        except PromptTooLongError as error:
+            raise APIError(400, f"messages: {error}", "context_length_exceeded") from error
         generation = dict(
             conversation=conversation,
             frames=frames,
-            max_new_tokens=request.max_completion_tokens or request.max_tokens or self.default_max_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=request.temperature or 0.0,
             stop=stop,
             cancel=threading.Event(),
         )
         pieces: asyncio.Queue[str | None] | None = asyncio.Queue() if request.stream else None
-        job = asyncio.create_task(self._generate(generation, pieces))
+        job = asyncio.create_task(self._generate(generation, pieces, done))
         if pieces is None:
             return JSONResponse(self._completion(await asyncio.shield(job)))
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -298,7 +395,7 @@ class ChatService:
             self._events(job, pieces, generation["cancel"], include_usage), media_type="text/event-stream"
         )
 
-    async def _generate(self, generation: dict, pieces: asyncio.Queue | None) -> Reply:
+    async def _generate(self, generation: dict, pieces: asyncio.Queue | None, done) -> Reply:
         """Wait for the model's turn, then generate in a worker thread (pieces go to `pieces`)."""
         try:
             async with self.turn:
@@ -309,7 +406,7 @@ class ChatService:
                         pieces.put_nowait(piece)
                 return await asyncio.to_thread(running.result)
         finally:
-            self.pending -= 1
+            done()
             if pieces is not None:
                 pieces.put_nowait(None)
 
@@ -362,12 +459,21 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def declared_length(request: Request, limit: int) -> int | None:
+    """The body length the request declares (None: none, e.g. chunked); 413 above `limit`, 400 if malformed."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    if not declared.isdigit():
+        raise APIError(400, f"Content-Length {declared!r} is not a number of bytes", "invalid_request")
+    if int(declared) > limit:
+        raise APIError(413, f"request body exceeds {limit / MiB:g} MiB", "request_too_large")
+    return int(declared)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it is known to exceed `limit` bytes."""
+    """The request body, or 413 as soon as it is known to exceed `limit` bytes (read as it streams)."""
     too_large = APIError(413, f"request body exceeds {limit / MiB:g} MiB", "request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -383,10 +489,17 @@ def create_app(
     max_queue: int = 64,
     max_frames: int = 256,
     default_max_tokens: int = 256,
+    **limits,
 ) -> FastAPI:
-    """The FastAPI app serving `runner` (run it with uvicorn)."""
+    """The FastAPI app serving `runner` (run it with uvicorn); `limits` go to `ChatService`
+    (`max_decoding`, `memory_budget`, `max_source_pixels`, `max_duration`)."""
     service = ChatService(
-        runner, None if media_root is None else Path(media_root), max_queue, max_frames, default_max_tokens
+        runner,
+        None if media_root is None else Path(media_root),
+        max_queue,
+        max_frames,
+        default_max_tokens,
+        **limits,
     )
     app = FastAPI(title="slowfast-vlm", summary="OpenAI-compatible video chat API")
     app.state.service = service
@@ -418,12 +531,27 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _read_body(request, max_body_bytes)
+        declared = declared_length(request, max_body_bytes)
+        reserved = service.admit(max_body_bytes if declared is None else declared)
+        finished = False
+
+        def done() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                service.leave(reserved)
+
         try:
+            body = await _read_body(request, max_body_bytes)
             parsed = ChatCompletionRequest.model_validate_json(body)
+            del body
         except ValidationError as error:
+            done()
             raise APIError(400, _validation_message(error), "invalid_request") from error
-        return await service.complete(parsed)
+        except BaseException:
+            done()
+            raise
+        return await service.complete(parsed, done)
 
     return app
 
@@ -434,6 +562,12 @@ def main(args: argparse.Namespace) -> int:
     if args.media_root is not None and not args.media_root.is_dir():
         print(f"slowfast-vlm serve: --media-root {args.media_root}: not a directory", file=sys.stderr)
         return 2
+    limits = dict(
+        max_decoding=args.max_decoding,
+        memory_budget=None if args.memory_budget_mb is None else int(args.memory_budget_mb * MiB),
+        max_source_pixels=args.max_video_pixels,
+        max_duration=args.max_video_seconds,
+    )
     try:
         runner = ModelRunner.from_args(args)
     except (OSError, ValueError) as error:
@@ -441,13 +575,18 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.served_model_name:
         runner.name = args.served_model_name
-    app = create_app(
-        runner,
-        media_root=args.media_root,
-        max_body_bytes=int(args.max_body_mb * MiB),
-        max_queue=args.max_queue,
-        max_frames=args.max_frames,
-        default_max_tokens=args.default_max_tokens,
-    )
+    try:
+        app = create_app(
+            runner,
+            media_root=args.media_root,
+            max_body_bytes=int(args.max_body_mb * MiB),
+            max_queue=args.max_queue,
+            max_frames=args.max_frames,
+            default_max_tokens=args.default_max_tokens,
+            **limits,
+        )
+    except ValueError as error:
+        print(f"slowfast-vlm serve: --memory-budget-mb: {error}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=args.host, port=args.port)
     return 0

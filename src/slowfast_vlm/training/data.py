@@ -108,6 +108,10 @@ class BadRecord(ValueError):
     """A record that cannot be turned into a training sample; the message says why."""
 
 
+class TooManyBadSamples(RuntimeError):
+    """More distinct records are unusable than `max_bad_sample_fraction` allows; the run stops."""
+
+
 # ----- reading and pre-validation -------------------------------------------------------------------
 def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
     """`(where, parsed record or BadRecord)` for every record of a `.json` or `.jsonl` file."""
@@ -212,6 +216,7 @@ def read_records(
         path, media_root = source["path"], source.get("media_root", config.media_root)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
+        found = len(records) + len(skipped)
         for where, raw in _raw_records(path):
             try:
                 if isinstance(raw, BadRecord):
@@ -220,6 +225,8 @@ def read_records(
             except BadRecord as e:
                 sample_id = str(raw.get("id", where)) if isinstance(raw, dict) else where
                 skipped.append(SkippedSample(sample_id, where, str(e)))
+        if len(records) + len(skipped) == found:
+            raise ValueError(f"data file {path} holds no records")
     return records, skipped
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate.state import PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -40,6 +40,7 @@ from .data import (
     DataConfig,
     ModalityGroupedSampler,
     SkippedSample,
+    TooManyBadSamples,
     read_records,
 )
 
@@ -107,13 +108,21 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"--set {assignment}: {part!r} is not a section")
-    node[leaf] = yaml.load(raw, Loader=YamlLoader)
+    try:
+        node[leaf] = yaml.load(raw, Loader=YamlLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(
+            f"--set {assignment}: the value is not valid YAML ({' '.join(str(e).split())})"
+        ) from e
 
 
 def load_train_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML training config and apply `--set` overrides."""
     with open(path, encoding="utf-8") as f:
-        values = yaml.load(f, Loader=YamlLoader) or {}
+        try:
+            values = yaml.load(f, Loader=YamlLoader) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a training config is a YAML mapping, got {type(values).__name__}")
     for assignment in overrides:
@@ -152,7 +161,8 @@ class SlowFastTrainer(Trainer):
     Args:
         rates: learning rate per trained component (`learning_rates`).
         num_records: records in the data files, bad ones included (the bad-sample budget's base).
-        skipped: samples already found unusable (pre-validation, and before a resumed checkpoint).
+        skipped: records left out by pre-validation. Records found unusable while training are added
+            once each, however often the sampler draws them (`skipped_where`, kept across a resume).
         max_bad_sample_fraction: the run stops once more than this fraction of `num_records` is unusable.
     """
 
@@ -168,6 +178,7 @@ class SlowFastTrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         self.rates, self.num_records, self.skipped = rates, num_records, skipped
+        self.prevalidated, self.skipped_where = skipped, set()  # where = "file:line": one per record
         self.max_bad_sample_fraction, self.group_by_length = max_bad_sample_fraction, group_by_length
 
     # ----- engines -----
@@ -233,14 +244,16 @@ class SlowFastTrainer(Trainer):
 
     # ----- bad samples -----
     def account_skipped(self, skipped: list[SkippedSample]) -> None:
-        """Log this rank's skipped samples, add every rank's count, stop once over budget (on all ranks)."""
+        """Log this rank's skipped samples, count every rank's distinct ones (a record drawn again, in a
+        later epoch or as padding, counts once), stop once over budget (on all ranks)."""
         for sample in skipped:
-            logger.warning("skipped sample %s (%s): %s", sample.id, sample.where, sample.reason)
-        count = self.accelerator.reduce(torch.tensor(len(skipped), device=self.args.device), reduction="sum")
-        self.skipped += int(count)
+            if sample.where not in self.skipped_where:
+                logger.warning("skipped sample %s (%s): %s", sample.id, sample.where, sample.reason)
+        self.skipped_where.update(gather_object([sample.where for sample in skipped]))
+        self.skipped = self.prevalidated + len(self.skipped_where)
         budget = self.max_bad_sample_fraction * self.num_records
         if self.skipped > budget:
-            raise RuntimeError(
+            raise TooManyBadSamples(
                 f"{self.skipped} of {self.num_records} training samples are unusable, more than "
                 f"max_bad_sample_fraction={self.max_bad_sample_fraction} ({budget:.1f}); see the 'skipped sample' "
                 "warnings for which and why"
@@ -309,7 +322,8 @@ class SlowFastTrainer(Trainer):
                 self.accelerator.unwrap_model(model).config.save_pretrained(output_dir)
             marker = os.path.join(output_dir, COMPLETE_MARKER)
             with open(marker + ".tmp", "w") as f:
-                json.dump({"global_step": self.state.global_step, "skipped_samples": self.skipped}, f)
+                marker_data = {"global_step": self.state.global_step, "skipped_samples": self.skipped}
+                json.dump({**marker_data, "skipped_where": sorted(self.skipped_where)}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(marker + ".tmp", marker)
@@ -372,7 +386,7 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         logger.info("%d of %d records are usable", len(records), num_records)
     if not records or len(skipped) > config.data.max_bad_sample_fraction * num_records:
         first = f"; first: {skipped[0].where}: {skipped[0].reason}" if skipped else ""
-        raise RuntimeError(
+        raise TooManyBadSamples(
             f"{len(skipped)} of {num_records} records are unusable "
             f"(max_bad_sample_fraction={config.data.max_bad_sample_fraction}){first}"
         )
@@ -397,7 +411,8 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     checkpoint = last_complete_checkpoint(trainer.args.output_dir) if config.resume else None
     if checkpoint is not None:
         with open(os.path.join(checkpoint, COMPLETE_MARKER)) as f:
-            trainer.skipped = json.load(f)["skipped_samples"]
+            trainer.skipped_where = set(json.load(f).get("skipped_where", ()))
+        trainer.skipped = trainer.prevalidated + len(trainer.skipped_where)
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     if config.model.lora is not None:
@@ -410,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         train(load_train_config(args.config, args.overrides))
-    except (OSError, ValueError) as error:  # a bad config, a missing file, an engine set-up refused
+    except (OSError, ValueError, TooManyBadSamples) as error:  # a bad config or data, an engine refused
         print(f"slowfast-vlm train: {args.config}: {error}", file=sys.stderr)
         return 2
     finally:
