@@ -431,3 +431,43 @@ def test_decord_backend_errors_name_the_file(tmp_path):
     text.write_text("not a video\n" * 50)
     with pytest.raises(VideoDecodeError, match=r"notes\.mp4: not a readable video container"):
         load_video(text, num_frames=4, backend="decord")
+
+
+def test_short_side_scales_frames_while_decoding(tmp_path):
+    from PIL import Image
+
+    from slowfast_vlm.processing.video import write_video as encode
+
+    # smooth frames (gradients) so that two area-averaging resamplers agree closely
+    y, x = np.mgrid[0:96, 0:128]
+    frames = np.stack([np.stack([x * 2, y * 2, (x + y + 10 * t) % 256], -1) for t in range(8)]).astype(
+        np.uint8
+    )
+    path = encode(tmp_path / "wide.mp4", frames, fps=8, crf=10)
+    full, _ = load_video(path, 4, sampling="uniform")
+    small, meta = load_video(path, 4, sampling="uniform", short_side=24)
+    assert small.shape == (4, 24, 32, 3) and (meta.width, meta.height) == (32, 24)
+    # independent reference: the full-size frames shrunk by Pillow's box filter (an area average)
+    reference = np.stack(
+        [np.asarray(Image.fromarray(f).resize((32, 24), Image.Resampling.BOX)) for f in full]
+    )
+    assert np.abs(small.astype(int) - reference.astype(int)).mean() < 3
+    # never enlarged: a short side above the source's leaves the frames as stored
+    assert np.array_equal(load_video(path, 4, sampling="uniform", short_side=500)[0], full)
+
+
+def test_caps_on_source_pixels_and_duration(tmp_path):
+    from slowfast_vlm.processing.video import write_video as encode
+
+    path = encode(tmp_path / "clip.mp4", np.zeros((16, 24, 40, 3), np.uint8), fps=8)  # 2 s of 40x24
+    assert len(load_video(path, 4, max_source_pixels=40 * 24, max_duration=2.0)[0]) == 4  # at the caps
+    with pytest.raises(
+        VideoDecodeError, match=r"clip\.mp4: frames of 40x24 = 960 pixels, over the limit of 959"
+    ):
+        load_video(path, 4, max_source_pixels=959)
+    with pytest.raises(VideoDecodeError, match=r"clip\.mp4: 2 s long, over the limit of 1\.5 s"):
+        load_video(path, 4, max_duration=1.5)
+    with pytest.raises(ValueError, match="fps must be a finite number > 0, got inf"):
+        load_video(path, 4, fps=float("inf"))
+    with pytest.raises(ValueError, match="num_frames must be an integer >= 1, got 2.5"):
+        load_video(path, 2.5)

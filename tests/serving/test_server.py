@@ -390,3 +390,27 @@ def test_the_memory_budget_admits_what_fits_and_refuses_the_rest(runner, serve, 
         assert small.status_code == 400  # a small body still fits beside the first
     assert first.result().status_code == 200
     assert httpx.get(f"{base_url}/health").json()["pending"] == 0
+
+
+def test_vllm_media_options_set_the_frame_sampling(client, checkpoint, media_root):
+    _, _, processor = checkpoint
+    content = [{"type": "video_url", "video_url": {"url": "clip.mp4"}}, {"type": "text", "text": "Q?"}]
+
+    def prompt_tokens(extra: dict) -> int:
+        return client.chat.completions.create(
+            model="tiny-slowfast",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=1,
+            extra_body=extra,
+        ).usage.prompt_tokens
+
+    # the clip has 12 frames at 8 fps: fps 8 with at most 4 frames gives 4 frames; the default (all 12 at
+    # the model's settings) gives more fast tokens
+    four = prompt_tokens({"num_frames": 4, "fps": 8})
+    assert four - prompt_tokens({"num_frames": 12, "fps": 8}) == processor.num_fast_tokens(
+        4
+    ) - processor.num_fast_tokens(12)
+    assert prompt_tokens({"media_io_kwargs": {"video": {"num_frames": 4, "fps": 8}}}) == four
+    assert prompt_tokens({"mm_processor_kwargs": {"num_frames": 4, "fps": 8}}) == four
+    # the plain fields win over vLLM's
+    assert prompt_tokens({"num_frames": 4, "fps": 8, "mm_processor_kwargs": {"num_frames": 12}}) == four

@@ -141,7 +141,13 @@ class SlowFastLMMS(lmms):
                     images.append(PIL.Image.open(visual).convert("RGB"))
                 elif isinstance(visual, (str, Path)):
                     videos.append(
-                        load_video(visual, self.num_frames, fps=self.fps, sampling=self.sampling)[0]
+                        load_video(
+                            visual,
+                            self.num_frames,
+                            fps=self.fps,
+                            sampling=self.sampling,
+                            short_side=self.processor.decode_short_side(),
+                        )[0]
                     )
                 else:
                     raise ValueError(f"unsupported visual input {type(visual).__name__}")

@@ -283,7 +283,13 @@ class ConversationDataset(Dataset):
             config = self.config
             return {
                 "videos": [
-                    load_video(path, config.num_frames, fps=config.fps, sampling=config.sampling)[0]
+                    load_video(
+                        path,
+                        config.num_frames,
+                        fps=config.fps,
+                        sampling=config.sampling,
+                        short_side=self.processor.decode_short_side(),
+                    )[0]
                     for path in record.media
                 ]
             }
