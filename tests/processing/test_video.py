@@ -471,3 +471,15 @@ def test_caps_on_source_pixels_and_duration(tmp_path):
         load_video(path, 4, fps=float("inf"))
     with pytest.raises(ValueError, match="num_frames must be an integer >= 1, got 2.5"):
         load_video(path, 2.5)
+
+
+def test_transformers_keywords_all_frames_and_frames_alone(tmp_path):
+    from slowfast_vlm.processing.video import write_video as encode
+
+    frames = np.stack([np.full((16, 16, 3), 16 * i, np.uint8) for i in range(10)])
+    path = encode(tmp_path / "ramp.mp4", frames, fps=8, crf=0)
+    every, meta = load_video(path, 4, do_sample_frames=False)
+    assert meta.frame_indices == list(range(10)) and len(every) == 10
+    assert np.abs(every.astype(int) - frames.astype(int)).max() <= 3  # near-lossless: frame i is frame i
+    alone = load_video(path, 4, sampling="uniform", return_metadata=False)
+    assert isinstance(alone, np.ndarray) and np.array_equal(alone, every[[0, 3, 6, 9]])  # linspace(0, 9, 4)

@@ -105,7 +105,9 @@ def load_video(
     short_side: int | None = None,
     max_source_pixels: int | None = MAX_SOURCE_PIXELS,
     max_duration: float | None = MAX_DURATION,
-) -> tuple[np.ndarray, VideoMetadata]:
+    do_sample_frames: bool = True,
+    return_metadata: bool = True,
+) -> tuple[np.ndarray, VideoMetadata] | np.ndarray:
     """Decode the sampled frames of a video.
 
     Args:
@@ -126,10 +128,13 @@ def load_video(
             the stream's stored size.
         max_source_pixels, max_duration: refuse (:class:`VideoDecodeError`) a video whose frames
             have more pixels, or which lasts longer in seconds; None: no cap.
+        do_sample_frames, return_metadata: transformers' video keywords. ``do_sample_frames=False``
+            decodes every frame (``num_frames`` and ``fps`` are then not used);
+            ``return_metadata=False`` returns the frames alone.
 
     Returns:
         RGB uint8 frames ``(T, H, W, 3)``, upright per the display rotation, and
-        their :class:`VideoMetadata`.
+        their :class:`VideoMetadata` (unless ``return_metadata=False``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -155,14 +160,18 @@ def load_video(
         raise VideoDecodeError(f"{path}: empty file (0 bytes)")
 
     def choose(total: int, video_fps: float) -> list[int]:
+        if not do_sample_frames:
+            return list(range(total))
         if sampling == "uniform":
             return uniform_sample_indices(total, num_frames)
         return fps_sample_indices(total, video_fps, num_frames, target_fps)
 
     caps = _Caps(short_side, max_source_pixels, max_duration)
     if backend == "decord":
-        return _load_decord(path, choose, caps)
-    return _load_pyav(path, choose, seek, caps)
+        frames, metadata = _load_decord(path, choose, caps)
+    else:
+        frames, metadata = _load_pyav(path, choose, seek, caps)
+    return (frames, metadata) if return_metadata else frames
 
 
 @dataclass(frozen=True)
