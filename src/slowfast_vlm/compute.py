@@ -292,30 +292,35 @@ def estimate(
 
 
 def qwen_vl_vision_flops(vision_config: PretrainedConfig, height: int, width: int) -> tuple[int, int]:
-    """(encoder, patch merger) FLOPs of a Qwen2.5-VL vision tower on one temporal patch of `height x width`
-    pixels: patch embedding, blocks (window attention within `window_size` windows, full attention in
-    `fullatt_block_indexes`, both within the temporal patch), gated MLP; merger MLP on merged tokens."""
+    """(encoder, patch mergers) FLOPs of a Qwen-VL vision tower on one temporal patch of `height x width`
+    pixels: patch embedding; blocks attending within the temporal patch (Qwen2.5-VL: within `window_size`
+    windows except in `fullatt_block_indexes`, gated MLP; Qwen3-VL: full attention, plain MLP); the
+    merger MLP on merged tokens (Qwen3-VL: also one per `deepstack_visual_indexes`)."""
     patch, merge = vision_config.patch_size, vision_config.spatial_merge_size
     hidden, intermediate = vision_config.hidden_size, vision_config.intermediate_size
-    grid_h, grid_w = height // patch, width // patch
-    tokens = grid_h * grid_w
-    window = vision_config.window_size // merge // patch  # merged units per window side
+    tokens = (height // patch) * (width // patch)
+    full_attention = getattr(vision_config, "fullatt_block_indexes", None)
+    if full_attention is not None:  # Qwen2.5-VL
+        window = vision_config.window_size // merge // patch  # merged units per window side
 
-    def squared_sides(units: int) -> int:  # sum of window side lengths squared along one axis
-        return (units // window) * window**2 + (units % window) ** 2
+        def squared_sides(units: int) -> int:  # window side lengths squared, summed along one axis
+            return (units // window) * window**2 + (units % window) ** 2
 
-    window_pairs = merge**4 * squared_sides(grid_h // merge) * squared_sides(grid_w // merge)
+        window_pairs = (
+            merge**4 * squared_sides(height // patch // merge) * squared_sides(width // patch // merge)
+        )
+        mlp, mergers = 3 * 2 * tokens * hidden * intermediate, 1
+    else:  # Qwen3-VL
+        full_attention, window_pairs = range(vision_config.depth), 0
+        mlp, mergers = 2 * 2 * tokens * hidden * intermediate, 1 + len(vision_config.deepstack_visual_indexes)
     encoder = (
         2 * tokens * vision_config.in_channels * vision_config.temporal_patch_size * patch * patch * hidden
     )
     for block in range(vision_config.depth):
-        pairs = tokens * tokens if block in vision_config.fullatt_block_indexes else window_pairs
-        encoder += (
-            2 * tokens * 4 * hidden * hidden + 2 * 2 * pairs * hidden + 3 * 2 * tokens * hidden * intermediate
-        )
+        pairs = tokens * tokens if block in full_attention else window_pairs
+        encoder += 2 * tokens * 4 * hidden * hidden + 2 * 2 * pairs * hidden + mlp
     merged, width_in = tokens // merge**2, hidden * merge**2
-    merger = 2 * merged * width_in * (width_in + vision_config.out_hidden_size)
-    return encoder, merger
+    return encoder, mergers * 2 * merged * width_in * (width_in + vision_config.out_hidden_size)
 
 
 def host_estimate(
@@ -327,10 +332,12 @@ def host_estimate(
     design: str = "slowfast",
     dtype: str = "bfloat16",
 ) -> ComputeRecord:
-    """FLOPs and memory of a Qwen2.5-VL host with the slow branch (`design="slowfast"`: the fast temporal
-    patches in the sequence, every one cross-attended) or of the host itself given all `frames`
+    """FLOPs and memory of a Qwen2.5-VL / Qwen3-VL host with the slow branch (`design="slowfast"`: the fast
+    temporal patches in the sequence, every one cross-attended) or of the host itself given all `frames`
     (`"self-attention"`), on one video of `frames` frames of `height x width` pixels (the size after the
-    processor's resize: multiples of `patch_size * spatial_merge_size`). Conventions as in `estimate`."""
+    processor's resize: multiples of `patch_size * spatial_merge_size`). Conventions as in `estimate`;
+    Qwen3-VL's text times are counted as prompt tokens; its slow-fast model encodes the fast frames twice
+    (`host_encodes_fast_frames`)."""
     from .hosts import HOST_FAMILIES
     from .hosts.qwen2_5_vl import fast_temporal_patches
     from .modeling import cross_attention_parameters
@@ -349,15 +356,19 @@ def host_estimate(
     patches = -(-frames // temporal)  # the host pads the last temporal patch with copies of the last frame
     merged_h, merged_w = height // patch // merge, width // patch // merge
     stride = config.video_pooling_stride
+    fast_patches = len(fast_temporal_patches(patches, config.fast_frames, temporal))
+    encoded = patches + (
+        fast_patches if design == "slowfast" and family.model.host_encodes_fast_frames else 0
+    )
     if design == "slowfast":
-        fast = len(fast_temporal_patches(patches, config.fast_frames, temporal)) * merged_h * merged_w
+        fast = fast_patches * merged_h * merged_w
         slow = patches * (merged_h // stride) * (merged_w // stride)
         sequence, hybrid_layers = prompt_tokens + fast, len(config.hybrid_layer_indices)
         queries = prompt_tokens + (fast if config.cross_attn_queries == "all" else 0)
     else:
         fast, slow, hybrid_layers, queries = 0, patches * merged_h * merged_w, 0, 0
         sequence = prompt_tokens + slow
-    vision_flops = tuple(patches * flops for flops in qwen_vl_vision_flops(vision, height, width))
+    vision_flops = tuple(encoded * flops for flops in qwen_vl_vision_flops(vision, height, width))
     tokens = (fast, slow, sequence, queries, hybrid_layers)
     return _record(config, design, frames, prompt_tokens, tokens, vision_flops, dtype, parameters)
 

@@ -18,20 +18,25 @@ from torch import nn
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 
 from ..modeling.hybrid import add_hybrid_layers
-from . import llava_next_video, llava_onevision, qwen2_5_vl
+from . import llava_next_video, llava_onevision, qwen2_5_vl, qwen3_vl
 from .base import KNOBS, HostFamily, SlowFastHostConfig, SlowFastHostMixin, select_fast_frames
 
-HOST_FAMILIES: tuple[HostFamily, ...] = (llava_onevision.FAMILY, llava_next_video.FAMILY, qwen2_5_vl.FAMILY)
+HOST_FAMILIES: tuple[HostFamily, ...] = (
+    llava_onevision.FAMILY,
+    llava_next_video.FAMILY,
+    qwen2_5_vl.FAMILY,
+    qwen3_vl.FAMILY,
+)
 
 
 def from_host(model_or_path: nn.Module | str | os.PathLike, **options) -> SlowFastHostMixin:
-    """Add the slow branch to a LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2.5-VL model, in place.
+    """Add the slow branch to a LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2.5-VL / Qwen3-VL model, in place.
 
     Args:
         model_or_path: a loaded `LlavaOnevisionForConditionalGeneration` /
-            `LlavaNextVideoForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` (converted in
-            place and returned), or a checkpoint path / hub id of one, loaded with the host class's
-            `from_pretrained`.
+            `LlavaNextVideoForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` /
+            `Qwen3VLForConditionalGeneration` (converted in place and returned), or a checkpoint path /
+            hub id of one, loaded with the host class's `from_pretrained`.
         options: the slow-fast knobs (fields of `SlowFastHostConfig`: `frames`, `fast_frames`,
             `hybrid_every_n_layers`, `hybrid_min_depth`, `hybrid_max_depth`, `video_pooling_stride`,
             `gate_type`, `init_cross_kv_from_lm`, ...); with a path, any other option goes to

@@ -4,7 +4,7 @@ and the `<video>` expansion for the fast frames on a host processor.
 A host family (one file each) combines these mixins with its transformers classes and says how its
 videos become fast and slow tokens (`SlowFastHostMixin.video_inputs`): LLaVA-style hosts
 (`LlavaHostMixin`: one feature grid per frame) here, Qwen-VL hosts (flattened patches with
-`video_grid_thw`) in `qwen2_5_vl.py`.
+`video_grid_thw`) in `qwen2_5_vl.py` (shared with `qwen3_vl.py`).
 
 The model takes all the frames in `pixel_values_videos` and picks the fast ones itself, so every
 `<video>` placeholder run in `input_ids` is as long as the host's run for the fast frames; the host's
@@ -88,6 +88,9 @@ class SlowFastHostMixin(SlowCacheGenerationMixin):
     # Whether the host's forward takes `input_ids` next to `inputs_embeds` (Qwen-VL computes its
     # multimodal positions from them; LLaVA refuses both).
     ids_with_embeds: bool = False
+    # Whether `video_inputs` hands the host the fast frames' pixels to encode itself (Qwen3-VL: its
+    # deepstack features of the video tokens go into its early layers, which embeddings cannot carry).
+    host_encodes_fast_frames: bool = False
 
     def __init__(self, config: SlowFastHostConfig):
         super().__init__(config)
@@ -183,11 +186,14 @@ class SlowFastHostMixin(SlowCacheGenerationMixin):
                 raise ValueError("pixel_values_videos need input_ids to locate their <video> tokens")
             fast, slow = self.video_inputs(pixel_values_videos, kwargs)
             slow_cache = self.slow_cache_for(input_ids, slow, [len(f) for f in fast], record_slow_attention)
-            # The fast tokens go where the host scatters its video features; the host then gets the
-            # embeddings (transformers before 5.18 has no way to pass it video features).
-            embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
-            embeds = self.scatter_features(embeds, input_ids == self.config.video_token_id, torch.cat(fast))
-            kwargs["inputs_embeds"] = self.embed_images(input_ids, embeds, kwargs)
+            if not self.host_encodes_fast_frames:
+                # The fast tokens go where the host scatters its video features; the host then gets the
+                # embeddings (transformers before 5.18 has no way to pass it video features).
+                embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
+                embeds = self.scatter_features(
+                    embeds, input_ids == self.config.video_token_id, torch.cat(fast)
+                )
+                kwargs["inputs_embeds"] = self.embed_images(input_ids, embeds, kwargs)
             visual_ids = torch.tensor([self.config.video_token_id, self.config.image_token_id])
             is_visual = torch.isin(input_ids, visual_ids.to(input_ids.device))
         if slow_query_mask is None:

@@ -19,6 +19,7 @@ grid and time spacing from decoded frames with the host's own resize rule, and `
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -55,6 +56,13 @@ class SlowFastQwen2_5_VLConfig(SlowFastHostConfig, Qwen2_5_VLConfig):
     them in temporal patches of `vision_config.temporal_patch_size`)."""
 
     model_type = "slowfast_qwen2_5_vl"
+
+    def fast_video_placeholder(self, grid: list[int], fps: float, video_token: str) -> str:
+        """What the host's processor writes for a video of grid `(t, h, w)` sampled at `fps`, for its fast
+        temporal patches: one `video_token` per merged token."""
+        t, h, w = grid
+        patches = fast_temporal_patches(t, self.fast_frames, self.vision_config.temporal_patch_size)
+        return video_token * (len(patches) * h * w // self.vision_config.spatial_merge_size**2)
 
 
 @dataclass
@@ -114,11 +122,9 @@ class QwenVLHostMixin(SlowFastHostMixin):
             videos.append(torch.cat(tokens).reshape(t, h // merge, w // merge, -1))
         return videos
 
-    def video_inputs(
-        self, pixel_values_videos: torch.Tensor, kwargs: dict
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """`pixel_values_videos` `(sum t*h*w, C*2*p*p)`, every frame's patches, with `video_grid_thw`
-        `(V, 3)` in `kwargs`; the host is then given the fast frames' grids and time spacing."""
+    @staticmethod
+    def checked_video_grid(pixel_values_videos: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The `video_grid_thw` `(V, 3)` of `kwargs`, checked against the patches `(sum t*h*w, C*2*p*p)`."""
         grid = kwargs.get("video_grid_thw")
         if (
             grid is None
@@ -129,6 +135,14 @@ class QwenVLHostMixin(SlowFastHostMixin):
                 "pixel_values_videos must be the (patches, C*2*p*p) of every frame with their video_grid_thw "
                 f"(videos, 3), got {tuple(pixel_values_videos.shape)} and {None if grid is None else grid.tolist()}"
             )
+        return grid
+
+    def video_inputs(
+        self, pixel_values_videos: torch.Tensor, kwargs: dict
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`pixel_values_videos` `(sum t*h*w, C*2*p*p)`, every frame's patches, with `video_grid_thw`
+        `(V, 3)` in `kwargs`; the host is then given the fast frames' grids and time spacing."""
+        grid = self.checked_video_grid(pixel_values_videos, kwargs)
         patch = self.config.vision_config.temporal_patch_size
         fast, slow = [], []
         for tokens in self.encode_videos(pixel_values_videos, grid):  # (t, h', w', D)
@@ -162,10 +176,18 @@ class QwenVLProcessorMixin(SlowFastHostProcessorMixin):
     `video_grid_thw` keep every frame (the model picks the fast ones with `fast_temporal_patches`)."""
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
-        t, h, w = video_inputs["video_grid_thw"][video_idx].tolist()
+        grid = video_inputs["video_grid_thw"][video_idx]
         patch = self.video_processor.temporal_patch_size
-        t_fast = len(fast_temporal_patches(t, self.checked_fast_frames(), patch))
-        return self.video_token * (t_fast * h * w // self.video_processor.merge_size**2)
+        index = fast_temporal_patches(int(grid[0]), self.checked_fast_frames(), patch)
+        fast = {"video_grid_thw": {video_idx: torch.cat([grid.new_tensor([len(index)]), grid[1:]])}}
+        if "video_metadata" in video_inputs:  # Qwen3-VL dates each temporal patch by its frames
+            metadata = copy.copy(video_inputs["video_metadata"][video_idx])
+            frames = list(metadata.frames_indices)
+            frames += frames[-1:] * (-len(frames) % patch)  # the host pads with the last frame
+            metadata.frames_indices = [frames[k * patch + j] for k in index for j in range(patch)]
+            fast["video_metadata"] = {video_idx: metadata}
+        # the host's own expansion, of the fast temporal patches
+        return super(SlowFastHostProcessorMixin, self).replace_video_token(fast, video_idx, **kwargs)
 
 
 class SlowFastQwen2_5_VLProcessor(QwenVLProcessorMixin, Qwen2_5_VLProcessor):
@@ -178,6 +200,8 @@ def video_inputs(
     vision_config,
     min_pixels: int = VIDEO_MIN_PIXELS,
     max_pixels: int = VIDEO_MAX_PIXELS,
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+    std: tuple[float, float, float] = OPENAI_CLIP_STD,
 ) -> dict[str, torch.Tensor]:
     """The host video processor's outputs without torchvision, for every frame of each video.
 
@@ -189,18 +213,18 @@ def video_inputs(
         vision_config: the host's (`model.config.vision_config`): patch, merge and temporal patch sizes.
         min_pixels, max_pixels: pixels per frame after resizing (the host video processor's
             `size["shortest_edge"]`, `size["longest_edge"]`).
+        mean, std: the host video processor's normalisation (CLIP's for Qwen2.5-VL, 0.5 for Qwen3-VL).
 
     Returns:
         `pixel_values_videos` `(sum t*h*w, 3*tp*p*p)`, `video_grid_thw` `(V, 3)`, `second_per_grid_ts`
         `(V,)`. Frames are resized to the host's `smart_resize` size with torch's antialiased bicubic
         interpolation (the host uses torchvision's; pixel values may differ by its rounding), then
-        rescaled to [0, 1] and normalised with the CLIP mean and std as the host does.
+        rescaled to [0, 1] and normalised as the host does.
     """
     patch, merge = vision_config.patch_size, vision_config.spatial_merge_size
     temporal = vision_config.temporal_patch_size
     fps = fps if isinstance(fps, (list, tuple)) else [fps] * len(videos)
-    mean = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
-    std = torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     patches, grids = [], []
     for frames in videos:
         frames = torch.as_tensor(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
@@ -236,20 +260,20 @@ def text_inputs(
     prompts: list[str],
     video_grid_thw: torch.Tensor,
     config: SlowFastQwen2_5_VLConfig,
+    fps: float | list[float] = 2.0,
     video_token: str = "<|video_pad|>",
 ) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask` (left-padded) and `mm_token_type_ids` for prompts whose k-th
-    `video_token` (a chat template's single placeholder) is expanded for video k's fast frames; what the
-    converted processor writes, without its torchvision video processor."""
+    `video_token` (a chat template's single placeholder) is expanded for video k's fast frames
+    (`config.fast_video_placeholder`; `fps`, per video or one for all, dates Qwen3-VL's frames); what
+    the converted processor writes, without its torchvision video processor."""
     grids = iter(video_grid_thw.tolist())
-    patch, merge = config.vision_config.temporal_patch_size, config.vision_config.spatial_merge_size
+    rates = iter(fps if isinstance(fps, (list, tuple)) else [fps] * len(video_grid_thw))
     expanded = []
     for text in prompts:
         pieces = text.split(video_token)
         for i in range(1, len(pieces)):
-            t, h, w = next(grids)
-            count = len(fast_temporal_patches(t, config.fast_frames, patch)) * h * w // merge**2
-            pieces[i] = video_token * count + pieces[i]
+            pieces[i] = config.fast_video_placeholder(next(grids), next(rates), video_token) + pieces[i]
         expanded.append("".join(pieces))
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
