@@ -190,3 +190,44 @@ def test_fsdp_that_cannot_be_active_is_refused(tiny, tmp_path):
         "slowfast-vlm train: configs/tiny_cpu.yaml: FSDP was requested but is not active (NO, 1 process(es)): "
         "launch 2 or more processes with torchrun"
     )
+
+
+# ----- partitioned build ---------------------------------------------------------------------------------
+PARTITION_SCRIPT = """
+import json, sys
+import deepspeed, torch
+from safetensors.torch import load_file
+from slowfast_vlm.training.runner import build_trainer, load_train_config
+trainer = build_trainer(load_train_config("configs/tiny_cpu.yaml", sys.argv[2:]))
+saved = load_file(sys.argv[1] + "/model.safetensors")
+report = {"whole": [], "held": 0, "total": 0, "differs": []}
+for name, param in trainer.model.named_parameters():
+    if param.numel() != 0 or not hasattr(param, "ds_tensor"):
+        report["whole"].append(name)  # a rank holding the whole parameter
+        continue
+    report["held"] += param.ds_tensor.numel()
+    report["total"] += param.ds_numel
+    with deepspeed.zero.GatheredParameters([param]):
+        if not torch.equal(param.data, saved[name]):
+            report["differs"].append(name)
+print("REPORT " + json.dumps(report))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_zero3_builds_each_ranks_partition_of_a_checkpoint(ddp, tiny, tmp_path):
+    """ZeRO-3 from a slow-fast checkpoint (`model.init_from`, how stage 2 starts): no rank ever holds a
+    whole parameter, and the partitions gather back to the checkpoint's weights."""
+    (tmp_path / "partition.py").write_text(PARTITION_SCRIPT)
+    sets = [f"model.init_from={ddp}", "model.llm=null", "model.vision=null", *ENGINES["zero3"][:1]]
+    sets += [f"training.output_dir={tmp_path / 'run'}", f"data.train=[{tiny['data']}]"]
+    sets += [f"data.media_root={tiny['media']}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run(launcher + [str(tmp_path / "partition.py"), str(ddp), *sets])
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if "REPORT" in line]
+    assert len(reports) == 2
+    for report in reports:
+        assert report["whole"] == [] and report["differs"] == []
+        assert report["held"] <= 0.51 * report["total"]  # half of the model, each part rounded up

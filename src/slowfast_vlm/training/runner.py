@@ -22,6 +22,11 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, gather_object
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available
+from transformers.integrations.deepspeed import (
+    is_deepspeed_zero3_enabled,
+    set_hf_deepspeed_config,
+    unset_hf_deepspeed_config,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling.fast_tokens import fast_token_count
@@ -356,13 +361,6 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         raise ValueError(
             f"model.lora adapts the LLM, but stage {config.stage!r} does not train it (no llm rate)"
         )
-    # The model is built before TrainingArguments so that ZeRO-3 does not partition it while the
-    # pretrained weights are copied in; DeepSpeed partitions it when training starts. The seed makes
-    # the new parameters (projector, gates, resized embedding rows) the same on every rank and every run.
-    set_seed(config.training.get("seed", TrainingArguments.__dataclass_fields__["seed"].default))
-    model, processor = build_model(config.model)
-    set_trainable(model, rates)
-
     training = {**DEFAULT_TRAINING_ARGS, **config.training, **FORCED_TRAINING_ARGS}
     if "vision" in rates:
         # Encoders hold parameters the model never uses (SigLIP's pooling head): DDP must expect them.
@@ -377,6 +375,26 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
             f"launched as {launched} processes but the Trainer sees {args.world_size} (on CPU, set "
             "training.use_cpu: true): each process would train its own copy into the same output_dir"
         )
+
+    # The seed makes the new parameters (projector, gates, resized embedding rows) the same on every rank
+    # and every run. Under ZeRO-3 (TrainingArguments made above), `from_pretrained` of a slow-fast
+    # checkpoint builds only each rank's partition (deepspeed.zero.Init).
+    set_seed(args.seed)
+    if is_deepspeed_zero3_enabled() and config.model.init_from is None:
+        # Copying a base LLM's and encoder's weights in needs whole parameters: build unpartitioned;
+        # DeepSpeed partitions the model when training starts.
+        unset_hf_deepspeed_config()
+        try:
+            model, processor = build_model(config.model)
+        finally:
+            set_hf_deepspeed_config(args.hf_deepspeed_config)
+    else:
+        if is_deepspeed_zero3_enabled():  # zero.Init reads the world size from deepspeed.comm, which
+            import deepspeed  # accelerate sets up only on accelerators (not under use_cpu)
+
+            deepspeed.init_distributed()
+        model, processor = build_model(config.model)
+    set_trainable(model, rates)
 
     records, skipped = read_records(config.data, processor)
     num_records = len(records) + len(skipped)
