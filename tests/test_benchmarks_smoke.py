@@ -120,3 +120,12 @@ def test_decoding_loop_is_generates_greedy_loop(variant):
         decoder.step()
     expected = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(torch.cat(decoder.tokens, dim=1), expected[:, inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+def test_memory_ask_reports_a_peak_per_size(capsys):
+    importlib.import_module("benchmarks.memory").main(["ask", "--quick", "--frames", "2"])
+    rows = table_rows(capsys.readouterr().out, "source")
+    assert [(r[0], r[1]) for r in rows] == [("320x180", "2"), ("1280x960", "2")]
+    for row in rows:
+        assert positive(row[3]) > 100 and positive(row[4]) > 100  # MiB: torch alone takes more

@@ -414,3 +414,19 @@ def test_vllm_media_options_set_the_frame_sampling(client, checkpoint, media_roo
     assert prompt_tokens({"mm_processor_kwargs": {"num_frames": 4, "fps": 8}}) == four
     # the plain fields win over vLLM's
     assert prompt_tokens({"num_frames": 4, "fps": 8, "mm_processor_kwargs": {"num_frames": 12}}) == four
+
+
+def test_a_burst_of_requests_gets_answers_or_503s(runner, serve, data_url):
+    base_url = serve(create_app(runner, max_queue=2, max_decoding=1))
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url}}]}], "max_tokens": 1}  # fmt: skip
+
+    def post(_):
+        response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+        return response.status_code, response.headers.get("retry-after")
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(post, range(16)))
+    assert {status for status, _ in results} <= {200, 503}
+    assert all(retry == "1" for status, retry in results if status == 503)
+    assert sum(status == 200 for status, _ in results) >= 2  # at least a queue-full is served
+    assert httpx.get(f"{base_url}/health").json()["pending"] == 0
