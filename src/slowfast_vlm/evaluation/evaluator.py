@@ -27,7 +27,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from ..inference import chat_prompt, first_line, generate_responses, load_model
+from ..inference import build_conversation, first_line, generate_responses, load_model
 from ..processing.video import load_video
 from .dataset import QASample, load_samples
 from .predictions import (
@@ -108,7 +108,13 @@ def predict(
                 responses = generate_responses(
                     model,
                     processor,
-                    [chat_prompt(processor, sample.prompt) for sample, _ in ok],
+                    # the question is text (a <video> in it is not a placeholder): one video, then it
+                    [
+                        processor.apply_chat_template(
+                            build_conversation(sample.prompt), add_generation_prompt=True
+                        )
+                        for sample, _ in ok
+                    ],
                     [frames for _, frames in ok],
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
