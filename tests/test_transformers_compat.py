@@ -6,7 +6,7 @@ from helpers import VIDEO_TOKEN_ID, open_gates, tiny_model
 from transformers import Cache
 
 from slowfast_vlm import fast_token_count
-from slowfast_vlm.transformers_compat import CACHE_NAME, cache_field, cache_of
+from slowfast_vlm.transformers_compat import CACHE_NAME, allow_indexed_cpu_map_location, cache_field, cache_of
 
 
 def deprecated(messages: list[str]) -> list[str]:
@@ -33,3 +33,11 @@ def test_cache_round_trip_and_generate_use_no_deprecated_name(transformers_depre
         torch.testing.assert_close(step.logits[:, -1], whole.logits[:, -1], rtol=1e-5, atol=1e-5)
         model.generate(input_ids=ids, pixel_values_videos=video, max_new_tokens=4, do_sample=False)
     assert deprecated(transformers_deprecations) == []
+
+
+def test_an_indexed_cpu_map_location_loads_onto_the_cpu(tmp_path):
+    """What transformers < 5.24 passes when resuming a multi-process CPU run (args.device is "cpu:0")."""
+    torch.save({"step": torch.arange(3)}, tmp_path / "state.pt")
+    allow_indexed_cpu_map_location()
+    loaded = torch.load(tmp_path / "state.pt", map_location=torch.device("cpu", 0), weights_only=True)
+    assert torch.equal(loaded["step"], torch.arange(3)) and loaded["step"].device.type == "cpu"

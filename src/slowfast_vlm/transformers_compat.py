@@ -7,6 +7,8 @@ here; the rest of the package uses these names and no version checks of its own.
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 import torch
@@ -47,6 +49,19 @@ def training_arguments_fields(fields: dict[str, Any]) -> dict[str, Any]:
     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
         return dict(fields)
     return {ACTIVATION_CHECKPOINTING_NAMES.get(key, key): value for key, value in fields.items()}
+
+
+# Before 5.24, the Trainer resumed a multi-process CPU run's optimizer state with `torch.load(...,
+# map_location=args.device)`, and that device is the indexed "cpu:0", a location torch cannot restore
+# (the resume failed); 5.24 maps it to "cpu". Restoring "cpu:N" as "cpu" gives every release 5.24's result.
+def _restore_indexed_cpu(storage: Any, location: str) -> Any:
+    return storage if re.fullmatch(r"cpu:\d+", location) else None
+
+
+@functools.cache  # register once
+def allow_indexed_cpu_map_location() -> None:
+    """Let `torch.load(map_location="cpu:N")` load onto the CPU."""
+    torch.serialization.register_package(100, lambda obj: None, _restore_indexed_cpu)
 
 
 # Before 5.17, Qwen2.5-VL's rotary embedding returned one cos/sin per position axis, `(3, B, L, hd)`, and

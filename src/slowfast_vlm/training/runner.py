@@ -30,7 +30,7 @@ from transformers.integrations.deepspeed import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling.fast_tokens import fast_token_count
-from ..transformers_compat import training_arguments_fields
+from ..transformers_compat import allow_indexed_cpu_map_location, training_arguments_fields
 from .build import (
     ModelConfig,
     build_model,
@@ -432,6 +432,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
             trainer.skipped_where = set(json.load(f).get("skipped_where", ()))
         trainer.skipped = trainer.prevalidated + len(trainer.skipped_where)
         logger.info("resuming from %s", checkpoint)
+        allow_indexed_cpu_map_location()
     trainer.train(resume_from_checkpoint=checkpoint)
     if config.model.lora is not None:
         merge_lora(trainer.model)
