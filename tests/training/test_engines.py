@@ -197,11 +197,11 @@ def test_fsdp_that_cannot_be_active_is_refused(tiny, tmp_path):
 
 # ----- partitioned build ---------------------------------------------------------------------------------
 PARTITION_SCRIPT = """
-import json, sys
+import json, pathlib, sys
 import deepspeed, torch
 from safetensors.torch import load_file
 from slowfast_vlm.training.runner import build_trainer, load_train_config
-trainer = build_trainer(load_train_config("configs/tiny_cpu.yaml", sys.argv[2:]))
+trainer = build_trainer(load_train_config("configs/tiny_cpu.yaml", sys.argv[3:]))
 saved = load_file(sys.argv[1] + "/model.safetensors")
 report = {"whole": [], "held": 0, "total": 0, "differs": []}
 for name, param in trainer.model.named_parameters():
@@ -213,7 +213,9 @@ for name, param in trainer.model.named_parameters():
     with deepspeed.zero.GatheredParameters([param]):
         if not torch.equal(param.data, saved[name]):
             report["differs"].append(name)
-print("REPORT " + json.dumps(report))
+# one file per rank: two ranks printing to one pipe may interleave their lines
+report_file = pathlib.Path(sys.argv[2]) / f"partition-report-{torch.distributed.get_rank()}.json"
+report_file.write_text(json.dumps(report))
 torch.distributed.destroy_process_group()
 """
 
@@ -227,10 +229,9 @@ def test_zero3_builds_each_ranks_partition_of_a_checkpoint(ddp, tiny, tmp_path):
     sets += [f"training.output_dir={tmp_path / 'run'}", f"data.train=[{tiny['data']}]"]
     sets += [f"data.media_root={tiny['media']}"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run(launcher + [str(tmp_path / "partition.py"), str(ddp), *sets])
+    result = run(launcher + [str(tmp_path / "partition.py"), str(ddp), str(tmp_path), *sets])
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if "REPORT" in line]
-    assert len(reports) == 2
+    reports = [json.loads((tmp_path / f"partition-report-{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         assert report["whole"] == [] and report["differs"] == []
         assert report["held"] <= 0.51 * report["total"]  # half of the model, each part rounded up
