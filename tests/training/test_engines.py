@@ -116,6 +116,7 @@ def resume_from_mid_epoch(tiny, output: Path, sets: list[str], tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_ddp_resume_from_mid_epoch_is_exact(ddp, tiny, tmp_path):
     reference = load_file(ddp / "model.safetensors")
     assert_complete_final_model(ddp)
@@ -126,6 +127,7 @@ def test_ddp_resume_from_mid_epoch_is_exact(ddp, tiny, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
 def test_engine_equals_ddp_saves_a_complete_model_and_resumes_exactly(engine, ddp, tiny, tmp_path):
     output = tmp_path / "run"
@@ -150,6 +152,7 @@ def test_engine_equals_ddp_saves_a_complete_model_and_resumes_exactly(engine, dd
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_two_nodes_on_one_machine_equal_one_node(ddp, tiny, tmp_path):
     """The multi-node form: two torchrun agents (one process each) meeting through c10d on 127.0.0.1."""
     output, port = tmp_path / "run", free_port()
@@ -174,6 +177,7 @@ def test_two_nodes_on_one_machine_equal_one_node(ddp, tiny, tmp_path):
 
 # ----- refused set-ups ---------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.engines
 def test_processes_that_would_train_independent_copies_are_refused(tiny, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = run(launcher + train_command(tiny, tmp_path / "run", ["training.use_cpu=false"]))
@@ -221,6 +225,7 @@ torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_zero3_builds_each_ranks_partition_of_a_checkpoint(ddp, tiny, tmp_path):
     """ZeRO-3 from a slow-fast checkpoint (`model.init_from`, how stage 2 starts): no rank ever holds a
     whole parameter, and the partitions gather back to the checkpoint's weights."""
