@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from ..config import SlowBranchConfig
 from ..transformers_compat import compose_multimodal_rotary, pop_cache
@@ -212,51 +212,61 @@ class HybridAttention(nn.Module):
 
         Returns:
             `(B, L, H*hd)`: `g * cross_out` at querying positions, zero elsewhere.
+
+        A decoding step (L = 1) computes every position and zeroes the non-querying ones: no data-dependent
+        shape and no host synchronisation, so the step can be captured (`torch.compile`, CUDA graphs).
+        A longer call (a prefill) gathers its querying positions first, as they are usually a few of L.
         """
+        valid = query_mask & slow_cache.has_slow[:, None]  # (B, L)
+        if query_states.shape[2] == 1:
+            cross = self.gated_slow_attention(query_states, attn_output, slow_cache, valid)
+            return torch.where(valid[..., None], cross, 0.0)
+
         batch, num_heads, _, head_dim = query_states.shape
-        query_mask = query_mask & slow_cache.has_slow[:, None]
-        num_queries = int(query_mask.sum(dim=1).max())
+        num_queries = int(valid.sum(dim=1).max())
         if num_queries == 0:
             return torch.zeros_like(attn_output)
-
         # Gather the querying positions of each sample to the front: (B, Q), padded with other positions.
-        positions = torch.argsort((~query_mask).to(torch.int8), dim=1, stable=True)[:, :num_queries]
-        valid = query_mask.gather(1, positions)  # (B, Q)
+        positions = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :num_queries]
+        valid = valid.gather(1, positions)  # (B, Q)
         queries = query_states.gather(
             2, positions[:, None, :, None].expand(batch, num_heads, num_queries, head_dim)
         )
+        gather_index = positions[..., None].expand(batch, num_queries, attn_output.shape[-1])
+        cross = self.gated_slow_attention(queries, attn_output.gather(1, gather_index), slow_cache, valid)
+        cross = torch.where(valid[..., None], cross, 0.0)
+        return torch.zeros_like(attn_output).scatter(1, gather_index, cross)
 
+    def gated_slow_attention(
+        self, queries: torch.Tensor, gate_input: torch.Tensor, slow_cache: SlowCache, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """`(B, H, Q, hd)` queries -> gated cross-attention outputs `(B, Q, H*hd)` in `gate_input`'s dtype.
+
+        `gate_input` `(B, Q, H*hd)` is the queries' self-attention output; `valid` `(B, Q)` marks the real
+        queries (what an attention map records)."""
+        batch, num_heads, num_queries, head_dim = queries.shape
+        # Query heads are kv-head-major (as `repeat_kv` lays them out): each kv head's group of heads reads
+        # it as one longer non-causal query block, (B, kv_heads, groups*Q, hd), with no copy of the keys.
+        grouped = queries.reshape(batch, self.num_kv_heads, -1, head_dim)
         key, value = slow_cache.get(self.layer_idx, self.project_slow)  # (B, kv_heads, N, hd)
-        key_mask = slow_cache.key_mask
+        bias = slow_cache.attn_bias  # (B, 1, 1, N) or None
         if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities
-            key, value = (
-                repeat_kv(key, self.num_key_value_groups),
-                repeat_kv(value, self.num_key_value_groups),
-            )
-            scores = (queries @ key.transpose(-1, -2)) * self.scaling  # (B, H, Q, N)
-            if key_mask is not None:
-                scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-            probs = scores.float().softmax(dim=-1)
+            scores = (grouped @ key.transpose(-1, -2)) * self.scaling  # (B, kv_heads, groups*Q, N)
+            probs = (scores if bias is None else scores + bias).float().softmax(dim=-1)
             cross = probs.to(value.dtype) @ value
+            probs = probs.view(batch, num_heads, num_queries, -1)
             slow_cache.record(self.layer_idx, (probs * valid[:, None, :, None]).sum(dim=2), valid.sum(dim=1))
         else:
-            # GQA inside SDPA: no copy of the cached keys/values per query head at every step
-            cross = F.scaled_dot_product_attention(
-                queries,
-                key,
-                value,
-                attn_mask=None if key_mask is None else key_mask[:, None, None, :],
-                scale=self.scaling,
-                enable_gqa=self.num_key_value_groups > 1,
-            )  # (B, H, Q, hd), non-causal
-        cross = cross.transpose(1, 2).reshape(batch, num_queries, num_heads * head_dim)
-
-        gather_index = positions[..., None].expand(batch, num_queries, attn_output.shape[-1])
+            cross = F.scaled_dot_product_attention(grouped, key, value, attn_mask=bias, scale=self.scaling)
+        cross = (
+            cross.view(batch, num_heads, num_queries, head_dim)
+            .transpose(1, 2)
+            .reshape(batch, num_queries, -1)
+        )
         if self.gate_type == "tanh-warmup":
-            cross = TanhWarmupGate.apply(self, attn_output.gather(1, gather_index)) * cross
+            cross = TanhWarmupGate.apply(self, gate_input) * cross
         # (the fp32 warm-up gate would otherwise promote a bf16 branch under autocast)
-        cross = torch.where(valid[..., None], cross, torch.zeros_like(cross)).to(attn_output.dtype)
-        return torch.zeros_like(attn_output).scatter_add(1, gather_index, cross)
+        return cross.to(gate_input.dtype)
 
 
 def add_hybrid_layers(

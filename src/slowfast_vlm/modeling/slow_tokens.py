@@ -62,15 +62,24 @@ class SlowCache:
         # `key_mask` (B, N): the cross-attention's key padding, None when nothing is padded. A sample
         # without slow tokens would give an all-masked softmax (NaN), so it sees its padding instead;
         # its queries are discarded anyway.
+        # `attn_bias` (B, 1, 1, N): `key_mask` as SDPA's additive mask in the tokens' dtype (0 / -inf),
+        # which SDPA's CPU kernel reads as is (a boolean mask it converts at every call).
         self.has_slow = self.mask.any(dim=1)
         self.key_mask = None if bool(self.mask.all()) else self.mask | ~self.has_slow[:, None]
+        self.attn_bias = None
+        if self.key_mask is not None:
+            bias = torch.zeros(self.key_mask.shape, dtype=self.tokens.dtype, device=self.tokens.device)
+            self.attn_bias = bias.masked_fill(~self.key_mask, float("-inf"))[:, None, None, :]
 
     def get(self, layer_idx: int, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
-        """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once."""
+        """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once.
+
+        Cached keys/values are stored contiguous: every later step reads them in SDPA's own layout."""
         if layer_idx in self.key_values:
             return self.key_values[layer_idx]
         key_value = project(self.tokens)
         if self.cache_kv:
+            key_value = tuple(tensor.contiguous() for tensor in key_value)
             self.key_values[layer_idx] = key_value
         return key_value
 
