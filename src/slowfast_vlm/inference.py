@@ -2,7 +2,9 @@
 (one conversation streamed to a `streamer`, or a batch of prompts), and recording which frames and
 regions the answer read (attention maps).
 
-Used by `slowfast-vlm ask`, `eval`, `demo` and `serve` and by the lmms-eval plugin.
+Used by `slowfast-vlm ask`, `eval`, `demo` and `serve` and by the lmms-eval plugin. Given a
+`VisualCache`, a video already encoded is not encoded again, and a follow-up turn of a conversation
+continues from the KV cache and slow keys/values of the turn before (docs/serving.md, "Reuse").
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import torch
 from .attention_maps import AttentionMap, video_attention_map
 from .model_options import DTYPES
 from .modeling import SlowFastForConditionalGeneration
+from .modeling.model import EncodedVisual
+from .modeling.slow_tokens import build_slow_cache
 from .processing.processor import SlowFastProcessor
+from .transformers_compat import cache_field, cache_of
+from .visual_cache import ConversationState, VisualCache, frames_key
 
 
 # ----- loading -----------------------------------------------------------------------------------
@@ -169,7 +175,9 @@ class Reply:
         finish_reason: "stop" (end of turn or a stop string) or "length" (`max_new_tokens` reached).
         prompt_tokens, completion_tokens: lengths of the prompt and of the generated ids.
         output: `(1, L)` prompt + generated ids.
-        video: `(T, 3, H, W)` pixels the model saw, or None for a text-only chat.
+        video: the video the model saw: its pixels `(T, 3, H, W)`, or its `EncodedVisual` when it went
+            through a `VisualCache`; None for a text-only chat.
+        reused_tokens: prompt tokens continued from an earlier turn's caches rather than computed (0: a full run).
     """
 
     text: str
@@ -177,28 +185,130 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     output: torch.Tensor
-    video: torch.Tensor | None
+    video: torch.Tensor | EncodedVisual | None
+    reused_tokens: int = 0
+
+
+def reuses_visuals(model) -> bool:
+    """Whether `model` takes encoded videos (`encoded_videos=`): the native model does, host plug-ins do not."""
+    return isinstance(model, SlowFastForConditionalGeneration)
+
+
+def reuses_conversations(model) -> bool:
+    """Whether a follow-up turn can continue `model`'s earlier caches exactly: the earlier answers must have
+    read the slow tokens as they do when they are part of a prompt (`generated_tokens_see_slow`)."""
+    return reuses_visuals(model) and bool(model.config.generated_tokens_see_slow)
+
+
+@torch.inference_mode()
+def encode_videos(
+    model, processor: SlowFastProcessor, videos: Sequence[np.ndarray], cache: VisualCache | None = None
+) -> tuple[list[EncodedVisual], list[str]]:
+    """Each video `(T, H, W, 3)` uint8 encoded (`EncodedVisual`), taken from `cache` when it holds it (else
+    kept there), and its content key. A video given twice is encoded once."""
+    settings = f"{processor.image_processor.to_json_string()}|{model.dtype}|{model.device}"
+    keys = [frames_key(np.asarray(frames), settings) for frames in videos]
+    found = {key: cache.get(key) for key in dict.fromkeys(keys)} if cache is not None else dict.fromkeys(keys)
+    missing = [key for key, encoded in found.items() if encoded is None]
+    if missing:
+        first = [videos[keys.index(key)] for key in missing]
+        pixels = processor(text=[processor.video_token] * len(first), videos=first, return_tensors="pt")
+        pixels = to_device(pixels, model.device, model.dtype)["pixel_values_videos"]
+        for key, encoded in zip(missing, model.model.encode_visual(list(pixels))):
+            found[key] = encoded
+            if cache is not None:
+                cache.put(key, encoded)
+    return [found[key] for key in keys], keys
+
+
+def model_inputs(
+    model,
+    processor: SlowFastProcessor,
+    prompts: list[str],
+    videos: Sequence[np.ndarray] | None = None,
+    images: list | None = None,
+    cache: VisualCache | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Model inputs for chat `prompts` (left-padded, on the model's device) and the videos' content keys.
+
+    With a `cache` (and a model that takes encoded videos, and no images), videos come as `encoded_videos`
+    (`encode_videos`) and the prompts are only tokenized; otherwise the processor makes pixels.
+    """
+    if cache is None or images or not videos or not reuses_visuals(model):
+        inputs = processor(
+            text=prompts,
+            videos=videos or None,
+            images=images or None,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
+        return to_device(inputs, model.device, model.dtype), []
+    encoded, keys = encode_videos(model, processor, videos, cache)
+    given = sum(prompt.count(processor.video_token) for prompt in prompts)
+    if given != len(videos):
+        raise ValueError(f"{len(videos)} video(s) given for {given} {processor.video_token} placeholder(s)")
+    replacements = [processor.video_token * item.fast.shape[0] for item in encoded]
+    expanded, _ = processor.get_text_with_replacements(
+        prompts, images_replacements=[], videos_replacements=replacements
+    )
+    inputs = processor.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
+    return {**to_device(inputs, model.device, model.dtype), "encoded_videos": encoded}, keys
 
 
 @torch.inference_mode()
 def _generate(
-    model, processor: SlowFastProcessor, prompts: list[str], videos=None, images=None, **generation
+    model,
+    processor: SlowFastProcessor,
+    prompts: list[str],
+    videos=None,
+    images=None,
+    visual_cache: VisualCache | None = None,
+    **generation,
 ) -> tuple[list[str], torch.Tensor, dict[str, Any]]:
     """`model.generate` on chat `prompts` batched with left padding: (each prompt's new text,
     prompt + generated ids `(B, L)`, the model inputs)."""
-    inputs = processor(
-        text=prompts,
-        videos=videos or None,
-        images=images or None,
-        padding=True,
-        padding_side="left",
-        return_tensors="pt",
-    )
+    inputs, _ = model_inputs(model, processor, prompts, videos, images, visual_cache)
     check_prompt_length(model, inputs["input_ids"].shape[1], generation.get("max_new_tokens") or 0)
-    inputs = to_device(inputs, model.device, model.dtype)
     output = model.generate(**inputs, **generation)
     texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return texts, output, inputs
+
+
+@torch.inference_mode()
+def _converse(
+    model,
+    processor: SlowFastProcessor,
+    prompt: str,
+    frames: np.ndarray | None,
+    cache: VisualCache,
+    follow_up: bool,
+    **generation,
+) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """`model.generate` on one chat `prompt`, continuing the conversation state in `cache` whose tokens
+    it starts with (only the rest is computed), and keeping the new state there for the next turn.
+    Returns (prompt + generated ids `(1, L)`, the model inputs, the prompt tokens continued)."""
+    inputs, keys = model_inputs(model, processor, [prompt], None if frames is None else [frames], None, cache)
+    ids = inputs["input_ids"]  # (1, L)
+    check_prompt_length(model, ids.shape[1], generation.get("max_new_tokens") or 0)
+    visual = model.model.placeholder_mask(ids)[0].nonzero()
+    video_key = keys[0] if keys else None
+    taken = cache.take_conversation(ids[0], video_key, int(visual[-1]) + 1 if len(visual) else 0, follow_up)
+    if taken is not None:  # continue: no visual inputs, the caches carry the video
+        state, reused = taken
+        if (extra := state.kv_cache.get_seq_length() - reused) > 0:
+            state.kv_cache.crop(-extra)  # a negative count removes tokens in every supported release
+        carried = {"slow_cache": state.slow_cache, **cache_field(state.kv_cache)}
+        carried["encoded_videos"] = None  # the slow cache carries the video, the KV cache its fast tokens
+    else:
+        reused, encoded = 0, inputs.get("encoded_videos")
+        slow = None if not encoded else torch.cat([item.slow.flatten(0, 1) for item in encoded])  # (N, D)
+        carried = {"slow_cache": None if slow is None else build_slow_cache([slow], like=slow)}
+    result = model.generate(**{**inputs, **carried}, return_dict_in_generate=True, **generation)
+    kv_cache = cache_of(result)
+    state_ids = result.sequences[0, : kv_cache.get_seq_length()].cpu()
+    cache.put_conversation(ConversationState(state_ids, kv_cache, carried["slow_cache"], video_key))
+    return result.sequences, inputs, reused
 
 
 def reply(
@@ -209,39 +319,48 @@ def reply(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     streamer=None,
+    visual_cache: VisualCache | None = None,
     **generate_kwargs,
 ) -> Reply:
     """Generate the assistant's next turn of a (multi-turn) chat-template `conversation`.
 
     `frames` `(T, H, W, 3)` uint8 fill its one `{"type": "video"}` part (None: a text-only chat);
     the text streams to `streamer` (a transformers streamer) as it is generated; temperature 0 is
-    greedy decoding. `generate_kwargs` go to `model.generate`.
+    greedy decoding. With a `visual_cache` the video is encoded at most once while the cache keeps it,
+    and a conversation that starts with the tokens of an earlier reply continues from that reply's
+    caches (when `reuses_conversations(model)`): the same tokens as a full run, for the cost of the new
+    ones. `generate_kwargs` go to `model.generate`.
     """
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    texts, output, inputs = _generate(
-        model,
-        processor,
-        [prompt],
-        None if frames is None else [frames],
-        max_new_tokens=max_new_tokens,
-        streamer=streamer,
-        **sampling,
-        **generate_kwargs,
-    )
+    generation = dict(max_new_tokens=max_new_tokens, streamer=streamer, **sampling, **generate_kwargs)
+    videos = None if frames is None else [frames]
+    reused = 0
+    if visual_cache is not None and reuses_conversations(model):
+        follow_up = any(message.get("role") == "assistant" for message in conversation)
+        output, inputs, reused = _converse(
+            model, processor, prompt, frames, visual_cache, follow_up, **generation
+        )
+    else:
+        _, output, inputs = _generate(
+            model, processor, [prompt], videos, visual_cache=visual_cache, **generation
+        )
     prompt_tokens = inputs["input_ids"].shape[1]
     completion_tokens = output.shape[1] - prompt_tokens
+    text = processor.decode(output[0, prompt_tokens:], skip_special_tokens=True)
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or ())
     at_length = completion_tokens >= max_new_tokens and output[0, -1].item() not in eos
-    video = inputs.get("pixel_values_videos")
+    video = inputs.get("encoded_videos", inputs.get("pixel_values_videos"))
+    video = None if video is None else video[0]
     return Reply(
-        text=texts[0].strip(),
+        text=text.strip(),
         finish_reason="length" if at_length else "stop",
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         output=output,
-        video=None if video is None else video[0],
+        video=video,
+        reused_tokens=reused,
     )
 
 
@@ -267,16 +386,18 @@ def generate_responses(
     videos: list[np.ndarray] | None = None,
     images: list | None = None,
     stop_strings: Sequence[str] | None = None,
+    visual_cache: VisualCache | None = None,
     **generation,
 ) -> list[str]:
     """Generate one answer per prompt (chat-formatted, with placeholders), batched with left padding.
 
     `generation` goes to `model.generate` (`max_new_tokens`, `do_sample`, ...). Each answer is cut
-    at the first of `stop_strings`.
+    at the first of `stop_strings`. With a `visual_cache`, each distinct video is encoded at most once
+    (once per batch, and not again while the cache keeps it).
     """
     if stop_strings:
         generation.update(stop_strings=list(stop_strings), tokenizer=processor.tokenizer)
-    texts, _, _ = _generate(model, processor, prompts, videos, images, **generation)
+    texts, _, _ = _generate(model, processor, prompts, videos, images, visual_cache, **generation)
     for stop in stop_strings or ():
         texts = [text.split(stop, 1)[0] for text in texts]
     return [text.strip() for text in texts]
@@ -284,16 +405,19 @@ def generate_responses(
 
 # ----- attention ---------------------------------------------------------------------------------
 @torch.no_grad()
-def compute_attention_map(model, input_ids: torch.Tensor, video: torch.Tensor) -> AttentionMap:
+def compute_attention_map(
+    model, input_ids: torch.Tensor, video: torch.Tensor | EncodedVisual
+) -> AttentionMap:
     """Run `model` once on one sample (`input_ids` `(1, L)`, e.g. a `Reply`'s prompt + answer, and its
-    `video` `(T, 3, H, W)`) and return the map of what its text tokens read from the slow tokens.
+    `video`: pixels `(T, 3, H, W)` or already encoded) and return the map of what its text tokens read
+    from the slow tokens.
 
     With `generated_tokens_see_slow=True` this is exactly what a cached generation read, since the
     cached decoding equals recomputing the sequence.
     """
-    outputs = model(
-        input_ids=input_ids, pixel_values_videos=[video], record_slow_attention=True, use_cache=False
-    )
-    num_frames = video.shape[0]
+    encoded = isinstance(video, EncodedVisual)
+    visual = {"encoded_videos": [video]} if encoded else {"pixel_values_videos": [video]}
+    outputs = model(input_ids=input_ids, **visual, record_slow_attention=True, use_cache=False)
+    num_frames = (video.slow if encoded else video).shape[0]
     h, w = model.model.visual_grid(num_frames)
     return video_attention_map(outputs.slow_cache, 0, (num_frames, h, w))

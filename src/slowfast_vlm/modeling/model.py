@@ -54,6 +54,24 @@ class SlowFastCausalLMOutput(CausalLMOutputWithPast):
     slow_cache: SlowCache | None = None
 
 
+@dataclass
+class EncodedVisual:
+    """One video's (or image's) encoded visual tokens, ready to be used again (e.g. by a visual cache).
+
+    Attributes:
+        slow: `(T, h*w, D)` slow tokens, per frame.
+        fast: `(F, D)` the fast tokens built from them (what its placeholder run holds).
+    """
+
+    slow: torch.Tensor
+    fast: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes both tensors hold."""
+        return sum(t.numel() * t.element_size() for t in (self.slow, self.fast))
+
+
 class SlowFastPreTrainedModel(PreTrainedModel):
     config: SlowFastConfig
     config_class = SlowFastConfig
@@ -170,6 +188,16 @@ class SlowFastModel(SlowFastPreTrainedModel):
         ids = [i for i in (self.config.video_token_id, self.config.image_token_id) if i is not None]
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
+    def encode_visual(self, items: list[torch.Tensor]) -> list[EncodedVisual]:
+        """Frames of each item `(T_i, 3, H, W)` -> its `EncodedVisual` (slow tokens and the fast tokens built
+        from them), all items through the encoder in one call."""
+        if not items:
+            return []
+        return [
+            EncodedVisual(slow, build_fast_tokens(slow, self.visual_grid(item.shape[0]), self.config))
+            for item, slow in zip(items, self.encode_visual_items(items))
+        ]
+
     def prepare_visual_inputs(
         self,
         input_ids: torch.Tensor,
@@ -178,29 +206,47 @@ class SlowFastModel(SlowFastPreTrainedModel):
         pixel_values: VisualInput,
         cache_slow_kv: bool,
         record_slow_attention: bool = False,
+        encoded_videos: list[EncodedVisual] | None = None,
+        slow_cache: SlowCache | None = None,
     ) -> tuple[torch.Tensor, SlowCache]:
-        """Scatter fast tokens into `inputs_embeds` `(B, L, D)` and gather the slow tokens into a `SlowCache`."""
-        per_sample = self.split_visual_inputs(
-            input_ids, _as_list(pixel_values_videos), _as_list(pixel_values)
-        )
-        items = [item for sample in per_sample for _, item in sample]
-        slow_per_sample = [inputs_embeds.new_zeros(0, inputs_embeds.shape[-1]) for _ in per_sample]
-        if items:
-            slow_items = iter(self.encode_visual_items(items))
-            fast = []
-            for b, sample in enumerate(per_sample):
-                sample_slow = [next(slow_items) for _ in sample]  # each (T_i, h*w, D)
-                for (_, item), slow in zip(sample, sample_slow):
-                    fast.append(build_fast_tokens(slow, self.visual_grid(item.shape[0]), self.config))
-                if sample_slow:
-                    slow_per_sample[b] = torch.cat([s.flatten(0, 1) for s in sample_slow])
-            fast_tokens = torch.cat(fast).to(inputs_embeds.dtype)
+        """Scatter fast tokens into `inputs_embeds` `(B, L, D)` and gather the slow tokens into a `SlowCache`.
+
+        `encoded_videos` (`encode_visual`'s, e.g. kept in a cache) stand in for `pixel_values_videos`. A given
+        `slow_cache` must hold exactly these inputs' slow tokens (kept from an earlier turn of the same
+        conversation): it is used as it is, with the keys/values it has already projected.
+        """
+        videos = _as_list(pixel_values_videos) if encoded_videos is None else [e.slow for e in encoded_videos]
+        per_sample = self.split_visual_inputs(input_ids, videos, _as_list(pixel_values))
+        given = iter(encoded_videos or ())
+        to_encode = [
+            item
+            for sample in per_sample
+            for kind, item in sample
+            if encoded_videos is None or kind == "image"
+        ]
+        encoded = iter(self.encode_visual(to_encode))
+        per_sample_encoded = [
+            [
+                next(given) if encoded_videos is not None and kind == "video" else next(encoded)
+                for kind, _ in sample
+            ]
+            for sample in per_sample
+        ]
+        fast = [item.fast for sample in per_sample_encoded for item in sample]  # each (F_i, D)
+        if fast:
             inputs_embeds = inputs_embeds.masked_scatter(
-                self.placeholder_mask(input_ids)[..., None], fast_tokens
+                self.placeholder_mask(input_ids)[..., None], torch.cat(fast).to(inputs_embeds.dtype)
             )
-        slow_cache = build_slow_cache(
-            slow_per_sample, inputs_embeds, cache_kv=cache_slow_kv, record_attention=record_slow_attention
-        )
+        if slow_cache is None:
+            slow_per_sample = [  # each (N_b, D): the sample's slow tokens, items one after another
+                torch.cat([item.slow.flatten(0, 1) for item in sample])
+                if sample
+                else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
+                for sample in per_sample_encoded
+            ]
+            slow_cache = build_slow_cache(
+                slow_per_sample, inputs_embeds, cache_kv=cache_slow_kv, record_attention=record_slow_attention
+            )
         return inputs_embeds, slow_cache
 
     # ----- forward -----------------------------------------------------------------------------
@@ -212,6 +258,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values_videos: VisualInput = None,
         pixel_values: VisualInput = None,
+        encoded_videos: list[EncodedVisual] | None = None,
         slow_cache: SlowCache | None = None,
         slow_query_mask: torch.Tensor | None = None,
         cache_slow_kv: bool = True,
@@ -227,7 +274,7 @@ class SlowFastModel(SlowFastPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         is_visual = None
-        if pixel_values_videos is not None or pixel_values is not None:
+        if pixel_values_videos is not None or pixel_values is not None or encoded_videos is not None:
             if input_ids is None:
                 raise ValueError("visual inputs need input_ids to locate their placeholder tokens")
             # K/V caching only pays off across generation steps; in training the cache dies with the step.
@@ -238,6 +285,8 @@ class SlowFastModel(SlowFastPreTrainedModel):
                 pixel_values,
                 cache_slow_kv=cache_slow_kv and not self.training,
                 record_slow_attention=record_slow_attention,
+                encoded_videos=encoded_videos,
+                slow_cache=slow_cache,
             )
             is_visual = self.placeholder_mask(input_ids)
         if slow_query_mask is None:
@@ -358,6 +407,7 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values_videos: VisualInput = None,
         pixel_values: VisualInput = None,
+        encoded_videos: list[EncodedVisual] | None = None,
         labels: torch.LongTensor | None = None,
         slow_cache: SlowCache | None = None,
         slow_query_mask: torch.Tensor | None = None,
@@ -372,8 +422,11 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
             input_ids: `(B, L)`; each video's placeholder run is exactly as long as its fast-token count.
             pixel_values_videos: `(B_v, T, 3, H, W)` or a list of `(T_i, 3, H, W)`, in order of appearance.
             pixel_values: still images `(N, 3, H, W)` or a list of `(3, H, W)`, in order of appearance.
+            encoded_videos: the videos already encoded (`SlowFastModel.encode_visual`), in place of
+                `pixel_values_videos`.
             labels: `(B, L)` with -100 where no loss is taken; the usual shifted cross-entropy.
-            slow_cache: the slow tokens of an earlier call (`generate` carries it between steps).
+            slow_cache: the slow tokens of an earlier call (`generate` carries it between steps); given
+                with visual inputs, it must be theirs (an earlier turn's) and is used instead of a new one.
             slow_query_mask: `(B, L)` bool, overrides which positions query the slow tokens.
             cache_slow_kv: keep the projected slow keys/values for later steps (False = re-project
                 them at every step, only useful to measure what caching saves).
@@ -390,6 +443,7 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
             inputs_embeds=inputs_embeds,
             pixel_values_videos=pixel_values_videos,
             pixel_values=pixel_values,
+            encoded_videos=encoded_videos,
             slow_cache=slow_cache,
             slow_query_mask=slow_query_mask,
             cache_slow_kv=cache_slow_kv,
@@ -417,15 +471,21 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
         self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs
     ):
         # Visual inputs are not one-per-sample tensors: repeat each sample's own items `expand_size` times.
-        videos, images = model_kwargs.get("pixel_values_videos"), model_kwargs.get("pixel_values")
+        video_key = "pixel_values_videos" if model_kwargs.get("encoded_videos") is None else "encoded_videos"
+        videos, images = model_kwargs.get(video_key), model_kwargs.get("pixel_values")
         if expand_size > 1 and input_ids is not None and (videos is not None or images is not None):
-            per_sample = self.model.split_visual_inputs(input_ids, _as_list(videos), _as_list(images))
+            given = {"video": list(videos) if video_key == "encoded_videos" else _as_list(videos)}
+            given["image"] = _as_list(images)
+            frames = [v.slow if video_key == "encoded_videos" else v for v in given["video"]]  # (T_i, ...)
+            per_sample = self.model.split_visual_inputs(input_ids, frames, given["image"])
+            queues = {kind: iter(items) for kind, items in given.items()}
             expanded = {"video": [], "image": []}
             for items in per_sample:
+                own = [(kind, next(queues[kind])) for kind, _ in items]
                 for _ in range(expand_size):
-                    for kind, item in items:
+                    for kind, item in own:
                         expanded[kind].append(item)
-            model_kwargs["pixel_values_videos"] = expanded["video"] or None
+            model_kwargs[video_key] = expanded["video"] or None
             model_kwargs["pixel_values"] = expanded["image"] or None
         return super()._expand_inputs_for_generation(
             expand_size=expand_size,
@@ -433,3 +493,13 @@ class SlowFastForConditionalGeneration(SlowCacheGenerationMixin, SlowFastPreTrai
             input_ids=input_ids,
             **model_kwargs,
         )
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
+    ):
+        # Encoded videos serve the prefill only, like pixels (which transformers drops by name).
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        model_kwargs.pop("encoded_videos", None)
+        return model_kwargs
