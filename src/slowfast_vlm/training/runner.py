@@ -16,10 +16,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import accelerate
 import torch
 import yaml
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, gather_object
+from accelerate.utils.constants import OPTIMIZER_NAME
+from packaging.version import Version
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available
 from transformers.integrations.deepspeed import (
@@ -61,6 +64,12 @@ DEFAULT_TRAINING_ARGS = {
     "save_steps": 500,
     "report_to": ["tensorboard"] if is_tensorboard_available() else "none",
 }
+
+
+# accelerate before 1.13 reads a sharded FSDP2 optimizer checkpoint into `optimizer.state_dict()`, which holds
+# no state before the first step: Adam's moments are silently not restored and a resumed run's updates
+# differ from its first step on. 1.13 reads into torch's full template (`get_optimizer_state_dict`).
+ACCELERATE_DROPS_SHARDED_FSDP2_OPTIMIZER_STATE = Version(accelerate.__version__) < Version("1.13")
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -212,6 +221,20 @@ class SlowFastTrainer(Trainer):
                 f"{state.num_processes} process(es)): launch 2 or more processes with torchrun"
             )
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if (
+            checkpoint is not None
+            and ACCELERATE_DROPS_SHARDED_FSDP2_OPTIMIZER_STATE
+            and plugin is not None
+            and plugin.fsdp_version == 2
+            and os.path.isdir(os.path.join(checkpoint, f"{OPTIMIZER_NAME}_0"))  # sharded (DCP) format
+        ):
+            load_sharded_fsdp2_optimizer(
+                self.model, self.optimizer, os.path.join(checkpoint, f"{OPTIMIZER_NAME}_0")
+            )
+
     def save_final_model(self) -> None:
         """The complete model, config and processor in `output_dir`, whatever the engine's checkpoint format."""
         if self.is_fsdp_enabled:
@@ -349,6 +372,18 @@ class SlowFastTrainer(Trainer):
         for _, path in complete:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def load_sharded_fsdp2_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str
+) -> None:
+    """Restore this rank's part of an FSDP2 optimizer state saved with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # every moment, as this rank's shards
+    dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 # ----- putting it together -------------------------------------------------------------------------
