@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers import VIDEO_TOKEN_ID, open_gates, tiny_model
+from torch._inductor.compile_fx import compile_fx
 
 from slowfast_vlm import fast_token_count
 from slowfast_vlm.modeling.slow_tokens import query_positions
@@ -87,9 +88,8 @@ def test_cached_equals_uncached_generate(num_beams):
     assert torch.equal(model.generate(**kwargs, use_cache=True), model.generate(**kwargs, use_cache=False))
 
 
-def test_left_padded_batch_generation_equals_each_alone():
-    model = tiny_model(seed=13)
-    open_gates(model)
+def left_padded_batch(model):
+    """Three left-padded prompts: videos of 4 and 12 frames (padded slow tokens), and text only."""
     torch.manual_seed(1)
     videos = [torch.randn(4, 3, 32, 32), torch.randn(12, 3, 32, 32)]
     prompts = [prompt(model, 4), prompt(model, 12, before=(2,)), [20, 21, 22]]
@@ -99,13 +99,48 @@ def test_left_padded_batch_generation_equals_each_alone():
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
-    batched = model.generate(
-        input_ids=ids, attention_mask=mask, pixel_values_videos=videos, max_new_tokens=5, do_sample=False
-    )
+    return prompts, videos, {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": videos}
+
+
+def test_left_padded_batch_generation_equals_each_alone():
+    model = tiny_model(seed=13)
+    open_gates(model)
+    prompts, videos, inputs = left_padded_batch(model)
+    width = inputs["input_ids"].shape[1]
+    batched = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     for i, p in enumerate(prompts):
         visual = {"pixel_values_videos": [videos[i]]} if i < 2 else {}
         alone = model.generate(input_ids=torch.tensor([p]), max_new_tokens=5, do_sample=False, **visual)
         assert torch.equal(batched[i, width:], alone[0, len(p) :])
+
+
+@pytest.mark.slow  # inductor compiles C++ (about a minute on 2 cores)
+def test_compiled_decoding_step_gives_eager_tokens():
+    """The slow branch of a decoding step compiles to one graph with inductor (`fullgraph`: a host
+    synchronisation or a data-dependent shape would break it), and generation with it compiled yields
+    eager's tokens, on a batch with padded slow tokens and a sample without any."""
+    model = tiny_model(seed=13)
+    open_gates(model)
+    _, _, inputs = left_padded_batch(model)
+    eager = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+
+    graphs = []
+
+    def inductor(graph, example_inputs):
+        graphs.append(graph)
+        return compile_fx(graph, example_inputs)
+
+    torch._dynamo.reset()
+    try:
+        for layer in model.hybrid_attentions:
+            layer.decoding_cross_attention = torch.compile(
+                layer.decoding_cross_attention, backend=inductor, fullgraph=True, dynamic=False
+            )
+        compiled = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    finally:
+        torch._dynamo.reset()
+    assert graphs  # the compiled decoding path ran
+    assert torch.equal(compiled, eager)
 
 
 def test_vision_and_slow_projection_run_once_per_request():

@@ -83,7 +83,8 @@ def naive_hybrid_attention(attn, hidden, cos, sin, valid, slow, slow_mask, query
 @pytest.mark.parametrize("llm", ["qwen2", "llama", "qwen3"])
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("gate_type", ["tanh-warmup", "none"])
-def test_hybrid_attention_matches_naive(llm, attn_impl, gate_type):
+@pytest.mark.parametrize("length", [7, 1])  # a prefill (querying positions gathered) and a decoding step
+def test_hybrid_attention_matches_naive(llm, attn_impl, gate_type, length):
     model = tiny_model(llm=llm, attn=attn_impl, gate_type=gate_type, seed=1).double()
     open_gates(model, 0.7)
     layer = model.model.language_model.layers[2]
@@ -95,7 +96,7 @@ def test_hybrid_attention_matches_naive(llm, attn_impl, gate_type):
             attn.cross_attn_gate_proj[0].bias.fill_(0.3)
 
     torch.manual_seed(0)
-    batch, length, dim, num_slow = 3, 7, 64, 6
+    batch, dim, num_slow = 3, 64, 6
     hidden = layer.input_layernorm(torch.randn(batch, length, dim, dtype=torch.float64))
     valid = torch.ones(batch, length, dtype=torch.bool)
     valid[1, 5:] = False  # right padding
@@ -105,6 +106,8 @@ def test_hybrid_attention_matches_naive(llm, attn_impl, gate_type):
     )  # sample 2: no visual input
     query_mask = torch.rand(batch, length) > 0.4
     query_mask[1, 5:] = False
+    if length == 1:  # a full sample that does not query, a padded one that does, one without slow tokens
+        query_mask = torch.tensor([[False], [True], [True]])
 
     position_ids = torch.arange(length)[None].expand(batch, -1)
     cos, sin = model.model.language_model.rotary_emb(hidden, position_ids)

@@ -213,15 +213,12 @@ class HybridAttention(nn.Module):
         Returns:
             `(B, L, H*hd)`: `g * cross_out` at querying positions, zero elsewhere.
 
-        A decoding step (L = 1) computes every position and zeroes the non-querying ones: no data-dependent
-        shape and no host synchronisation, so the step can be captured (`torch.compile`, CUDA graphs).
-        A longer call (a prefill) gathers its querying positions first, as they are usually a few of L.
+        A decoding step (L = 1) runs `decoding_cross_attention`; a longer call (a prefill) gathers its
+        querying positions first, as they are usually a few of L.
         """
-        valid = query_mask & slow_cache.has_slow[:, None]  # (B, L)
         if query_states.shape[2] == 1:
-            cross = self.gated_slow_attention(query_states, attn_output, slow_cache, valid)
-            return torch.where(valid[..., None], cross, 0.0)
-
+            return self.decoding_cross_attention(query_states, attn_output, slow_cache, query_mask)
+        valid = query_mask & slow_cache.has_slow[:, None]  # (B, L)
         batch, num_heads, _, head_dim = query_states.shape
         num_queries = int(valid.sum(dim=1).max())
         if num_queries == 0:
@@ -237,6 +234,20 @@ class HybridAttention(nn.Module):
         cross = torch.where(valid[..., None], cross, 0.0)
         return torch.zeros_like(attn_output).scatter(1, gather_index, cross)
 
+    def decoding_cross_attention(
+        self,
+        query_states: torch.Tensor,
+        attn_output: torch.Tensor,
+        slow_cache: SlowCache,
+        query_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """`cross_attention` of one new position per sample (`(B, H, 1, hd)` queries, `(B, 1)` mask): every
+        sample's query is computed and the non-querying ones are zeroed. No data-dependent shape and no
+        host synchronisation, so a decoding step can be captured whole (`torch.compile`, CUDA graphs)."""
+        valid = query_mask & slow_cache.has_slow[:, None]  # (B, 1)
+        cross = self.gated_slow_attention(query_states, attn_output, slow_cache, valid)
+        return torch.where(valid[..., None], cross, 0.0)
+
     def gated_slow_attention(
         self, queries: torch.Tensor, gate_input: torch.Tensor, slow_cache: SlowCache, valid: torch.Tensor
     ) -> torch.Tensor:
@@ -249,7 +260,8 @@ class HybridAttention(nn.Module):
         # it as one longer non-causal query block, (B, kv_heads, groups*Q, hd), with no copy of the keys.
         grouped = queries.reshape(batch, self.num_kv_heads, -1, head_dim)
         key, value = slow_cache.get(self.layer_idx, self.project_slow)  # (B, kv_heads, N, hd)
-        bias = slow_cache.attn_bias  # (B, 1, 1, N) or None
+        bias = slow_cache.attn_bias  # (B, 1, 1, N) or None; autocast may run the queries in another dtype
+        bias = None if bias is None else bias.to(grouped.dtype)
         if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities
             scores = (grouped @ key.transpose(-1, -2)) * self.scaling  # (B, kv_heads, groups*Q, N)
             probs = (scores if bias is None else scores + bias).float().softmax(dim=-1)
@@ -259,7 +271,7 @@ class HybridAttention(nn.Module):
         else:
             cross = F.scaled_dot_product_attention(grouped, key, value, attn_mask=bias, scale=self.scaling)
         cross = (
-            cross.view(batch, num_heads, num_queries, head_dim)
+            cross.reshape(batch, num_heads, num_queries, head_dim)
             .transpose(1, 2)
             .reshape(batch, num_queries, -1)
         )
