@@ -29,6 +29,7 @@ from .inference import (
     resolve_dtype,
 )
 from .processing.video import load_video
+from .visual_cache import VisualCache
 
 
 def _progress(message: str) -> None:
@@ -86,9 +87,10 @@ def main(args: argparse.Namespace) -> int:
     _progress(f"{len(frames)} frames of {metadata.duration:.1f} s; generating")
 
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cache = VisualCache(budget_bytes=2**40)  # this one video: encoded once, for the answer and its map
     try:
         reply = answer(
-            model, processor, frames, args.question, args.max_new_tokens, args.temperature, streamer
+            model, processor, frames, args.question, args.max_new_tokens, args.temperature, streamer, cache
         )
     except PromptTooLongError as error:
         return _fail(str(error))

@@ -49,6 +49,16 @@ def add_set_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     )
 
 
+def add_visual_cache_argument(parser: argparse.ArgumentParser) -> None:
+    """`--visual-cache-mb`: the budget of the `VisualCache` (encoded videos, conversations) in MiB."""
+    parser.add_argument(
+        "--visual-cache-mb",
+        type=non_negative_float,
+        default=1024,
+        help="memory for encoded videos (and conversations) kept for reuse, in MiB (0: none; default 1024)",
+    )
+
+
 def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", help="path to a video file")
     parser.add_argument("question", help="the question to answer")
@@ -119,6 +129,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: bfloat16 on a GPU that supports it, else float32",
     )
     parser.add_argument("--limit", type=non_negative_int, help="evaluate only the first N samples")
+    add_visual_cache_argument(parser)
 
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +174,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=port)
+    add_visual_cache_argument(parser)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

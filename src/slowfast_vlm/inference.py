@@ -372,10 +372,18 @@ def answer(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     streamer=None,
+    visual_cache: VisualCache | None = None,
 ) -> Reply:
     """Answer `question` about `frames` `(T, H, W, 3)` uint8: one user turn, the video then the question."""
     return reply(
-        model, processor, build_conversation(question), frames, max_new_tokens, temperature, streamer
+        model,
+        processor,
+        build_conversation(question),
+        frames,
+        max_new_tokens,
+        temperature,
+        streamer,
+        visual_cache,
     )
 
 

@@ -2,6 +2,8 @@
 
 Predictions are written sample by sample to OUTPUT/predictions.jsonl (a crash loses nothing; --resume
 continues where it stopped); accuracy overall, per category and per duration goes to OUTPUT/metrics.json.
+The questions of one video are asked together: each video is decoded once, and encoded once while the
+run's `VisualCache` (`--visual-cache-mb`) holds it.
 Videos that cannot be read are reported as failed samples, never scored. Under `accelerate launch`
 each process evaluates a shard and the main process merges them.
 
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 from ..inference import build_conversation, first_line, generate_responses, load_model
 from ..processing.video import load_video
+from ..visual_cache import VisualCache
 from .dataset import QASample, load_samples
 from .predictions import (
     PredictionWriter,
@@ -69,6 +72,14 @@ def prefetch(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def by_video(samples: Sequence[QASample]) -> list[list[QASample]]:
+    """`samples` grouped by video, groups in order of their video's first question, questions in order."""
+    groups: dict[str, list[QASample]] = {}
+    for sample in samples:
+        groups.setdefault(str(sample.video), []).append(sample)
+    return list(groups.values())
+
+
 def predict(
     model,
     processor,
@@ -81,47 +92,67 @@ def predict(
     max_new_tokens: int = 32,
     num_workers: int = 2,
     progress: bool = True,
+    group_by_video: bool = True,
+    visual_cache_mb: float = 1024,
 ) -> None:
     """Answer every sample greedily and write one record each (in batch order) to `writer`.
 
+    With `group_by_video`, the questions of a video follow each other and its video is decoded once;
+    encoded videos are kept in a `VisualCache` of `visual_cache_mb` MiB (0: encoded for each batch).
     A video that is missing or cannot be decoded gives a record with `error` set and
-    `correct: null`; it is logged with the sample id and the rest of its batch goes on.
+    `correct: null` for each of its questions; it is logged with the sample id and the rest goes on.
     """
+    groups = by_video(samples) if group_by_video else [[sample] for sample in samples]
+    cache = VisualCache.from_megabytes(visual_cache_mb) if visual_cache_mb > 0 else None
 
-    def decode(sample: QASample) -> tuple[QASample, np.ndarray | None, str | None]:
+    def decode(group: list[QASample]) -> tuple[list[QASample], np.ndarray | None, str | None]:
         try:
             frames, _ = load_video(
-                sample.video, num_frames, fps=fps, sampling=sampling, short_side=processor.decode_short_side()
+                group[0].video,
+                num_frames,
+                fps=fps,
+                sampling=sampling,
+                short_side=processor.decode_short_side(),
             )
-            return sample, frames, None
+            return group, frames, None
         except (OSError, ValueError) as e:  # FileNotFoundError, VideoDecodeError
-            return sample, None, f"{type(e).__name__}: {e}"
+            return group, None, f"{type(e).__name__}: {e}"
 
+    def answer(batch: list[tuple[QASample, np.ndarray]]) -> None:
+        responses = generate_responses(
+            model,
+            processor,
+            # the question is text (a <video> in it is not a placeholder): one video, then it
+            [
+                processor.apply_chat_template(build_conversation(sample.prompt), add_generation_prompt=True)
+                for sample, _ in batch
+            ],
+            [frames for _, frames in batch],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            visual_cache=cache,
+        )
+        for (sample, _), response in zip(batch, responses):
+            writer.write(prediction_record(sample, response))
+        bar.update(len(batch))
+
+    # videos are decoded ahead (a few groups at a time); questions go to the model `batch_size` at a time
+    pending: list[tuple[QASample, np.ndarray]] = []
     with tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress) as bar:
-        for batch in prefetch(samples, decode, batch_size, num_workers):
-            ok = [(sample, frames) for sample, frames, error in batch if error is None]
-            for sample, _, error in batch:
+        for decoded in prefetch(groups, decode, max(1, batch_size), num_workers):
+            for group, frames, error in decoded:
                 if error is not None:
-                    logger.error("sample %s: video %s failed: %s", sample.id, sample.video, error)
-                    writer.write(prediction_record(sample, error=error))
-            if ok:
-                responses = generate_responses(
-                    model,
-                    processor,
-                    # the question is text (a <video> in it is not a placeholder): one video, then it
-                    [
-                        processor.apply_chat_template(
-                            build_conversation(sample.prompt), add_generation_prompt=True
-                        )
-                        for sample, _ in ok
-                    ],
-                    [frames for _, frames in ok],
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                )
-                for (sample, _), response in zip(ok, responses):
-                    writer.write(prediction_record(sample, response))
-            bar.update(len(batch))
+                    for sample in group:
+                        logger.error("sample %s: video %s failed: %s", sample.id, sample.video, error)
+                        writer.write(prediction_record(sample, error=error))
+                    bar.update(len(group))
+                    continue
+                pending.extend((sample, frames) for sample in group)
+                while len(pending) >= batch_size:
+                    answer(pending[:batch_size])
+                    pending = pending[batch_size:]
+        if pending:
+            answer(pending)
 
 
 def process_state() -> PartialState:
@@ -162,7 +193,8 @@ def evaluate(
 
     if state.is_main_process and done:
         logger.info("resuming: %d of %d samples already predicted", len(samples) - len(pending), len(samples))
-    shard = pending[state.process_index :: state.num_processes]
+    # each process takes whole videos (every `num_processes`-th), so that each video is decoded once
+    shard = [s for group in by_video(pending)[state.process_index :: state.num_processes] for s in group]
     logger.info(
         "process %d of %d: %d of %d pending samples",
         state.process_index,
@@ -218,6 +250,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         num_workers=args.num_workers,
+        visual_cache_mb=args.visual_cache_mb,
     )
     if metrics is not None:
         summary = {

@@ -8,7 +8,8 @@ Model args: `pretrained` (a folder saved with `save_pretrained`, model + process
 (most frames per video, default 64), `fps` (frame sampling rate, default 2), `sampling` ("fps" or
 "uniform"), `device` (default: the process's accelerate device), `dtype` (as for
 `inference.load_model`; "auto": bfloat16 on a GPU that supports it, else float32), `num_workers`
-(video decoding threads), `on_error` ("mark" or "raise", see `SlowFastLMMS`). `--batch_size N` batches requests. Under
+(video decoding threads), `on_error` ("mark" or "raise", see `SlowFastLMMS`), `visual_cache_mb` (MiB of
+encoded videos kept, so that the questions of a video encode it once; 0: none; default 1024). `--batch_size N` batches requests. Under
 `accelerate launch` each process holds a full model on its own GPU (data parallel).
 """
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from ..inference import chat_prompt, generate_responses, load_model, to_device
 from ..processing.video import load_video
+from ..visual_cache import VisualCache
 from .evaluator import prefetch
 
 MODEL_ID = "slowfast_vlm"
@@ -96,6 +98,7 @@ class SlowFastLMMS(lmms):
         dtype: str = "auto",
         num_workers: int = 2,
         on_error: str = "mark",
+        visual_cache_mb: float = 1024,
         max_batch_size: int | None = None,  # passed by lmms-eval for "auto" batch sizes; unused
         **unknown,
     ) -> None:
@@ -117,6 +120,8 @@ class SlowFastLMMS(lmms):
         self.num_frames, self.fps, self.sampling = int(num_frames), float(fps), sampling
         self.batch_size_per_device = int(batch_size)
         self.num_workers, self.on_error = int(num_workers), on_error
+        budget = float(visual_cache_mb)
+        self.visual_cache = VisualCache.from_megabytes(budget) if budget > 0 else None
         self._rank, self._world_size = state.process_index, state.num_processes
 
     @property
@@ -218,6 +223,7 @@ class SlowFastLMMS(lmms):
                 videos=[video for *_, videos, _ in ok for video in videos],
                 images=[image for *_, images in ok for image in images],
                 stop_strings=until,
+                visual_cache=self.visual_cache,
                 **settings,
             )
             for (i, args, _, _), response in zip(ok, responses):

@@ -1,6 +1,7 @@
 """One loaded model shared by the demo and the API server: video decoding with the model's frame
 settings, and generations (`inference.reply`) that stream text from a worker thread, one at a time
-on the model."""
+on the model, through the runner's `VisualCache` (a video is encoded once; a conversation's next turn
+continues from the caches of the turn before)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from ..default_model import default_model_path
 from ..inference import Reply, load_model, reply
 from ..processing.video import VideoMetadata, load_video
+from ..visual_cache import VisualCache
 
 
 class StopTrimmer:
@@ -105,10 +107,12 @@ class ModelRunner:
 
     Args:
         name: the model's name in the API (`load` uses the checkpoint directory's name or the hub id).
+        visual_cache_mb: the `VisualCache`'s budget in MiB (0: no cache, every turn runs in full).
     """
 
-    def __init__(self, model, processor, name: str = "slowfast-vlm"):
+    def __init__(self, model, processor, name: str = "slowfast-vlm", visual_cache_mb: float = 1024):
         self.model, self.processor, self.name = model, processor, name
+        self.visual_cache = VisualCache.from_megabytes(visual_cache_mb) if visual_cache_mb > 0 else None
         defaults = processor.sampling_defaults()
         self.num_frames: int = defaults["num_frames"]
         self.fps: float = defaults["fps"]
@@ -116,18 +120,25 @@ class ModelRunner:
         self.lock = threading.Lock()  # one generation at a time on the model
 
     @classmethod
-    def load(cls, model_id: str | None = None, device: str = "auto", dtype: str = "auto") -> ModelRunner:
+    def load(
+        cls,
+        model_id: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        visual_cache_mb: float = 1024,
+    ) -> ModelRunner:
         """Load `model_id` (default: the shipped demo model) with `inference.load_model`; `OSError` if
         it cannot be found, `ValueError` for a bad device or dtype."""
         model_id = model_id or str(default_model_path())
         model, processor = load_model(model_id, device, dtype)
         local = Path(model_id)
-        return cls(model, processor, name=local.resolve().name if local.is_dir() else model_id)
+        name = local.resolve().name if local.is_dir() else model_id
+        return cls(model, processor, name=name, visual_cache_mb=visual_cache_mb)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelRunner:
-        """`load` with the options of `model_options.add_model_arguments`."""
-        return cls.load(args.model, args.device, args.dtype)
+        """`load` with the options of `model_options.add_model_arguments` and `--visual-cache-mb`."""
+        return cls.load(args.model, args.device, args.dtype, args.visual_cache_mb)
 
     def load_video(
         self, path: str | Path, num_frames: int | None = None, fps: float | None = None, **caps
@@ -192,6 +203,7 @@ class ModelRunner:
                 max_new_tokens,
                 temperature,
                 streamer,
+                visual_cache=self.visual_cache,
                 **extra,
             )
         trimmer = StopTrimmer(stop)

@@ -452,6 +452,8 @@ def _usage(reply: Reply) -> dict:
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
         "total_tokens": total,
+        # OpenAI's name for prompt tokens served from a cache: here, continued from an earlier turn
+        "prompt_tokens_details": {"cached_tokens": reply.reused_tokens},
     }
 
 
