@@ -1,0 +1,165 @@
+"""vLLM plugin: greedy tokens from vLLM's offline engine equal this library's `generate` on tiny checkpoints.
+
+Runs inside the vLLM venv (`scripts/install_vllm_cpu.sh`, driven by `scripts/ci_vllm.sh`); skipped where vLLM
+is not importable. One engine per checkpoint serves every case of the module (start-up takes ~20 s).
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import open_gates, write_random_video
+from serving_helpers import chatml
+
+pytest.importorskip("vllm", reason="vLLM is not installed here: run scripts/ci_vllm.sh (it builds its venv)")
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: no spawn
+
+MAX_NEW_TOKENS = 12
+# vLLM's CPU attention takes head sizes >= 32: the tiny LLM widened to 4 heads of 32
+VLLM_TINY = {"text_config": {"hidden_size": 128, "intermediate_size": 256}}
+
+
+def save_checkpoint(path, **overrides):
+    """A tiny checkpoint whose gates are open and whose slow branch is strong enough to change tokens."""
+    from helpers import save_tiny_checkpoint
+
+    model, processor = save_tiny_checkpoint(path, **{**VLLM_TINY, **overrides})
+    return model, processor
+
+
+def reference(model, processor, prompt: str, video=None, image=None) -> list[int]:
+    """Greedy new token ids from the library's `generate` (the independent reference)."""
+    inputs = processor(
+        text=prompt,
+        videos=None if video is None else [video],
+        images=None if image is None else [image],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return ids[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def vllm_request(prompt: str, video=None, image=None, **mm_kwargs) -> dict:
+    request = {"prompt": prompt}
+    if video is not None:
+        metadata = {"fps": 8.0, "total_num_frames": len(video), "frames_indices": list(range(len(video)))}
+        request["multi_modal_data"] = {"video": (video, metadata)}
+    if (
+        image is not None
+    ):  # a still image travels as a one-frame video (one modality per request in vLLM 0.32)
+        request["multi_modal_data"] = {
+            "video": (image[None], {"fps": 1.0, "total_num_frames": 1, "frames_indices": [0]})
+        }
+    if mm_kwargs:
+        request["mm_processor_kwargs"] = mm_kwargs
+    return request
+
+
+def make_engine(path):
+    from vllm import LLM
+
+    return LLM(
+        model=str(path),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_batched_tokens=1024,
+        max_num_seqs=8,
+        limit_mm_per_prompt={"video": 1},
+        seed=0,
+    )
+
+
+def greedy(engine, requests) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
+    return [list(out.outputs[0].token_ids) for out in engine.generate(requests, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(model, processor, vLLM engine) of one tiny checkpoint saved by the library."""
+    path = tmp_path_factory.mktemp("vllm") / "tiny-slowfast"
+    model, processor = save_checkpoint(path)
+    open_gates(model, 3.0)  # a strong slow branch: its absence would change the greedy tokens
+    model.save_pretrained(path)
+    return model, processor, make_engine(path)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vllm-media") / "clip.mp4"
+    return write_random_video(path, num_frames=12, fps=8)
+
+
+PROMPT = chatml(("user", "What happens in this video?"))
+TEXT_PROMPT = chatml(("user", "Describe a cat."), video=False)
+IMAGE_PROMPT = PROMPT.replace("<video>", "<image>")
+
+
+def test_video_greedy_tokens_equal_generate(served, video):
+    model, processor, engine = served
+    expected = reference(model, processor, PROMPT, video=video)
+    assert greedy(engine, [vllm_request(PROMPT, video=video)]) == [expected]
+
+
+def test_the_slow_branch_changes_the_answer(served, video):
+    """Guards the parity tests: with the cross-attention gates closed the answer differs, so equal tokens
+    above mean the slow tokens were read."""
+    model, processor, _ = served
+    expected = reference(model, processor, PROMPT, video=video)
+    open_gates(model, 0.0)
+    try:
+        closed = reference(model, processor, PROMPT, video=video)
+    finally:
+        open_gates(model, 3.0)
+    assert closed != expected
+
+
+def test_text_only_greedy_tokens_equal_generate(served):
+    model, processor, engine = served
+    assert greedy(engine, [vllm_request(TEXT_PROMPT)]) == [reference(model, processor, TEXT_PROMPT)]
+
+
+def test_image_greedy_tokens_equal_generate(served):
+    """A square still image (the library pads images to a square; a one-frame video is not padded)."""
+    model, processor, engine = served
+    image = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    expected = reference(model, processor, IMAGE_PROMPT, image=image)
+    assert greedy(engine, [vllm_request(IMAGE_PROMPT, image=image)]) == [expected]
+
+
+def test_batch_of_mixed_requests_equals_generate_one_by_one(served, video):
+    model, processor, engine = served
+    image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    other = np.random.default_rng(3).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    cases = [
+        (PROMPT, {"video": video}),
+        (TEXT_PROMPT, {}),
+        (IMAGE_PROMPT, {"image": image}),
+        (chatml(("user", "Is there a dog?")), {"video": other}),
+    ]
+    expected = [reference(model, processor, prompt, **media) for prompt, media in cases]
+    assert greedy(engine, [vllm_request(prompt, **media) for prompt, media in cases]) == expected
+
+
+def test_per_request_frame_sampling_is_the_processors(served, video):
+    model, processor, engine = served
+    reference_inputs = processor(
+        text=PROMPT, videos=[video], num_frames=4, video_metadata=[{"fps": 8.0}], return_tensors="pt"
+    )
+    with torch.no_grad():
+        ids = model.generate(**reference_inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    expected = ids[0, reference_inputs["input_ids"].shape[1] :].tolist()
+    assert greedy(engine, [vllm_request(PROMPT, video=video, num_frames=4)]) == [expected]
+
+
+def test_a_request_cannot_raise_the_frame_cap(served, video):
+    *_, engine = served
+    with pytest.raises(Exception, match="num_frames: 1000 is outside 1..64"):
+        greedy(engine, [vllm_request(PROMPT, video=video, num_frames=1000)])
