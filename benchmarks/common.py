@@ -6,7 +6,11 @@ D = 512, a one-layer 64 px SigLIP, s2t4 knobs), "bench-train" (the same at D = 2
 
 Every script measures its variants side by side in one process, each once per round in a shuffled
 order, and reports medians (ratios: medians of per-round ratios), so that load from other jobs on a
-shared machine hits all variants alike.
+shared machine hits all variants alike. Interleaving evens out load but does not remove it: a loaded
+machine hides fixed per-call costs behind slower shared work (memory bandwidth, caches). The decoding
+and prefill scripts therefore refuse to start when the 1-minute load average exceeds `--max-load`
+(`--allow-load` runs anyway and flags the tables as taken under load), and print the load average
+before and after the run beside their ratios (`LoadRecord`).
 """
 
 from __future__ import annotations
@@ -119,6 +123,54 @@ def machine_note(threads: int | None = None, dtype: str | None = None) -> str:
     ]
     parts += [f"{threads} torch thread(s)"] if threads is not None else []
     return ", ".join(parts + ([dtype] if dtype else []))
+
+
+MAX_LOAD = 0.5  # 1-minute load average above which a run is refused (a quiet machine reads about 0)
+
+
+class LoadRecord:
+    """The 1-minute load average before a run (checked against `--max-load`) and after it.
+
+    The run's own torch threads add about `--threads` to the load average while it runs, so a quiet
+    machine reads about 0 before and about `--threads` after."""
+
+    def __init__(self, args: argparse.Namespace, parser: argparse.ArgumentParser):
+        self.before, self.limit, self.after = os.getloadavg()[0], args.max_load, None
+        if self.before > self.limit and not args.allow_load:
+            parser.error(
+                f"the 1-minute load average is {self.before:.2f}, above --max-load {self.limit}: other jobs "
+                "would distort the timings (wait for a quiet machine, or pass --allow-load to flag the run)"
+            )
+
+    def finish(self) -> None:
+        self.after = os.getloadavg()[0]
+
+    @property
+    def loaded(self) -> bool:
+        return self.before > self.limit
+
+    def cell(self) -> str:
+        """E.g. "0.02 / 1.01": the load average before / after the run, beside a ratio."""
+        return f"{self.before:.2f} / {self.after:.2f}"
+
+    def note(self) -> str:
+        """One line for the table's caption; flags a run started under load."""
+        line = f"load average (1 min) {self.before:.2f} before, {self.after:.2f} after the run"
+        if self.loaded:
+            line += f"; TAKEN UNDER LOAD (above {self.limit} before the run): preliminary figures"
+        return line
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=MAX_LOAD,
+        help=f"refuse to start above this 1-minute load average (default {MAX_LOAD})",
+    )
+    parser.add_argument(
+        "--allow-load", action="store_true", help="run above --max-load, flagging the results as loaded"
+    )
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:

@@ -15,13 +15,16 @@ Three variants of greedy decoding (`--new-tokens` tokens, KV cache on) on the na
 The decoding loop is `generate`'s greedy loop written out (`GreedyDecoder`; the smoke test checks
 it yields `generate`'s tokens), so that single steps can be interleaved: one step of every variant
 and shape in turn, which keeps load from other jobs from favouring one variant. The latency per
-step is the median over all steps but the first (the prefill) of `--repeats` requests.
+step is the median over all steps but the first (the prefill) of `--repeats` requests. The run
+is refused above `--max-load` (1-minute load average; `--allow-load` flags it instead), and the table
+gives the load before / after the run and the text-only step's own time beside each ratio.
 Analytical FLOPs per token come from `slowfast_vlm.compute.decoder_flops`, for the scaled model
 and for the released 7B geometry (Qwen2-7B, 81 slow tokens per frame, s2t4).
 
 Commands (results in BENCHMARKS.md):
 
     python -m benchmarks.decoding     # frames 16 .. 512 at batch 1, batch 1 .. 16 at 128 frames; 3 requests
+    python -m benchmarks.decoding --frames 128 512 --batch-sizes 1 4 16 --repeats 5   # the targets
     python -m benchmarks.decoding --quick --out /tmp/bench
 """
 
@@ -42,7 +45,9 @@ from slowfast_vlm.transformers_compat import cache_field, cache_of
 
 from .common import (
     DTYPES,
+    LoadRecord,
     add_common_arguments,
+    add_load_arguments,
     build_model,
     config_name,
     log_axes,
@@ -61,7 +66,7 @@ FRAMES = (16, 64, 128, 256, 512)
 QUICK_FRAMES = (16,)
 BATCH_SIZES = (1, 4, 16)
 QUICK_BATCH_SIZES = (1, 2)
-TARGET_FRAMES = 128  # the issue's targets: cached within 1.2x of text-only, >= 3x faster than re-projected
+TARGET_FRAMES = 128  # the frame count of the batch sweep (the targets' shape)
 
 
 class GreedyDecoder:
@@ -155,12 +160,14 @@ def analytical_flops(config, frames: int, prompt_tokens: int) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, repeats=3)
+    add_load_arguments(parser)
     parser.add_argument("--frames", type=int, nargs="+", help=f"frame counts at batch 1 (default {FRAMES})")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help=f"batch sizes at {TARGET_FRAMES} frames")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the prompt")
     parser.add_argument("--new-tokens", type=int, default=24, help="generated tokens per request")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     args = parser.parse_args(argv)
+    load = LoadRecord(args, parser)
     setup(args)
     frames_list = sorted(args.frames or (QUICK_FRAMES if args.quick else FRAMES))
     batches = sorted(args.batch_sizes or (QUICK_BATCH_SIZES if args.quick else BATCH_SIZES))
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant in VARIANTS
     }
     steps = step_seconds(decoders, new_tokens, args.repeats)
+    load.finish()
     latency = {key: median(values) for key, values in steps.items()}
 
     rows = []
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{slow:,}",
                 *(f"{latency[v, frames, batch] * 1e3:.2f}" for v in VARIANTS),
                 f"{paired_ratio(steps, cached, text_only):.2f}x",
+                load.cell(),
                 f"{paired_ratio(steps, reprojected, cached):.2f}x",
                 f"{flops['cached'] / flops['text-only']:.3f}x",
                 f"{flops['re-projected'] / flops['cached']:.1f}x",
@@ -201,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         f"Decoding, {model_name(model.config)}, {args.prompt_tokens}-token text prompt, {new_tokens} new tokens; "
-        f"{machine_note(args.threads, args.dtype)}; median over all steps of {args.repeats} request(s)\n"
+        f"{machine_note(args.threads, args.dtype)}; median over all steps of {args.repeats} request(s); "
+        f"{load.note()}\n"
     )
     headers = [
         "frames",
@@ -212,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         "re-projected (ms/step)",
         "text-only (ms/step)",
         "cached / text-only",
+        "load before / after",
         "re-projected / cached",
         "FLOPs cached / text-only",
         "FLOPs re-projected / cached",

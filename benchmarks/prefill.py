@@ -11,7 +11,9 @@ precomputed (random, shaped as the encoder + projector would give them) and the 
 - self-attention: the same LLM with `hybrid_layers=[]`, every slow token in the sequence.
 
 Latency: every point once per round, in a shuffled order (`common.interleaved`), medians of
-`--repeats` rounds; speed-ups are medians of per-round ratios (`common.paired_ratio`).
+`--repeats` rounds; speed-ups are medians of per-round ratios (`common.paired_ratio`). The run is
+refused above `--max-load` (1-minute load average; `--allow-load` flags it instead); the tables give
+the load before / after the timed rounds beside the ratios, and self-attention's own latency.
 Peak memory: a separate subprocess runs every point once with glibc's mmap threshold fixed at 64 KiB
 (`MALLOC_MMAP_THRESHOLD_`, so freed tensors go back to the OS) and reports, per point, the kernel's
 peak resident set size during the prefill minus the resident size just before it (the peak is reset
@@ -43,7 +45,9 @@ from slowfast_vlm.modeling.slow_tokens import SlowCache
 
 from .common import (
     DTYPES,
+    LoadRecord,
     add_common_arguments,
+    add_load_arguments,
     build_model,
     config_name,
     interleaved,
@@ -162,6 +166,7 @@ def measure_peak_memory(args: argparse.Namespace) -> dict[tuple[str, int], int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, repeats=3)
+    add_load_arguments(parser)
     parser.add_argument("--frames", type=int, nargs="+", help=f"frame counts (default {FRAMES})")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the prompt")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
         peak_memory_worker(args)
         return
+    load = LoadRecord(args, parser)
     setup(args)
     dtype = DTYPES[args.dtype]
 
@@ -186,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     samples = interleaved(
         {key: (lambda p=prefill: timed(p)) for key, prefill in points.items()}, args.repeats, 0
     )
+    load.finish()
     latency = {key: median(values) for key, values in samples.items()}
     peak = measure_peak_memory(args)
     records = {
@@ -208,12 +215,13 @@ def main(argv: list[str] | None = None) -> None:
                     f"{peak[key] / 2**20:,.1f}",
                     f"{(record.kv_cache_bytes + record.slow_kv_cache_bytes) / 2**20:,.1f}",
                     f"{paired_ratio(samples, base, key):.2f}x",
+                    load.cell(),
                 ]
             )
     model = model_name(models["slowfast"].config)
     print(
         f"LLM prefill, {model}, {args.prompt_tokens}-token prompt, batch 1; "
-        f"{machine_note(args.threads, args.dtype)}; median of {args.repeats} round(s)\n"
+        f"{machine_note(args.threads, args.dtype)}; median of {args.repeats} round(s); {load.note()}\n"
     )
     headers = [
         "frames",
@@ -225,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak memory (MiB)",
         "KV caches (MiB)",
         "speed-up vs self-attention",
+        "load before / after",
     ]
     print(markdown_table(headers, rows))
 
@@ -242,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             ]
 
         flops = {key: records[key].llm_prefill_flops for key in (base, ours)}
-        print(f"\nEqual prefill budget: slow-fast at {high} frames vs self-attention at {low} frames\n")
+        print(
+            f"\nEqual prefill budget: slow-fast at {high} frames vs self-attention at {low} frames; "
+            f"load average (1 min) before / after: {load.cell()}\n"
+        )
         print(
             markdown_table(
                 [

@@ -53,7 +53,7 @@ def positive(cell: str) -> float:
 
 @pytest.mark.slow
 def test_prefill(tmp_path, capsys):
-    out = run("prefill", tmp_path, capsys)
+    out = run("prefill", tmp_path, capsys, "--allow-load")
     rows = table_rows(out, "frames")
     assert [(r[0], r[1]) for r in rows] == [
         ("16", "self-attention"),
@@ -69,13 +69,16 @@ def test_prefill(tmp_path, capsys):
     assert "Equal prefill budget" in out
 
 
-def test_decoding(tmp_path, capsys):
-    out = run("decoding", tmp_path, capsys)
+def test_decoding(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("benchmarks.common.os.getloadavg", lambda: (3.25, 2.0, 1.0))
+    out = run("decoding", tmp_path, capsys, "--allow-load")
     rows = table_rows(out, "frames")
     assert [(r[0], r[1]) for r in rows] == [("16", "1"), ("16", "2")]
     for row in rows:
         for cell in row[4:7]:  # cached, re-projected, text-only ms/step
             positive(cell)
+        assert row[8] == "3.25 / 3.25"  # the load average before / after, beside the ratio
+    assert "TAKEN UNDER LOAD (above 0.5 before the run)" in out
     assert len(table_rows(out.split("released 7B geometry")[1], "frames")) == 6
 
 
@@ -105,6 +108,16 @@ def test_training(tmp_path, capsys):
     for row in rows:
         for cell in row[4:6]:  # step time, samples/s
             positive(cell)
+
+
+@pytest.mark.parametrize("name", ["decoding", "prefill"])
+def test_timing_benchmarks_refuse_a_loaded_machine(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("benchmarks.common.os.getloadavg", lambda: (1.5, 1.0, 1.0))
+    with pytest.raises(SystemExit) as refused:
+        importlib.import_module(f"benchmarks.{name}").main(["--quick", "--out", str(tmp_path)])
+    assert refused.value.code == 2
+    assert "load average is 1.50, above --max-load 0.5" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before measuring anything
 
 
 @pytest.mark.parametrize("variant", ["cached", "re-projected", "text-only"])
