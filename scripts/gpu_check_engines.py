@@ -1,10 +1,9 @@
 """The engine parts of `gpu_check.py`: vLLM, ZeRO-3 on one device, and the synthetic claim's stage 2.
 
-- vLLM: runs only where the project's vLLM plugin (a `slowfast_vlm/serving/vllm*.py` module, issue 16)
-  and vllm import in `--vllm-python` (its own venv: vllm pins its own torch and transformers). Planned
-  check, in a subprocess of that interpreter: the tiny checkpoint served by `vllm.LLM(model=DIR,
-  enforce_eager=True)`, greedy answers to 8 video prompts equal to `generate`'s, then the generated
-  tokens per second of 32 concurrent requests. Until the plugin lands it is skipped with the reason.
+- vLLM: `gpu_check_vllm.py` in the interpreter that has vllm and the project's plugin
+  (`slowfast_vlm.serving.vllm`; `--vllm-python`, its own venv: vllm pins its own torch and
+  transformers): greedy parity of 8 video requests with `generate`, tokens per second of 32
+  concurrent requests. Skipped, with the reason, where vllm does not import.
 - ZeRO-3: `slowfast-vlm train configs/tiny_cpu.yaml` on the tiny set-up (`training.tiny`) under
   `torchrun --nproc_per_node 1` with `configs/deepspeed/zero3.json`, bf16 (the stage-2 recipe): every
   step logs a finite loss and the run writes a complete final model.
@@ -36,23 +35,25 @@ def skipped(check: str, reason: str) -> dict:
 
 
 def vllm(context) -> dict:
-    plugins = sorted((ROOT / "src" / "slowfast_vlm" / "serving").glob("vllm*.py"))
-    if not plugins:
+    """`gpu_check_vllm.py` in the vLLM interpreter (`--vllm-python`, else this one if vllm imports here)."""
+    if not (ROOT / "src" / "slowfast_vlm" / "serving" / "vllm").exists():
         return skipped("vLLM", "the project's vLLM plugin (issue 16) is not in this checkout")
-    module = f"slowfast_vlm.serving.{plugins[0].stem}"
     python = context.vllm_python or sys.executable
-    probe = subprocess.run(
-        [python, "-c", f"import vllm, {module}"],
-        capture_output=True,
-        text=True,
-        timeout=min(120, context.time_left()),
-    )
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        return skipped("vLLM", f"vllm and {module} do not import in {python}: {last}")
-    return skipped(
-        "vLLM", f"vllm and {module} import in {python}; the parity and throughput run is not written yet"
-    )
+    if context.vllm_python is None and importlib.util.find_spec("vllm") is None:
+        return skipped("vLLM", "vllm is not importable here (pass --vllm-python, a venv that has it)")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
+    command = [python, str(ROOT / "scripts" / "gpu_check_vllm.py")]
+    try:
+        result = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(1, context.time_left())
+        )
+    except subprocess.TimeoutExpired:
+        return {"check": "vLLM", "passed": False, "reason": "out of time"}
+    lines = [line for line in result.stdout.splitlines() if line.startswith('{"check": "vLLM"')]
+    if result.returncode != 0 or not lines:
+        errors = [line for line in result.stderr.splitlines() if line.strip()]
+        return {"check": "vLLM", "passed": False, "reason": errors[-1][:200] if errors else "no output"}
+    return json.loads(lines[-1])
 
 
 def zero3(context) -> dict:

@@ -254,12 +254,11 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype):
 
 
 class DevicePrefill:
-    """`benchmarks.prefill.Prefill` on any device: one prefill of `design` on a `frames`-frame video."""
+    """`benchmarks.prefill.Prefill` on any device: one prefill of `design` on a video's visual tokens."""
 
-    def __init__(self, model, design: str, frames: int, device: torch.device):
-        config = model.config
-        slow, fast = (t.to(device) for t in visual_tokens(config, frames, model.dtype))
-        text_ids = torch.randint(0, config.video_token_id, (1, PROMPT_TOKENS), device=device)
+    def __init__(self, model, design: str, slow: torch.Tensor, fast: torch.Tensor, device: torch.device):
+        """`slow` `(N, D)` and `fast` `(F, D)`: the video's visual tokens (`common.visual_tokens`) on `device`."""
+        text_ids = torch.randint(0, model.config.video_token_id, (1, PROMPT_TOKENS), device=device)
         with torch.no_grad():
             text = model.get_input_embeddings()(text_ids)
         visual = fast if design == "slowfast" else slow
@@ -356,11 +355,12 @@ def geometry(context) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     prefill, skipped = [], []
     for frames in sizes["frames"]:
+        slow, fast = (tokens.to(device) for tokens in visual_tokens(config, frames, dtype))
         for design in ("self-attention", "slowfast"):
             if context.time_left() < 0:
                 skipped.append(f"prefill {design} at {frames} frames: out of time")
                 continue
-            call = DevicePrefill(model, design, frames, device)
+            call = DevicePrefill(model, design, slow, fast, device)
             seconds, peak, rounds = measure(call, device, sizes["repeats"], context.deadline)
             record = estimate(config, frames, PROMPT_TOKENS, design, "bfloat16")
             prefill.append(
@@ -371,6 +371,7 @@ def geometry(context) -> dict:
                      peak_mib=None if peak is None else peak / 2**20, rounds=rounds)
             )  # fmt: skip
             del call
+        del slow, fast
     by_point = {(row["design"], row["frames"]): row for row in prefill}
     headline = None
     base, ours = by_point.get(("self-attention", HEADLINE[0])), by_point.get(("slowfast", HEADLINE[1]))
