@@ -5,6 +5,7 @@ fail on a model that computes something else; the budget is shown to stop the ru
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,25 @@ def test_markdown_summary_and_escaped_cells():
     text = markdown(report)
     assert "| claim | 0 | 0.0 | skipped | a \\| b |" in text and "load average 1.0, 2.0, 3.0" in text
     assert table(["a"], [[1]]) == "| a |\n|---|\n| 1 |"
+
+
+@pytest.mark.slow
+def test_vllm_check_in_the_vllm_interpreter():
+    """`gpu_check_vllm.py` where vllm imports (the vLLM venv's test run): parity with `generate` and a
+    throughput figure, as one JSON line."""
+    pytest.importorskip("vllm", reason="vLLM is not installed here: the vLLM venv runs this test")
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "gpu_check_vllm.py"),
+        "--requests",
+        "8",
+        "--new-tokens",
+        "8",
+    ]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (
+        row["parity"] == "8/8 greedy answers equal generate's" and row["passed"] and row["tokens_per_s"] > 0
+    )
