@@ -48,8 +48,8 @@ RESULT_LINE, START_LINE = "GPU_CHECK_RESULT ", "GPU_CHECK_START "
 PARTS = {
     "environment": (120, 5),
     "correctness": (60, 20),
-    "geometry": (180, 25),
-    "engines": (90, 40),
+    "geometry": (150, 25),
+    "engines": (120, 40),
     "claim": (0, 0),
 }
 WRITE_MARGIN_S = 5  # kept back from the budget to write the results

@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3_STEPS = {False: 20, True: 3}  # GPU, dry-run
+ZERO3_RESERVE_S = 35  # kept back from the vLLM check for the ZeRO-3 run that follows it
 CLAIM_STEPS = 300
 SYNTH = ROOT / "outputs" / "synth"
 
@@ -45,7 +46,12 @@ def vllm(context) -> dict:
     command = [python, str(ROOT / "scripts" / "gpu_check_vllm.py")]
     try:
         result = subprocess.run(
-            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(1, context.time_left())
+            command,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=max(1, context.time_left() - ZERO3_RESERVE_S),
         )
     except subprocess.TimeoutExpired:
         return {"check": "vLLM", "passed": False, "reason": "out of time"}
