@@ -249,8 +249,8 @@ def model_inputs(
     if given != len(videos):
         raise ValueError(f"{len(videos)} video(s) given for {given} {processor.video_token} placeholder(s)")
     replacements = [processor.video_token * item.fast.shape[0] for item in encoded]
-    expanded, _ = processor.get_text_with_replacements(
-        prompts, images_replacements=[], videos_replacements=replacements
+    expanded, _ = processor.get_text_with_replacements(  # it replaces in place: give it a copy
+        list(prompts), images_replacements=[], videos_replacements=replacements
     )
     inputs = processor.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
     return {**to_device(inputs, model.device, model.dtype), "encoded_videos": encoded}, keys
