@@ -172,9 +172,9 @@ def test_generation_carries_the_slow_cache_and_projects_it_once(monkeypatch):
     projected_layers = []
     project_slow = HybridAttention.project_slow
 
-    def counting(self, tokens):
+    def counting(self, tokens, *args):
         projected_layers.append(self.layer_idx)
-        return project_slow(self, tokens)
+        return project_slow(self, tokens, *args)
 
     monkeypatch.setattr(HybridAttention, "project_slow", counting)
     generate = dict(input_ids=ids, pixel_values_videos=video, max_new_tokens=6, do_sample=False)

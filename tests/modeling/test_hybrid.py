@@ -164,6 +164,26 @@ def test_initial_gates_give_the_plain_llm(llm, attn_impl):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("llm", ["qwen2", "llama", "mistral", "qwen3"])
+def test_shared_slow_normalisation_gives_each_layers_own_norm(llm):
+    """The slow tokens' RMS normalisation, computed once for all hybrid layers, then scaled by each
+    layer's weight: bit for bit the layer's own `input_layernorm` in bf16, and the same keys/values."""
+    model = tiny_model(llm=llm, seed=5).to(torch.bfloat16)
+    torch.manual_seed(0)
+    slow = torch.randn(2, 9, 64, dtype=torch.bfloat16) * 3
+    cache = SlowCache(tokens=slow, mask=torch.ones(2, 9, dtype=torch.bool))
+    with torch.no_grad():
+        for attn in model.hybrid_attentions:
+            attn.slow_norm.weight.normal_(1.0, 0.3)  # a different weight per layer
+            normalized = cache.rms_normalized(attn.slow_norm.variance_epsilon)
+            assert torch.equal(attn.slow_norm.weight * normalized, attn.slow_norm(slow))
+            shared, own = attn.slow_keys_values(cache), attn.project_slow(slow)
+            assert all(torch.equal(a, b) for a, b in zip(shared, own))
+    assert len(cache.normalized) == 1  # one normalisation for every layer
+    cache.get(model.hybrid_attentions[0].layer_idx, None)  # a decoding step: read from the cache...
+    assert not cache.normalized  # ...which frees the normalised tokens
+
+
 def test_kv_projection_initialised_from_lm():
     """init_cross_kv_from_lm: the cross keys/values equal k_proj/v_proj of the normalised slow tokens."""
     model = tiny_model(seed=3)

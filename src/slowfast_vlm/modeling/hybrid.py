@@ -141,10 +141,16 @@ class HybridAttention(nn.Module):
             if name.startswith("cross_attn"):
                 param._is_hf_initialized = True
 
-    def project_slow(self, slow_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B, N, D)` slow tokens -> keys and values `(B, kv_heads, N, head_dim)` (no RoPE on keys)."""
+    def project_slow(
+        self, slow_tokens: torch.Tensor, normalized: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, N, D)` slow tokens -> keys and values `(B, kv_heads, N, head_dim)` (no RoPE on keys).
+
+        `normalized`: the tokens already divided by their RMS (`SlowCache.rms_normalized`), which the
+        layer's RMSNorm then only scales by its weight (the same values as `slow_norm(slow_tokens)`)."""
         batch, num_slow, _ = slow_tokens.shape
-        kv = self.cross_attn_kv_proj(self.slow_norm(slow_tokens))
+        normed = self.slow_norm(slow_tokens) if normalized is None else self.slow_norm.weight * normalized
+        kv = self.cross_attn_kv_proj(normed)
         kv = kv.view(batch, num_slow, self.num_kv_heads, 2, self.head_dim)
         return kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
 
@@ -234,6 +240,17 @@ class HybridAttention(nn.Module):
         cross = torch.where(valid[..., None], cross, 0.0)
         return torch.zeros_like(attn_output).scatter(1, gather_index, cross)
 
+    def slow_keys_values(self, slow_cache: SlowCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's slow keys/values `(B, kv_heads, N, hd)` from the cache, or projected. A Llama-family
+        RMSNorm (`variance_epsilon`; its weight whole, not ZeRO-3-partitioned) shares the normalisation of
+        the slow tokens with the other hybrid layers."""
+        eps = getattr(self.slow_norm, "variance_epsilon", None)
+        if eps is None or is_deepspeed_zero3_enabled():
+            return slow_cache.get(self.layer_idx, self.project_slow)
+        return slow_cache.get(
+            self.layer_idx, lambda tokens: self.project_slow(tokens, slow_cache.rms_normalized(eps))
+        )
+
     def decoding_cross_attention(
         self,
         query_states: torch.Tensor,
@@ -259,7 +276,7 @@ class HybridAttention(nn.Module):
         # Query heads are kv-head-major (as `repeat_kv` lays them out): each kv head's group of heads reads
         # it as one longer non-causal query block, (B, kv_heads, groups*Q, hd), with no copy of the keys.
         grouped = queries.reshape(batch, self.num_kv_heads, -1, head_dim)
-        key, value = slow_cache.get(self.layer_idx, self.project_slow)  # (B, kv_heads, N, hd)
+        key, value = self.slow_keys_values(slow_cache)  # (B, kv_heads, N, hd)
         bias = slow_cache.attn_bias  # (B, 1, 1, N) or None; autocast may run the queries in another dtype
         bias = None if bias is None else bias.to(grouped.dtype)
         if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities

@@ -54,6 +54,7 @@ class SlowCache:
     cache_kv: bool = True
     record_attention: bool = False
     key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    normalized: dict[float, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -76,12 +77,23 @@ class SlowCache:
 
         Cached keys/values are stored contiguous: every later step reads them in SDPA's own layout."""
         if layer_idx in self.key_values:
+            self.normalized.clear()  # every layer has projected: a decoding step needs only the cache
             return self.key_values[layer_idx]
         key_value = project(self.tokens)
         if self.cache_kv:
             key_value = tuple(tensor.contiguous() for tensor in key_value)
             self.key_values[layer_idx] = key_value
         return key_value
+
+    def rms_normalized(self, eps: float) -> torch.Tensor:
+        """`(B, N, D)` tokens divided by their root mean square (in fp32, back in their dtype): the
+        Llama-family RMSNorm before its weight, the same in every hybrid layer, so computed once per
+        request (and freed once the keys/values are cached)."""
+        if eps not in self.normalized:
+            tokens = self.tokens.float()
+            tokens = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + eps)
+            self.normalized[eps] = tokens.to(self.tokens.dtype)
+        return self.normalized[eps]
 
     def record(self, layer_idx: int, probs_sum: torch.Tensor, num_queries: torch.Tensor) -> None:
         """Accumulate one call's cross-attention: `probs_sum` `(B, H, N)` summed over its `num_queries` `(B,)`."""
