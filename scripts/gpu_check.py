@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT_LINE, START_LINE = "GPU_CHECK_RESULT ", "GPU_CHECK_START "
 # name: (estimate on the GPU, estimate of the dry-run) in seconds; "claim" runs only in the time left over.
 PARTS = {
-    "environment": (120, 5),
+    "environment": (120, 10),
     "correctness": (60, 20),
     "geometry": (150, 25),
     "engines": (120, 40),

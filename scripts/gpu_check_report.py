@@ -68,7 +68,7 @@ def geometry(part: dict) -> list[str]:
     ]
     rows = [
         [r["frames"], r["design"], f"{r['sequence']:,}", f"{r['slow_tokens']:,}", number(r["gflops"]),
-         number(r["ms"]), number(r["tflops_per_s"]), number(r["peak_mib"])]
+         number(r["ms"]), f"{r['tflops_per_s']:.3g}", number(r["peak_mib"])]
         for r in part.get("prefill", [])
     ]  # fmt: skip
     lines += [table(headers, rows)]
