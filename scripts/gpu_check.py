@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--budget-s must be more than {WRITE_MARGIN_S}, got {args.budget_s:g}")
     if args.wheels is not None and not args.wheels.is_dir():
         parser.error(f"--wheels {args.wheels}: not a folder")
+    if args.vllm_python is not None and not os.access(args.vllm_python, os.X_OK):
+        parser.error(f"--vllm-python {args.vllm_python}: not an executable file")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.worker:
         from gpu_check_worker import worker  # torch is imported only here, in the worker

@@ -134,6 +134,13 @@ def test_install_plan():
     assert wheels[-4:] == ["--no-index", "--find-links", "/w", "av>=18,<19"]
 
 
+def test_an_install_that_cannot_be_done_says_why_in_one_line(tmp_path):
+    """pip offline, from an empty wheel folder: a failed install, not a crash (its part is then skipped)."""
+    step = {"what": "project", "args": ["slowfast-vlm-no-such-package"], "timeout_s": 60, "why": "test"}
+    result = gpu_check.run_install(step, gpu_check.pip_command(step, sys.executable, tmp_path), 60)
+    assert result.startswith("failed: ") and "\n" not in result and "slowfast-vlm-no-such-package" in result
+
+
 def test_correctness_checks_fail_on_a_model_that_differs():
     """The comparisons see a difference: a model whose slow branch is closed is not the reference."""
     reference = gpu_check_model.tiny_reference("tiny")
