@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from evaluation_helpers import EXPECTED, RESPONSES
-from helpers import save_tiny_checkpoint, tiny_config, tiny_tokenizer
+from evaluation_helpers import CASES, EXPECTED, OPTIONS, RESPONSES
+from helpers import save_tiny_checkpoint, tiny_config, tiny_tokenizer, write_random_video
 
 from slowfast_vlm.cli import main as cli_main
+from slowfast_vlm.evaluation import evaluator
 from slowfast_vlm.evaluation.dataset import load_samples
 from slowfast_vlm.evaluation.evaluator import evaluate
 from slowfast_vlm.evaluation.predictions import read_predictions
@@ -212,3 +213,82 @@ def test_two_processes_shard_and_merge(saved_model, dataset, tmp_path):
     assert {r["id"]: r["response"] for r in records if r["error"] is None} == direct_answers(saved_model, ok)
     assert json.loads((output / "metrics.json").read_text())["num_samples"] == 8
     assert Path(output / "predictions.jsonl").read_text().count("\n") == 8
+
+
+# ----- questions grouped by video --------------------------------------------------------------------
+VIDEO_OF = {"q1": "a", "q3": "a", "q5": "a", "q2": "b", "q4": "b", "q6": "b", "q7": "broken", "q8": "lost"}
+
+
+@pytest.fixture(scope="module")
+def shared_videos(tmp_path_factory):
+    """The CASES with three questions on each of two videos (in the file, the videos alternate)."""
+    root = tmp_path_factory.mktemp("shared")
+    write_random_video(root / "a.mp4", num_frames=8, fps=4, seed=1)
+    write_random_video(root / "b.mp4", num_frames=8, fps=4, seed=2)
+    (root / "broken.mp4").write_bytes(b"this is not a video" * 20)
+    records = []
+    for record, _, _ in CASES:
+        record = dict(record, video=f"{VIDEO_OF[record['id']]}.mp4")
+        if record["answer"] in ("A", "B", "C", "D"):
+            record["options"] = OPTIONS
+        records.append(record)
+    path = root / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The list of video paths the evaluator decodes, one entry per decode."""
+    paths: list[str] = []
+
+    def counting(path, *args, **kwargs):
+        paths.append(Path(path).name)
+        return load_video(path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "load_video", counting)
+    return paths
+
+
+def test_resume_in_the_middle_of_a_video_predicts_each_sample_once(
+    processor, shared_videos, tmp_path, decoded
+):
+    crashing = ScriptedModel(processor.tokenizer, fail_on=2)
+    with pytest.raises(Interrupted):  # the second batch, q5 (video a) + q2 (video b), crashes
+        run(processor, shared_videos, tmp_path, model=crashing, batch_size=2, num_workers=1)
+    assert [r["id"] for r in read_predictions(tmp_path / "predictions.jsonl")] == ["q1", "q3"]
+    decoded.clear()
+    model = ScriptedModel(processor.tokenizer)
+    metrics = run(processor, shared_videos, tmp_path, model=model, batch_size=2, resume=True)
+    # the groups in the order of their first pending question: all of video b's (q2 comes first now),
+    # then video a's last one; each video decoded once
+    assert model.questions == ["Who sleeps?", "How many?", "How many cats?", "Which animal?"]
+    assert sorted(decoded) == ["a.mp4", "b.mp4", "broken.mp4", "lost.mp4"]
+    assert {r["id"]: r["correct"] for r in read_predictions(tmp_path / "predictions.jsonl")} == EXPECTED
+    assert (metrics["num_correct"], metrics["num_scored"], metrics["num_failed"]) == (3, 6, 2)
+
+
+@pytest.mark.parametrize("group_by_video", [True, False])
+def test_each_video_is_decoded_and_encoded_once_and_answers_are_those_alone(
+    saved_model, shared_videos, tmp_path, decoded, group_by_video
+):
+    from slowfast_vlm.inference import load_model
+
+    model, processor = load_model(saved_model, "cpu", "float32")
+    encoded: list[int] = []  # frames of each vision-encoder call
+    model.model.vision_tower.register_forward_hook(
+        lambda module, args, out: encoded.append(out.last_hidden_state.shape[0])
+    )
+    samples = load_samples(shared_videos)
+    settings = dict(num_frames=4, batch_size=2, max_new_tokens=6, group_by_video=group_by_video)
+    evaluate(model, processor, samples, tmp_path, **settings)
+    ok = [s for s in samples if s.id not in ("q7", "q8")]
+    responses = {r["id"]: r["response"] for r in read_predictions(tmp_path / "predictions.jsonl")}
+    assert {s.id: responses[s.id] for s in ok} == direct_answers(saved_model, ok)
+    frames_per_video = len(load_video(shared_videos.parent / "a.mp4", 4, fps=2.0)[0])
+    if group_by_video:
+        assert sorted(decoded) == ["a.mp4", "b.mp4", "broken.mp4", "lost.mp4"]
+        assert sum(encoded) == 2 * frames_per_video
+    else:  # the old way: every question decodes its video; the cache still spares the encoder
+        assert sorted(decoded) == sorted(f"{VIDEO_OF[s.id]}.mp4" for s in samples)
+        assert sum(encoded) == 2 * frames_per_video
