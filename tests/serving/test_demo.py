@@ -31,9 +31,16 @@ def test_respond_streams_a_multi_turn_chat(runner, checkpoint, media_root):
     assert turns == [("What happens?", expected)] and chat[-1] == {"role": "assistant", "content": expected}
     assert image.size[0] > 100 and "frame" in summary
 
-    chat, _, turns, _, _ = list(respond(runner, "Is there a dog?", frames, turns, 0, 6, False))[-1]
+    reuses = runner.visual_cache.stats["conversation_reuses"]
+    encoded = []  # the follow-up encodes nothing: the video's slow tokens and the chat's KV cache are kept
+    hook = runner.model.model.vision_tower.register_forward_hook(lambda *args: encoded.append(1))
+    try:
+        chat, _, turns, _, _ = list(respond(runner, "Is there a dog?", frames, turns, 0, 6, False))[-1]
+    finally:
+        hook.remove()
     history = [("user", "What happens?"), ("assistant", expected), ("user", "Is there a dog?")]
     assert turns[-1][1] == greedy_reference(model, processor, chatml(*history), frames, 6)[0]
+    assert encoded == [] and runner.visual_cache.stats["conversation_reuses"] == reuses + 1
     assert [message["role"] for message in chat] == ["user", "assistant"] * 2
 
 

@@ -230,6 +230,30 @@ def test_multi_turn_and_text_only(client, checkpoint, frames, data_url):
     assert response.choices[0].message.content == expected
 
 
+def test_a_resent_conversation_continues_the_earlier_request(client, checkpoint, frames, data_url):
+    """A client that sends the conversation back with the same video and a new question gets the answer of
+    a full run, and the usage says how many prompt tokens came from the earlier request's caches."""
+    _, model, processor = checkpoint
+    first = ask_video(client, data_url, "What is in this video?")
+    said = first.choices[0].message.content
+    video_part = {"type": "video_url", "video_url": {"url": data_url}}
+    messages = [
+        {"role": "user", "content": [video_part, {"type": "text", "text": "What is in this video?"}]},
+        {"role": "assistant", "content": said},
+        {"role": "user", "content": "Is there a dog?"},
+    ]
+    response = client.chat.completions.create(
+        model="tiny-slowfast", messages=messages, max_tokens=6, extra_body={"num_frames": FRAMES, "fps": FPS}
+    )
+    turns = [("user", "What is in this video?"), ("assistant", said), ("user", "Is there a dog?")]
+    expected, prompt_tokens, _, _ = greedy_reference(model, processor, chatml(*turns), frames, 6)
+    assert response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens == prompt_tokens
+    # all of the first request but its last token, whose keys/values were never computed
+    earlier = first.usage.prompt_tokens + first.usage.completion_tokens - 1
+    assert response.usage.prompt_tokens_details.cached_tokens == earlier
+
+
 def test_fifty_concurrent_requests_are_all_answered(client, checkpoint, frames, data_url):
     _, model, processor = checkpoint
     questions = ["What happens?", "Describe it.", "Is there a dog?", "Who cooks?", "Where?"]
