@@ -246,7 +246,7 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype):
     with torch.device(device):
         model = SlowFastForConditionalGeneration._from_config(
             SlowFastConfig.from_name(name), attn_implementation="sdpa", dtype=dtype
-        )
+        ).to(device)  # a no-op where the device context placed every weight
     with torch.no_grad():
         for layer in model.hybrid_attentions:
             layer.cross_attn_warm_up_gate.fill_(1.0)
@@ -360,8 +360,18 @@ def geometry(context) -> dict:
             if context.time_left() < 0:
                 skipped.append(f"prefill {design} at {frames} frames: out of time")
                 continue
-            call = DevicePrefill(model, design, slow, fast, device)
-            seconds, peak, rounds = measure(call, device, sizes["repeats"], context.deadline)
+            try:
+                seconds, peak, rounds = measure(
+                    DevicePrefill(model, design, slow, fast, device),
+                    device,
+                    sizes["repeats"],
+                    context.deadline,
+                )
+            except torch.OutOfMemoryError:  # one point's failure keeps the others' figures
+                skipped.append(f"prefill {design} at {frames} frames: out of device memory")
+                continue
+            finally:
+                gc.collect()
             record = estimate(config, frames, PROMPT_TOKENS, design, "bfloat16")
             prefill.append(
                 dict(frames=frames, design=design, sequence=record.sequence_length,
@@ -370,7 +380,6 @@ def geometry(context) -> dict:
                      tflops_per_s=record.llm_prefill_flops / seconds / 1e12,
                      peak_mib=None if peak is None else peak / 2**20, rounds=rounds)
             )  # fmt: skip
-            del call
         del slow, fast
     by_point = {(row["design"], row["frames"]): row for row in prefill}
     headline = None
