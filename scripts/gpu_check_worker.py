@@ -52,7 +52,9 @@ def worker(args: argparse.Namespace) -> int:
         reserved = sum(PARTS[later][column] for later in args.parts[index + 1 :])
         context = Context(device, args.dry_run, args.deadline - reserved, args.out, args.vllm_python)
         start = time.monotonic()
-        if context.time_left() < max(estimate / 2, 1):
+        if device.type != "cuda" and not args.dry_run:
+            result = {"status": "skipped", "reason": "no CUDA device: on a CPU, run with --dry-run"}
+        elif context.time_left() < max(estimate / 2, 1):
             result = {"status": "skipped", "reason": f"needs ~{estimate} s, {context.time_left():.0f} s left"}
         else:
             try:

@@ -93,6 +93,19 @@ def test_budget_stops_the_run(tmp_path):
     assert report["elapsed_s"] <= 12
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_only_the_dry_run_runs(tmp_path):
+    """Not the 7B geometry on a CPU: the environment fails with the advice, the other parts say why."""
+    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path)]
+    result = subprocess.run(
+        [*command, "--parts", "environment", "geometry"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    environment, geometry = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert environment["status"] == "failed" and "run with --dry-run" in environment["reason"]
+    assert geometry["status"] == "skipped" and geometry["reason"].startswith("the environment is not ready")
+
+
 def test_bad_budget_and_wheels_are_refused(tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path)]
     for extra, message in (
