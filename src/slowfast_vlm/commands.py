@@ -223,6 +223,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-video-seconds", type=positive_float, default=4 * 3600, help="longest video (default 4 h)"
     )
+    parser.add_argument(
+        "--engine",
+        choices=("native", "vllm"),
+        default="native",
+        action=EngineAction,
+        help="native: this project's server; vllm: vLLM's OpenAI server with the slowfast_vlm plugin "
+        "(continuous batching; run from the vLLM venv, docs/serving.md)",
+    )
+    parser.add_argument("--vllm-args", help='more vLLM server options, one string (e.g. "--max-num-seqs 32")')
+
+
+class EngineAction(argparse.Action):
+    """`--engine vllm` runs `slowfast_vlm.serving.vllm.launch` instead of the project's server."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        if value == "vllm":
+            namespace._module = "slowfast_vlm.serving.vllm.launch"
 
 
 class Subcommand(NamedTuple):

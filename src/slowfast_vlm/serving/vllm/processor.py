@@ -44,10 +44,11 @@ def load_processor(path: str) -> SlowFastProcessor:
     return SlowFastProcessor.from_pretrained(path)
 
 
-def max_num_frames(processor: SlowFastProcessor) -> int:
-    """The hard cap on frames per video: the checkpoint's `video_defaults` / the published 64."""
-    defaults = processor.sampling_defaults()
-    return int(defaults.get("max_num_frames", defaults["num_frames"]))
+def max_num_frames(processor: SlowFastProcessor, config=None) -> int:
+    """The hard cap on frames per video: the served config's `max_num_frames` (`slowfast-vlm serve --engine
+    vllm --max-frames`, given to vLLM as `--hf-overrides`), else the checkpoint's default frame count."""
+    cap = getattr(config, "max_num_frames", None)
+    return int(cap if cap is not None else processor.sampling_defaults()["num_frames"])
 
 
 def num_slow_tokens(processor: SlowFastProcessor, num_frames: int) -> int:
@@ -94,7 +95,7 @@ class SlowFastProcessingInfo(BaseProcessingInfo):
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         processor = self.get_hf_processor()
-        return {"video": num_slow_tokens(processor, max_num_frames(processor))}
+        return {"video": num_slow_tokens(processor, max_num_frames(processor, self.get_hf_config()))}
 
 
 class SlowFastDummyInputsBuilder(BaseDummyInputsBuilder[SlowFastProcessingInfo]):
@@ -103,7 +104,7 @@ class SlowFastDummyInputsBuilder(BaseDummyInputsBuilder[SlowFastProcessingInfo])
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
         processor = self.info.get_hf_processor()
-        size, num_frames = processor.decode_short_side(), max_num_frames(processor)
+        size, num_frames = processor.decode_short_side(), max_num_frames(processor, self.info.get_hf_config())
         videos = self._get_dummy_videos(
             width=size, height=size, num_frames=num_frames, num_videos=mm_counts.get("video", 0)
         )
@@ -159,7 +160,7 @@ class SlowFastMultiModalProcessor(EncDecMultiModalProcessor[SlowFastProcessingIn
             for k, v in flat.items()
             if not isinstance(v, Mapping) and k not in ("truncation", "return_tensors")
         }
-        cap = max_num_frames(processor)
+        cap = max_num_frames(processor, self.info.get_hf_config())
         sampling = check_request_kwargs(flat, cap)
         videos, metadata = [], []
         for item in hf_data.get("videos") or []:
