@@ -336,7 +336,11 @@ def reply(
     generation = dict(max_new_tokens=max_new_tokens, streamer=streamer, **sampling, **generate_kwargs)
     videos = None if frames is None else [frames]
     reused = 0
-    if visual_cache is not None and reuses_conversations(model):
+    config = model.generation_config  # a kept conversation is one sequence: beams run in full
+    one_sequence = all(
+        generation.get(k, getattr(config, k, 1) or 1) == 1 for k in ("num_beams", "num_return_sequences")
+    )
+    if visual_cache is not None and reuses_conversations(model) and one_sequence:
         follow_up = any(message.get("role") == "assistant" for message in conversation)
         output, inputs, reused = _converse(
             model, processor, prompt, frames, visual_cache, follow_up, **generation
