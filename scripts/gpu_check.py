@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -117,10 +118,10 @@ def missing_requirements() -> list[str]:
 
 
 def install_plan(driver: dict, torch_now: dict, missing: list[str], vllm_python: str | None) -> list[dict]:
-    """The installs the parts need: `{what, command, timeout_s, why}` each; pip's arguments come later."""
-    cuda = bool(driver) and not torch_now.get("cuda_available", False)
+    """The installs the parts need, in order of need: `{what, args (pip's), timeout_s, why[, venv]}` each."""
+    needs_cuda_torch = bool(driver) and not torch_now.get("cuda_available", False)
     plan = []
-    if cuda and driver.get("cuda") and torch_index(driver["cuda"]):
+    if needs_cuda_torch and driver.get("cuda") and torch_index(driver["cuda"]):
         why = f"torch {torch_now.get('torch', 'missing')} cannot see the GPU (driver CUDA {driver['cuda']})"
         args = ["torch", "--index-url", torch_index(driver["cuda"])]
         plan.append(dict(what="torch", args=args, timeout_s=100, why=why))
@@ -138,7 +139,8 @@ def install_plan(driver: dict, torch_now: dict, missing: list[str], vllm_python:
         plan.append(dict(what="deepspeed", args=["deepspeed"], timeout_s=60, why="ZeRO-3 steps (engines)"))
     if gpu and vllm_python is None and installed("vllm") is None:
         why = "the vLLM plugin's parity and throughput (engines), in its own venv: vllm pins its own torch"
-        plan.append(dict(what="vllm", args=["vllm"], timeout_s=150, why=why, venv=True))
+        args = ["vllm", "-e", str(ROOT)]  # the project too, for its `vllm.general_plugins` entry point
+        plan.append(dict(what="vllm", args=args, timeout_s=150, why=why, venv=True))
     return plan
 
 
@@ -157,7 +159,7 @@ def environment(args: argparse.Namespace, deadline: float) -> dict:
     for step in plan:
         python = sys.executable
         if step.get("venv"):
-            venv = args.out / "vllm-venv"
+            venv = Path(tempfile.gettempdir()) / "gpu_check_vllm_venv"
             python = str(venv / "bin" / "python")
             step = {**step, "prepare": [sys.executable, "-m", "venv", "--system-site-packages", str(venv)]}
         command = pip_command(step, python, args.wheels)

@@ -5,7 +5,6 @@ fail on a model that computes something else; the budget is shown to stop the ru
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,22 +188,12 @@ def test_markdown_summary_and_escaped_cells():
 
 
 @pytest.mark.slow
-def test_vllm_check_in_the_vllm_interpreter():
-    """`gpu_check_vllm.py` where vllm imports (the vLLM venv's test run): parity with `generate` and a
-    throughput figure, as one JSON line."""
+def test_vllm_check_in_the_vllm_interpreter(tmp_path):
+    """The engines part with `--vllm-python` where vllm imports (the vLLM venv's test run): greedy parity
+    with `generate` on every request and a throughput figure."""
     pytest.importorskip("vllm", reason="vLLM is not installed here: the vLLM venv runs this test")
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "gpu_check_vllm.py"),
-        "--requests",
-        "8",
-        "--new-tokens",
-        "8",
-    ]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    row = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (
-        row["parity"] == "8/8 greedy answers equal generate's" and row["passed"] and row["tokens_per_s"] > 0
-    )
+    report, text = dry_run(tmp_path, "--parts", "engines", "--vllm-python", sys.executable)
+    checks = {check["check"]: check for check in report["parts"][0]["checks"]}
+    row = checks["vLLM"]
+    assert row["parity"] == "8/8 greedy answers equal generate's" and row["passed"], row
+    assert row["requests"] == 32 and row["tokens_per_s"] > 0 and "| vLLM | pass |" in text
