@@ -4,57 +4,13 @@ Runs inside the vLLM venv (`scripts/install_vllm_cpu.sh`, driven by `scripts/ci_
 is not importable. One engine per checkpoint serves every case of the module (start-up takes ~20 s).
 """
 
-import os
-
 import numpy as np
 import pytest
-import torch
 from helpers import open_gates, write_random_video
 from serving_helpers import chatml
-from vllm_helpers import MAX_NEW_TOKENS, reference, save_checkpoint
+from vllm_helpers import close_engine, greedy, make_engine, reference, save_checkpoint, vllm_request
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: run scripts/ci_vllm.sh (it builds its venv)")
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: no spawn
-
-
-def vllm_request(prompt: str, video=None, image=None, **mm_kwargs) -> dict:
-    request = {"prompt": prompt}
-    if video is not None:
-        metadata = {"fps": 8.0, "total_num_frames": len(video), "frames_indices": list(range(len(video)))}
-        request["multi_modal_data"] = {"video": (video, metadata)}
-    if (
-        image is not None
-    ):  # a still image travels as a one-frame video (one modality per request in vLLM 0.32)
-        request["multi_modal_data"] = {
-            "video": (image[None], {"fps": 1.0, "total_num_frames": 1, "frames_indices": [0]})
-        }
-    if mm_kwargs:
-        request["mm_processor_kwargs"] = mm_kwargs
-    return request
-
-
-def make_engine(path):
-    from vllm import LLM
-
-    return LLM(
-        model=str(path),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=1024,
-        max_num_batched_tokens=1024,
-        max_num_seqs=8,
-        limit_mm_per_prompt={"video": 1},
-        seed=0,
-    )
-
-
-def greedy(engine, requests) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
-    return [list(out.outputs[0].token_ids) for out in engine.generate(requests, params, use_tqdm=False)]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +18,9 @@ def served(tmp_path_factory):
     """(model, processor, vLLM engine) of one tiny checkpoint saved by the library."""
     path = tmp_path_factory.mktemp("vllm") / "tiny-slowfast"
     model, processor = save_checkpoint(path)
-    return model, processor, make_engine(path)
+    engine = make_engine(path)
+    yield model, processor, engine
+    close_engine(engine)
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +84,7 @@ def test_batch_of_mixed_requests_equals_generate_one_by_one(served, video):
 
 def test_per_request_frame_sampling_is_the_processors(served, video):
     model, processor, engine = served
-    reference_inputs = processor(
-        text=PROMPT, videos=[video], num_frames=4, video_metadata=[{"fps": 8.0}], return_tensors="pt"
-    )
-    with torch.no_grad():
-        ids = model.generate(**reference_inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    expected = ids[0, reference_inputs["input_ids"].shape[1] :].tolist()
+    expected = reference(model, processor, PROMPT, video=video, num_frames=4, video_metadata=[{"fps": 8.0}])
     assert greedy(engine, [vllm_request(PROMPT, video=video, num_frames=4)]) == [expected]
 
 

