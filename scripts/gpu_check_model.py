@@ -203,10 +203,10 @@ def correctness(context) -> dict:
                 rows.append({"model": name, "variant": f"{attention} {dtype}", "skipped": "out of time"})
                 continue
             model = SlowFastForConditionalGeneration._from_config(
-                reference.config, attn_implementation=attention
-            )
-            model.load_state_dict(reference.state_dict())
-            model = model.to(device, dtype).eval()
+                reference.config, attn_implementation=attention, dtype=dtype
+            )  # built in `dtype`: flash-attention refuses fp32 weights
+            model.load_state_dict(reference.state_dict())  # the reference's weights, rounded to `dtype`
+            model = model.to(device).eval()
             variant = f"{attention} {str(dtype).removeprefix('torch.')} {device.type}"
             tolerance = TOLERANCE[dtype]
             logits = logits_of(model, inputs["ids"], {"pixel_values_videos": inputs["video"]}, dtype, device)
