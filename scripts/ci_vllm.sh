@@ -14,3 +14,5 @@ else
 fi
 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/serving/test_vllm.py tests/serving/test_vllm_knobs.py tests/serving/test_vllm_server.py
+# the throughput benchmark runs (both servers start and answer); its figures are taken by hand
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m benchmarks.serving_throughput --quick --allow-load
