@@ -28,7 +28,7 @@ def test_the_reuse_benchmark_runs_quick(tmp_path, capsys):
     assert (tmp_path / "reuse.png").read_bytes()[:4] == b"\x89PNG"
     for table in (
         "| model | frames | first turn |",
-        "| model | one question at a time",
+        "| model | one at a time, no cache: wall |",
         "| model | budget MiB |",
     ):
         assert table in out
