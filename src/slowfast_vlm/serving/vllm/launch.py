@@ -36,7 +36,12 @@ def vllm_server_argv(args: argparse.Namespace, processor: SlowFastProcessor) -> 
     argv += ["--media-io-kwargs", json.dumps({"video": video_io}), "--trust-request-mm-kwargs"]
     # the processor's hard cap on frames per video (a request's num_frames above it is refused)
     argv += ["--hf-overrides", json.dumps({"max_num_frames": args.max_frames})]
-    return argv + shlex.split(args.vllm_args or "")
+    from .processor import num_slow_tokens  # (imports vLLM)
+
+    # no chunked prefill in vLLM's encoder-decoder mode: a step must hold one video's slow tokens
+    batched = max(num_slow_tokens(processor, args.max_frames), 8192)
+    argv += ["--max-num-batched-tokens", str(batched)]
+    return argv + shlex.split(args.vllm_args or "")  # (vLLM takes an option's last value)
 
 
 def video_limits_env(args: argparse.Namespace, processor: SlowFastProcessor) -> dict[str, str]:
