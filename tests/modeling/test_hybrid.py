@@ -182,6 +182,10 @@ def test_shared_slow_normalisation_gives_each_layers_own_norm(llm):
     assert len(cache.normalized) == 1  # one normalisation for every layer
     cache.get(model.hybrid_attentions[0].layer_idx, None)  # a decoding step: read from the cache...
     assert not cache.normalized  # ...which frees the normalised tokens
+    # with autograd on, each layer normalises on its own (activation checkpointing recomputes per layer)
+    with_grad = SlowCache(tokens=slow, mask=cache.mask, cache_kv=False)
+    model.hybrid_attentions[0].slow_keys_values(with_grad)
+    assert not with_grad.normalized
 
 
 def test_kv_projection_initialised_from_lm():

@@ -241,11 +241,12 @@ class HybridAttention(nn.Module):
         return torch.zeros_like(attn_output).scatter(1, gather_index, cross)
 
     def slow_keys_values(self, slow_cache: SlowCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's slow keys/values `(B, kv_heads, N, hd)` from the cache, or projected. A Llama-family
-        RMSNorm (`variance_epsilon`; its weight whole, not ZeRO-3-partitioned) shares the normalisation of
-        the slow tokens with the other hybrid layers."""
+        """This layer's slow keys/values `(B, kv_heads, N, hd)` from the cache, or projected. Without autograd
+        (inference: a tensor shared across layers would escape activation checkpointing's recomputation),
+        a Llama-family RMSNorm (`variance_epsilon`; its weight whole, not ZeRO-3-partitioned) shares the
+        normalisation of the slow tokens with the other hybrid layers."""
         eps = getattr(self.slow_norm, "variance_epsilon", None)
-        if eps is None or is_deepspeed_zero3_enabled():
+        if eps is None or self.training or torch.is_grad_enabled() or is_deepspeed_zero3_enabled():
             return slow_cache.get(self.layer_idx, self.project_slow)
         return slow_cache.get(
             self.layer_idx, lambda tokens: self.project_slow(tokens, slow_cache.rms_normalized(eps))
