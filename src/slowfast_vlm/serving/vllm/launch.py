@@ -14,8 +14,13 @@ import os
 import shlex
 import sys
 
+import torch
+
 from ...processing.processor import SlowFastProcessor
 from .video_loader import BACKEND, LIMITS_ENV
+
+CPU_KV_CACHE_GIB = 2
+"""`VLLM_CPU_KVCACHE_SPACE` (GiB) on a CPU machine unless the environment sets it."""
 
 
 def vllm_server_argv(args: argparse.Namespace, processor: SlowFastProcessor) -> list[str]:
@@ -68,5 +73,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     processor = SlowFastProcessor.from_pretrained(args.model)
     argv = vllm_server_argv(args, processor)
-    os.execve(argv[0], argv, {**os.environ, **video_limits_env(args, processor)})
+    env = {**os.environ, **video_limits_env(args, processor)}
+    if not torch.cuda.is_available() or args.device == "cpu":
+        # vLLM's CPU backend otherwise reserves 92% of the host's memory, refused on a busy machine
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+    os.execve(argv[0], argv, env)
     return 0  # not reached
