@@ -10,6 +10,7 @@ from slowfast_vlm.cli import main
 def test_ask_streams_the_greedy_answer(tmp_path, capsys):
     model, processor = save_tiny_checkpoint(tmp_path / "model")
     write_random_video(tmp_path / "clip.mp4", num_frames=12)
+    capsys.readouterr()  # saving may print (deepspeed's first import announces its accelerator on stdout)
     code = main(
         [
             "ask",
