@@ -206,9 +206,9 @@ class SlowFastForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        if modality in ("video", "image"):
-            return f"<{modality}>"
-        raise ValueError(f"modality {modality!r}: slow-fast models take video and image")
+        if modality == "video":
+            return "<video>"
+        raise ValueError(f"modality {modality!r}: send a video (a still image as a one-frame video)")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -236,15 +236,12 @@ class SlowFastForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.placeholder_ids = {config.video_token_id: "video", config.image_token_id: "image"}
 
     # ----- encoder: frames -> slow tokens ----------------------------------------------------------
-    def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
-        """One request item's slow tokens `(N_i, D)` per item, videos (`pixel_values_videos`) or images."""
-        items = []
-        for key in ("pixel_values_videos", "pixel_values"):
-            pixels = kwargs.get(key)
-            if pixels is None:
-                continue
-            items += [p if p.dim() == 4 else p.unsqueeze(0) for p in pixels]  # each (T, 3, S, S)
-        return [slow.flatten(0, 1) for slow in self.encode_visual_items(items)]
+    def embed_multimodal(self, pixel_values_videos=None, **kwargs: object) -> list[torch.Tensor]:
+        """Each video's slow tokens `(N_i, D)` from its frames (`pixel_values_videos`: `(B, T, 3, S, S)` or a
+        list of `(T_i, 3, S, S)`; a one-frame video is a still image, not pooled)."""
+        if pixel_values_videos is None:
+            return []
+        return [slow.flatten(0, 1) for slow in self.encode_visual_items(list(pixel_values_videos))]
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal=None):
         return self.language_model.embed_tokens(input_ids)
@@ -263,33 +260,39 @@ class SlowFastForConditionalGeneration(nn.Module, SupportsMultiModal):
         layout = self.step_layout(input_ids, positions)
         slow_tokens = None
         if encoder_outputs:
-            prompt_ids = torch.where(
-                layout.is_prefill, input_ids, -1
-            )  # generated tokens are never placeholders
-            embeds, slow_tokens = self.scatter_fast_tokens(prompt_ids, embeds, encoder_outputs)
+            # a generated token is never a placeholder, even if the model writes one
+            prompt_ids = torch.where(layout.is_prefill, input_ids, -1)
+            embeds, slow_tokens = self.scatter_fast_tokens(
+                prompt_ids, layout.request, embeds, encoder_outputs
+            )
         return self.language_model(positions, embeds, slow_tokens, self.query_mask(input_ids, layout))
 
-    def placeholder_runs(self, input_ids: torch.Tensor) -> list[tuple[int, int, str]]:
-        """`(start, end, kind)` of each run of one placeholder id in this step's flattened tokens."""
-        ids = input_ids.tolist()  # (negative ids: tokens to skip)
+    def placeholder_runs(self, input_ids: torch.Tensor, request: torch.Tensor) -> list[tuple[int, int, str]]:
+        """`(start, end, kind)` of each run of one placeholder id within one request, in this step's
+        flattened tokens `(L,)` (negative ids: tokens to skip); `request` `(L,)` is each token's request."""
+        keys = list(zip(input_ids.tolist(), request.tolist())) + [(None, None)]
         runs, start = [], None
-        for i, token in enumerate(ids + [None]):
-            if start is not None and token != ids[start]:
-                runs.append((start, i, self.placeholder_ids[ids[start]]))
+        for i, key in enumerate(keys):
+            if start is not None and key != keys[start]:
+                runs.append((start, i, self.placeholder_ids[keys[start][0]]))
                 start = None
-            if start is None and token in self.placeholder_ids:
+            if start is None and key[0] in self.placeholder_ids:
                 start = i
         return runs
 
     def scatter_fast_tokens(
-        self, input_ids: torch.Tensor, embeds: torch.Tensor, encoder_outputs: list[torch.Tensor]
+        self,
+        input_ids: torch.Tensor,
+        request: torch.Tensor,
+        embeds: torch.Tensor,
+        encoder_outputs: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fast tokens into the prefilling requests' placeholders; their slow tokens `(sum N_i, D)` in batch order.
 
         The encoder outputs come in the order of the requests that started this step, which is the batch's
         order of their placeholder runs; `<image>` runs are one-frame items (a still image, not pooled).
         """
-        runs = self.placeholder_runs(input_ids)
+        runs = self.placeholder_runs(input_ids, request)
         if len(runs) != len(encoder_outputs):
             raise RuntimeError(f"{len(encoder_outputs)} encoder outputs for {len(runs)} placeholder runs")
         embeds = embeds.clone()
