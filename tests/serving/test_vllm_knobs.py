@@ -3,6 +3,8 @@
 Runs inside the vLLM venv (`scripts/ci_vllm.sh`); skipped where vLLM is not importable.
 """
 
+import os
+
 import numpy as np
 import pytest
 from serving_helpers import chatml
@@ -61,5 +63,22 @@ def test_published_geometry_5184_slow_tokens(tmp_path):
     engine = make_engine(path, max_model_len=2048, max_num_batched_tokens=8192, max_num_seqs=2)
     try:
         assert greedy(engine, [vllm_request(PROMPT, video=video)]) == [expected]
+    finally:
+        close_engine(engine)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks need two cores")
+def test_tensor_parallel_sharding_equals_generate(tmp_path, monkeypatch):
+    """Two ranks (the kv heads, and the slow-token projection with them, split in two; the gate's input
+    split and all-reduced) answer a mixed batch as the library does."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core a rank
+    path = tmp_path / "tiny-slowfast"
+    model, processor = save_checkpoint(path)
+    cases = [(PROMPT, random_video(7, 12)), (TEXT_PROMPT, None), (PROMPT, random_video(8, 6))]
+    expected = [reference(model, processor, prompt, video=video) for prompt, video in cases]
+    assert len({tuple(answer) for answer in expected}) == len(cases)  # three different answers
+    engine = make_engine(path, tensor_parallel_size=2)
+    try:
+        assert greedy(engine, [vllm_request(prompt, video=video) for prompt, video in cases]) == expected
     finally:
         close_engine(engine)

@@ -82,6 +82,7 @@ def close_engine(engine) -> None:
     """Free an in-process engine and vLLM's process groups, so that the next module can start its own."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
+    engine.llm_engine.engine_core.shutdown()  # its workers too (tensor parallel)
     del engine
     gc.collect()
     cleanup_dist_env_and_memory()
