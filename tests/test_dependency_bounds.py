@@ -1,0 +1,35 @@
+"""`scripts/dependency_bounds.py`: which requirements are tested ranges, and the pins of their lower end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import dependency_bounds  # noqa: E402
+
+PYPROJECT = """
+[project]
+name = "demo"
+dependencies = ["transformers>=5.16.1,<5.25", "numpy>=1.26"]
+[project.optional-dependencies]
+fast = ["deepspeed>=0.19.8,<0.20"]
+test = ["pytest>=8", "demo[fast]"]
+"""
+
+
+def test_a_range_is_a_requirement_bounded_on_both_sides(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    assert dependency_bounds.tested_ranges(tmp_path / "pyproject.toml") == {
+        "transformers": ("5.16.1", "5.25"),
+        "deepspeed": ("0.19.8", "0.20"),
+    }
+
+
+def test_the_oldest_pins_hold_deepspeed_at_its_lower_bound():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "dependency_bounds.py"
+    result = subprocess.run([sys.executable, str(script), "--oldest"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "deepspeed==0.19.8" in result.stdout.split()
