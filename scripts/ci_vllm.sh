@@ -13,6 +13,7 @@ else
   "$VENV/bin/python" -m pip install --quiet --no-deps -e .
 fi
 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/serving/test_vllm.py tests/serving/test_vllm_knobs.py tests/serving/test_vllm_server.py
+  tests/serving/test_vllm.py tests/serving/test_vllm_knobs.py tests/serving/test_vllm_server.py \
+  tests/test_gpu_check.py::test_vllm_check_in_the_vllm_interpreter
 # the throughput benchmark runs (both servers start and answer); its figures are taken by hand
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m benchmarks.serving_throughput --quick --allow-load
