@@ -49,6 +49,8 @@ def start_server(engine: str, model: str, log: Path) -> tuple[subprocess.Popen, 
     command += ["--port", str(port), "--dtype", "float32", "--device", "cpu", "--max-frames", "64"]
     if engine == "vllm":
         command += ["--vllm-args", "--enforce-eager --max-model-len 2048 --max-num-seqs 32"]
+    else:  # every request encodes its video, as in vLLM 0.32 (no encoder reuse across requests)
+        command += ["--visual-cache-mb", "0"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
