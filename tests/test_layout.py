@@ -137,3 +137,15 @@ def test_the_command_line_answers_help_and_usage_errors_without_torch(argv):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert "torch imported: False" in result.stdout, result.stdout + result.stderr
     assert ("exit 0" if "--help" in argv else "exit 2") in result.stdout
+
+
+def test_the_argument_definitions_import_neither_numpy_nor_pyav():
+    """`commands` (every subcommand's arguments, `synth`'s sizes included) loads only the standard library
+    and the package's plain-constant modules: `--help` costs no numpy, PyAV or tqdm import."""
+    probe = (
+        "import sys\n"
+        "import slowfast_vlm.commands\n"
+        "print(sorted(m for m in ('numpy', 'av', 'tqdm', 'torch', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

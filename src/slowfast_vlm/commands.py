@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from .model_options import DTYPES, add_model_arguments
 from .named_configs import DESIGNS, NAMED_CONFIGS
-from .synth import MIN_FRAMES, QUESTIONS_PER_CLIP, SPLITS
+from .synth_spec import MIN_FRAMES, QUESTIONS_PER_CLIP, SPLITS
 
 
 def _bounded(kind: type, minimum: float, inclusive: bool, wording: str) -> Callable[[str], float]:

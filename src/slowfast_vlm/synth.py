@@ -19,15 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .processing.video import fps_sample_indices, uniform_sample_indices, write_video
+from .synth_spec import CATEGORIES, MIN_FRAMES, NUM_OBJECTS, QUESTIONS_PER_CLIP, SPLITS
 
-SPLITS = ("train", "val", "test")
-MIN_FRAMES = 64  # below this, 4-frame pooling gives fewer than min_fast_frames (16) windows
 POOL = 4  # fast_temporal_pooling_stride: frames 4j..4j+3 are averaged into fast frame j
 BASELINE_FRAMES = 16  # frame count of the self-attention-only baseline
 GUARDED_TARGET_FPS = (1.0, 2.0, 4.0)  # fps-sampler targets whose picks never show a digit
-NUM_OBJECTS = 3
-CATEGORIES = ("digit_touching_wall", "digit_away_from_wall")
-QUESTIONS_PER_CLIP = NUM_OBJECTS * len(CATEGORIES)
 LETTERS = "ABCD"
 COLOURS = {
     "red": (210, 40, 40),
@@ -209,6 +205,12 @@ def open_question(record: dict) -> str:
     (`answer_text`); scored as multiple choice by comparing the four options' digits."""
     question = record["conversations"][0]["value"].removeprefix("<video>\n").split("\nOptions:")[0]
     return f"{question}\nAnswer with the digit."
+
+
+def choice_question(record: dict) -> str:
+    """The benchmark's multiple-choice form of a record's question without its `<video>` placeholder: the
+    question, its option list and "Answer with the option's letter." (answered with `answer`, a letter)."""
+    return record["conversations"][0]["value"].removeprefix("<video>\n")
 
 
 def generate_sample(
