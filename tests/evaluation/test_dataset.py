@@ -8,7 +8,8 @@ import json
 import pytest
 from evaluation_helpers import OPTIONS
 
-from slowfast_vlm.evaluation.dataset import MC_INSTRUCTION, OPEN_INSTRUCTION, load_samples, read_qa_records
+from slowfast_vlm.evaluation.dataset import MC_INSTRUCTION, OPEN_INSTRUCTION, load_samples
+from slowfast_vlm.record_files import read_record_file
 
 
 def test_samples_from_videomme_mvbench_egoschema_and_llava_records(tmp_path):
@@ -65,7 +66,8 @@ def test_json_jsonl_and_parquet_give_the_same_samples(dataset, tmp_path):
     pd = pytest.importorskip("pandas", reason="parquet support is optional (pandas + pyarrow)")
     pytest.importorskip("pyarrow", reason="parquet support is optional (pandas + pyarrow)")
     # a parquet column has one type: q6's list answer becomes a string in all three files
-    records = [dict(r, answer="two") if r["id"] == "q6" else r for r in read_qa_records(dataset)]
+    records = [json.loads(line) for line in dataset.read_text().splitlines()]
+    records = [dict(r, answer="two") if r["id"] == "q6" else r for r in records]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "qa.json").write_text(json.dumps(records))
     pd.DataFrame(records).to_parquet(tmp_path / "qa.parquet")
@@ -77,24 +79,24 @@ def test_json_jsonl_and_parquet_give_the_same_samples(dataset, tmp_path):
 
 def test_unreadable_data_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl: no such data file"):
-        read_qa_records(tmp_path / "nowhere.jsonl")
+        read_record_file(tmp_path / "nowhere.jsonl")
     (tmp_path / "one.json").write_text(json.dumps({"id": "a"}))
     with pytest.raises(ValueError, match="one.json: expected a JSON list of objects, got dict"):
-        read_qa_records(tmp_path / "one.json")
+        read_record_file(tmp_path / "one.json")
     (tmp_path / "qa.csv").write_text("id\na\n")
     with pytest.raises(ValueError, match="unsupported data format '.csv'"):
-        read_qa_records(tmp_path / "qa.csv")
+        read_record_file(tmp_path / "qa.csv")
 
 
 @pytest.mark.parametrize(
     "record, message",
     [
-        (dict(id="x", video="v.mp4", answer="A"), "record 0 \\(id 'x'\\): no question field"),
-        (dict(id="x", question="Q?", answer="A"), "record 0 \\(id 'x'\\): no video field"),
-        (dict(id="x", video="v.mp4", question="Q?"), "record 0 \\(id 'x'\\): no answer field"),
+        (dict(id="x", video="v.mp4", answer="A"), "bad.jsonl:1 \\(id 'x'\\): no question field"),
+        (dict(id="x", question="Q?", answer="A"), "bad.jsonl:1 \\(id 'x'\\): no video field"),
+        (dict(id="x", video="v.mp4", question="Q?"), "bad.jsonl:1 \\(id 'x'\\): no answer field"),
         (
             dict(id="x", video="v.mp4", question="Q?", options=["a", "b"], answer="C"),
-            "record 0 \\(id 'x'\\): answer 'C'",
+            "bad.jsonl:1 \\(id 'x'\\): answer 'C'",
         ),
     ],
 )

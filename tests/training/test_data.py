@@ -73,7 +73,7 @@ def test_bad_records_are_left_out_with_file_line_and_reason(tmp_path, media, pro
     expected = [
         (2, "missing", "video file not found"),
         (3, "silent", "no assistant turn"),
-        (4, f"{path}:4", "malformed JSON line"),
+        (4, f"{path}:4", "malformed JSON ("),
         (5, "both", "both 'video' and 'image'"),
         (6, "stray", "has a <image> placeholder but no image file"),
         (7, "bot", "turn 0 must be"),
@@ -89,11 +89,11 @@ def test_json_array_records_are_named_by_index_and_a_broken_file_is_an_error(tmp
     path.write_text(json.dumps([GOOD_RECORDS[3], ["not", "a", "record"]]))
     records, skipped = read_records(DataConfig(train=[str(path)], media_root=str(media)), processor)
     assert [r.id for r in records] == ["text"]
-    assert skipped[0].where == f"{path}[1]" and "must be a JSON object" in skipped[0].reason
+    assert skipped[0].where == f"{path}[1]" and skipped[0].reason == "expected a JSON object, got list"
     path.write_text('[{"id": 1,')
-    with pytest.raises(ValueError, match=r"d\.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"d\.json: malformed JSON"):
         read_records(DataConfig(train=[str(path)]), processor)
-    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl: no such data file"):
         read_records(DataConfig(train=[str(tmp_path / "nowhere.jsonl")]), processor)
 
 

@@ -1,9 +1,8 @@
-"""Video QA data for the built-in evaluator: rows of a JSON, JSONL or parquet file, with the field
-names of VideoMME, MVBench, EgoSchema, NExT-QA and LLaVA-style records, read as `QASample`s."""
+"""Video QA data for the built-in evaluator: rows of a JSON, JSONL or parquet file (`record_files`), with
+the field names of VideoMME, MVBench, EgoSchema, NExT-QA and LLaVA-style records, read as `QASample`s."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..record_files import read_record_file
 from .answers import answer_letter, parse_options
 
 # Dataset field names, first match wins (VideoMME, MVBench, EgoSchema, NExT-QA, LLaVA-style records).
@@ -38,44 +38,6 @@ class QASample:
     duration: str | None = None
 
 
-def read_qa_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of a `.json` (a list of objects), `.jsonl` or `.parquet` (needs pandas + pyarrow) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    if path.suffix == ".parquet":
-        try:
-            import pandas as pd
-        except ImportError as e:
-            raise ImportError(
-                f"{path}: reading parquet needs pandas and pyarrow (pip install pandas pyarrow)"
-            ) from e
-        # through JSON so numpy scalars / arrays become plain Python values
-        return json.loads(pd.read_parquet(path).to_json(orient="records"))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: malformed JSON ({e})") from e
-        return records
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON ({e})") from e
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
-        return records
-    raise ValueError(f"{path}: unsupported data format {path.suffix!r} (use .json, .jsonl or .parquet)")
-
-
 def _first(record: dict[str, Any], keys: Sequence[str]) -> Any:
     return next((record[k] for k in keys if record.get(k) is not None), None)
 
@@ -97,12 +59,11 @@ def _options(record: dict[str, Any]) -> Any:
     return options
 
 
-def sample_from_record(record: dict[str, Any], index: int, video_root: Path) -> QASample:
-    """A `QASample` from one dataset row (`index` names the row in errors and is the fallback id)."""
-    if not isinstance(record, dict):
-        raise ValueError(f"record {index}: expected a JSON object, got {type(record).__name__}")
+def sample_from_record(record: dict[str, Any], index: int, where: str, video_root: Path) -> QASample:
+    """A `QASample` from one dataset row: row `index` of the file (the fallback id), at `where`
+    (`file:line` or `file[index]`, for errors)."""
     sample_id = _first(record, ID_KEYS)
-    where = f"record {index} (id {sample_id!r})"
+    where = f"{where} (id {sample_id!r})"
     video = _first(record, VIDEO_KEYS)
     if video is None:
         raise ValueError(f"{where}: no video field (one of {', '.join(VIDEO_KEYS)})")
@@ -149,13 +110,11 @@ def load_samples(
 ) -> list[QASample]:
     """All samples of a data file; videos are resolved against `video_root` (default: the file's folder)."""
     root = Path(video_root) if video_root is not None else Path(data).parent
-    records = read_qa_records(data)
-    if not records:
-        raise ValueError(f"{data}: no records")
-    try:
-        samples = [sample_from_record(r, i, root) for i, r in enumerate(records)]
-    except ValueError as e:
-        raise ValueError(f"{data}: {e}") from e
+    samples = []
+    for index, row in enumerate(read_record_file(data)):
+        if row.problem is not None:
+            raise ValueError(f"{row.where}: {row.problem}")
+        samples.append(sample_from_record(row.record, index, row.where, root))
     seen: set[str] = set()
     for sample in samples:
         if sample.id in seen:

@@ -23,7 +23,6 @@ Bad samples are never replaced by other samples. They are found in two places:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..processing.processor import SlowFastProcessor
 from ..processing.video import load_video
+from ..record_files import read_record_file
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class DataConfig:
     """What to train on and how samples are built.
 
     Args:
-        train: data files (`.json` arrays or `.jsonl`), each a path or `{"path": ..., "media_root": ...}`.
+        train: data files (`.json` lists, `.jsonl`, `.parquet`: `record_files`), each a path or
+            `{"path": ..., "media_root": ...}`.
         media_root: folder that relative `video` / `image` paths are resolved against.
         num_frames: most frames per video; `fps`, `sampling`: as in `load_video` (training samples at 4 fps).
         max_length: longest token sequence; longer samples are truncated after their visual tokens.
@@ -113,29 +114,6 @@ class TooManyBadSamples(RuntimeError):
 
 
 # ----- reading and pre-validation -------------------------------------------------------------------
-def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
-    """`(where, parsed record or BadRecord)` for every record of a `.json` or `.jsonl` file."""
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{number}", BadRecord(f"malformed JSON line ({e})")
-        return
-    with open(path, encoding="utf-8") as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); use .jsonl to skip bad lines one by one") from e
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
-    for index, record in enumerate(records):
-        yield f"{path}[{index}]", record
-
-
 def _as_paths(value: Any, key: str) -> list[str]:
     paths = [value] if isinstance(value, str) else value
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
@@ -214,19 +192,14 @@ def read_records(
     for source in config.train:
         source = {"path": source} if isinstance(source, str) else dict(source)
         path, media_root = source["path"], source.get("media_root", config.media_root)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file not found: {path}")
-        found = len(records) + len(skipped)
-        for where, raw in _raw_records(path):
+        for row in read_record_file(path):
             try:
-                if isinstance(raw, BadRecord):
-                    raise raw
-                records.append(parse_record(raw, where, media_root, processor, config.num_frames))
+                if row.problem is not None:
+                    raise BadRecord(row.problem)
+                records.append(parse_record(row.record, row.where, media_root, processor, config.num_frames))
             except BadRecord as e:
-                sample_id = str(raw.get("id", where)) if isinstance(raw, dict) else where
-                skipped.append(SkippedSample(sample_id, where, str(e)))
-        if len(records) + len(skipped) == found:
-            raise ValueError(f"data file {path} holds no records")
+                sample_id = str(row.record.get("id", row.where)) if row.record is not None else row.where
+                skipped.append(SkippedSample(sample_id, row.where, str(e)))
     return records, skipped
 
 
