@@ -249,3 +249,18 @@ def test_unsupported_layer_is_rejected():
 
     with pytest.raises(TypeError, match="not a Llama-family decoder layer"):
         add_hybrid_layers(Odd(), tiny_config())
+
+
+def test_key_bias_is_converted_once_per_request():
+    """The padding bias is built in the tokens' dtype; a query dtype that differs (autocast) gets it converted
+    once per request: the same tensor at every later layer and step, 0 at real slow tokens, -inf at padding."""
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    cache = SlowCache(tokens=torch.randn(2, 3, 8), mask=mask)
+    assert cache.bias(torch.float32) is cache.attn_bias
+    converted = cache.bias(torch.bfloat16)
+    assert converted.dtype == torch.bfloat16 and converted.shape == (2, 1, 1, 3)
+    expected = torch.zeros(2, 3, dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
+    assert torch.equal(converted[:, 0, 0], expected)
+    assert cache.bias(torch.bfloat16) is converted  # not converted again
+    unpadded = SlowCache(tokens=torch.randn(2, 3, 8), mask=torch.ones(2, 3, dtype=torch.bool))
+    assert unpadded.bias(torch.bfloat16) is None  # nothing padded: no mask, SDPA's unmasked path

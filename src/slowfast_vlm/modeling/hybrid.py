@@ -224,7 +224,7 @@ class HybridAttention(nn.Module):
         """
         if query_states.shape[2] == 1:
             return self.decoding_cross_attention(query_states, attn_output, slow_cache, query_mask)
-        valid = query_mask & slow_cache.has_slow[:, None]  # (B, L)
+        valid = slow_cache.querying(query_mask)  # (B, L)
         batch, num_heads, _, head_dim = query_states.shape
         num_queries = int(valid.sum(dim=1).max())
         if num_queries == 0:
@@ -236,8 +236,7 @@ class HybridAttention(nn.Module):
             2, positions[:, None, :, None].expand(batch, num_heads, num_queries, head_dim)
         )
         gather_index = positions[..., None].expand(batch, num_queries, attn_output.shape[-1])
-        cross = self.gated_slow_attention(queries, attn_output.gather(1, gather_index), slow_cache, valid)
-        cross = torch.where(valid[..., None], cross, 0.0)
+        cross = self._querying_only(queries, attn_output.gather(1, gather_index), slow_cache, valid)
         return torch.zeros_like(attn_output).scatter(1, gather_index, cross)
 
     def slow_keys_values(self, slow_cache: SlowCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,8 +261,13 @@ class HybridAttention(nn.Module):
         """`cross_attention` of one new position per sample (`(B, H, 1, hd)` queries, `(B, 1)` mask): every
         sample's query is computed and the non-querying ones are zeroed. No data-dependent shape and no
         host synchronisation, so a decoding step can be captured whole (`torch.compile`, CUDA graphs)."""
-        valid = query_mask & slow_cache.has_slow[:, None]  # (B, 1)
-        cross = self.gated_slow_attention(query_states, attn_output, slow_cache, valid)
+        return self._querying_only(query_states, attn_output, slow_cache, slow_cache.querying(query_mask))
+
+    def _querying_only(
+        self, queries: torch.Tensor, gate_input: torch.Tensor, slow_cache: SlowCache, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """`gated_slow_attention` `(B, Q, H*hd)` with the rows that `valid` `(B, Q)` does not mark zeroed."""
+        cross = self.gated_slow_attention(queries, gate_input, slow_cache, valid)
         return torch.where(valid[..., None], cross, 0.0)
 
     def gated_slow_attention(
@@ -278,8 +282,7 @@ class HybridAttention(nn.Module):
         # it as one longer non-causal query block, (B, kv_heads, groups*Q, hd), with no copy of the keys.
         grouped = queries.reshape(batch, self.num_kv_heads, -1, head_dim)
         key, value = self.slow_keys_values(slow_cache)  # (B, kv_heads, N, hd)
-        bias = slow_cache.attn_bias  # (B, 1, 1, N) or None; autocast may run the queries in another dtype
-        bias = None if bias is None else bias.to(grouped.dtype)
+        bias = slow_cache.bias(grouped.dtype)  # (B, 1, 1, N), or None when no slow token is padding
         if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities
             scores = (grouped @ key.transpose(-1, -2)) * self.scaling  # (B, kv_heads, groups*Q, N)
             probs = (scores if bias is None else scores + bias).float().softmax(dim=-1)

@@ -56,6 +56,7 @@ class SlowCache:
     key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     normalized: dict[float, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    biases: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         # Derived once per request, not at every layer and decoding step:
@@ -71,6 +72,19 @@ class SlowCache:
         if self.key_mask is not None:
             bias = torch.zeros(self.key_mask.shape, dtype=self.tokens.dtype, device=self.tokens.device)
             self.attn_bias = bias.masked_fill(~self.key_mask, float("-inf"))[:, None, None, :]
+
+    def querying(self, query_mask: torch.Tensor) -> torch.Tensor:
+        """`(B, L)` bool: the positions of `query_mask` `(B, L)` whose sample has slow tokens to read."""
+        return query_mask & self.has_slow[:, None]
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """`attn_bias` `(B, 1, 1, N)` in `dtype` (autocast may run the queries in another one than the
+        tokens'), converted once per request, not at every layer and step; None when nothing is padded."""
+        if self.attn_bias is None or self.attn_bias.dtype == dtype:
+            return self.attn_bias
+        if dtype not in self.biases:
+            self.biases[dtype] = self.attn_bias.to(dtype)
+        return self.biases[dtype]
 
     def get(self, layer_idx: int, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
         """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once.
