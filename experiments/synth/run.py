@@ -3,7 +3,8 @@
     python experiments/synth/run.py prepare                   # write the data (docs/synth.md), decode it once
     python experiments/synth/run.py pretrain-vision           # stage 0: the frame encoder (shared, then frozen)
     python experiments/synth/run.py pretrain-llm --seed 0     # stage 1: image QA on single frames
-    python experiments/synth/run.py train --model c --seed 0  # stage 2: video QA, from stage 1
+    python experiments/synth/run.py train --model c --seed 0  # stage 2: video QA, from stage 1 (resumes)
+    python experiments/synth/run.py plan --seeds 0 1 2 --models a b c  # whatever of the above is not done
 
 Models (the same stage 0 and stage 1, then the same stage-2 steps / batch / clips / schedule):
     a  self-attention only, 16 uniformly sampled frames, every frame's tokens in the sequence
@@ -12,10 +13,11 @@ Models (the same stage 0 and stage 1, then the same stage-2 steps / batch / clip
     d  self-attention only, all 64 frames at full tokens (upper bound, 4x the sequence)
 
 Stage 2 packs the 6 questions of a clip into one multi-turn conversation (the video once, then the
-question/answer turns in random order), so the video is encoded and prefilled once for 6 answers.
-Questions are asked in the benchmark's open form (`slowfast_vlm.synth.open_question`: no option list,
-answered with the digit); the test scores each question as multiple choice: of its four option digits,
-the one with the largest logit at the answer position is the prediction (chance 25%).
+question/answer turns in random order), so the video is encoded and prefilled once for 6 answers. Each
+turn is asked, with probability 1/2, in the benchmark's open form (`open_question`: answered with the
+digit) or in its multiple-choice form (`choice_question`: answered with the letter). The test scores
+both forms (`scoring.py`): of the four option digits, resp. the letters A-D, the one with the largest
+logit at the answer position is the prediction (chance 25%).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import math
 import multiprocessing
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,9 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn
+from plan import run_plan, stages
+from scoring import chooses_answer, demo_question, score, test_accuracy
 from tqdm import tqdm
 
-from slowfast_vlm.attention_maps import video_attention_map
 from slowfast_vlm.compute import estimate
 from slowfast_vlm.config import SlowFastConfig
 from slowfast_vlm.modeling.hybrid import add_hybrid_layers
@@ -57,7 +62,6 @@ STAGE1 = Path("outputs/synth/stage1")
 # digit) before it must find 6 digit tokens among 64 frames' 1024. No gate: the published gate (w = 0)
 # keeps a closed branch closed when nothing has trained it yet.
 STAGE1_KNOBS = {"plain": {"hybrid_layers": []}, "slow": {"hybrid_layers": [2], "gate_type": "none"}}
-SIZE, FRAMES, FPS = 32, 64, 8
 SPLITS = {"train": 6000, "test": 300}  # questions (6 per clip)
 POOL_CLIPS = 4000  # further train-split clips whose frames the pre-training stages see
 
@@ -335,27 +339,14 @@ def pretrain_llm(
     return result
 
 
-def conversation(questions: list[str], answers: list[str] | None = None, visual: str = "video") -> list[dict]:
-    """Chat messages: the video (or image) with the first question, then one turn per further question."""
-    messages = []
-    for i, question in enumerate(questions):
-        content = [{"type": visual}] if i == 0 else []
-        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
-        if answers is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
-    return messages
-
-
 def training_batch(processor, clips: list[list[dict]], videos: list[np.ndarray], rng: np.random.Generator):
-    """Inputs and labels for one step: per clip one conversation of its 6 open-ended questions in random
-    order; the loss is on each answer digit and its `<|im_end|>`."""
+    """Inputs and labels for one step: per clip one conversation of its 6 questions in random order, each
+    in the open or the multiple-choice form (`mixed_turn`); the loss is on each answer and its `<|im_end|>`."""
     texts = []
     for clip in clips:
-        order = rng.permutation(len(clip))
-        questions = [open_question(clip[i]) for i in order]
-        texts.append(
-            processor.apply_chat_template(conversation(questions, [clip[i]["answer_text"] for i in order]))
-        )
+        turns = [mixed_turn(clip[i], rng) for i in rng.permutation(len(clip))]
+        questions, answers = zip(*turns)
+        texts.append(processor.apply_chat_template(conversation(list(questions), list(answers))))
     inputs = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
     return inputs, answer_labels(inputs["input_ids"], processor.tokenizer)
 
@@ -379,49 +370,6 @@ def select_frames(frames: np.ndarray, defaults: dict) -> np.ndarray:
     if defaults["sampling"] == "uniform":
         return frames[uniform_sample_indices(len(frames), defaults["num_frames"])]
     return frames  # 64 frames at 8 fps: every frame
-
-
-def chooses_answer(digit_scores: torch.Tensor, record: dict) -> bool:
-    """Multiple choice from scores `(10,)` of the digit tokens: is the best of the record's 4 options its answer?"""
-    options = [int(option) for option in record["options"]]
-    return options[int(digit_scores[options].argmax())] == int(record["answer_text"])
-
-
-@torch.no_grad()
-def test_accuracy(model, processor, defaults: dict) -> dict:
-    """Accuracy on the test split, decoding each clip with the model's sampling (as `ask` does).
-
-    For a slow-fast model also: how often the frame its cross-attention reads most (`video_attention_map`,
-    averaged over layers, heads and query tokens) is the frame of the asked-about digit.
-    """
-    model.eval()
-    digit_ids = [processor.tokenizer.convert_tokens_to_ids(str(digit)) for digit in range(10)]
-    correct = {"digit_touching_wall": [], "digit_away_from_wall": []}
-    has_slow = bool(model.config.hybrid_layer_indices)
-    peaks = []
-    for clip in read_clips("test"):
-        frames, _ = load_video(DATA / clip[0]["video"], defaults["num_frames"], **_sampling(defaults))
-        prompts = [
-            processor.apply_chat_template(conversation([open_question(r)]), add_generation_prompt=True)
-            for r in clip
-        ]
-        inputs = processor(text=prompts, videos=[frames] * len(clip), padding=True, return_tensors="pt")
-        outputs = model(**inputs, record_slow_attention=has_slow)
-        logits = outputs.logits
-        last = inputs["attention_mask"].sum(1) - 1  # right padding: the last prompt position
-        if has_slow:
-            grid = (len(frames), *model.model.visual_grid(len(frames)))
-            for b, record in enumerate(clip):
-                per_frame = video_attention_map(outputs.slow_cache, b, grid).per_layer.mean(0).sum((1, 2))
-                peaks.append(int(per_frame.argmax()) == record["detail_frames"][0])
-        digit_logits = logits[torch.arange(len(clip)), last][:, digit_ids]  # (6, 10)
-        for record, scores in zip(clip, digit_logits):
-            correct[record["category"]].append(chooses_answer(scores, record))
-    every = correct["digit_touching_wall"] + correct["digit_away_from_wall"]
-    model.train()
-    result = {"accuracy": float(np.mean(every)), "questions": len(every)}
-    result |= {category: float(np.mean(hits)) for category, hits in correct.items()}
-    return result | ({"attention_peak_on_detail_frame": float(np.mean(peaks))} if has_slow else {})
 
 
 @torch.no_grad()
@@ -454,10 +402,6 @@ def probe(checkpoint: Path, clips: int = 8) -> dict:
     return result
 
 
-def _sampling(defaults: dict) -> dict:
-    return {"fps": defaults.get("fps"), "sampling": defaults["sampling"]}
-
-
 def prefill_flops(model, processor, name: str) -> dict:
     """LLM prefill FLOPs (compute.estimate) of this model on one single-question test prompt."""
     record = read_clips("test")[0][0]
@@ -469,6 +413,36 @@ def prefill_flops(model, processor, name: str) -> dict:
     return {"llm_prefill_flops": result.llm_prefill_flops, "sequence_length": result.sequence_length}
 
 
+# ----- stage 2 checkpoints: a run continues exactly where it stopped -----
+def save_checkpoint(out: Path, state: dict) -> None:
+    """Write `out/checkpoint/state.pt` atomically: into a new directory, then renamed over the old one."""
+    new, current, old = out / "checkpoint.new", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    torch.save(state, new / "state.pt")
+    shutil.rmtree(old, ignore_errors=True)
+    if current.exists():
+        current.rename(old)
+    new.rename(current)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    """The state `save_checkpoint` saved last in `out` (also when it was stopped between its two renames)."""
+    for path in (out / "checkpoint" / "state.pt", out / "checkpoint.old" / "state.pt"):
+        if path.exists():
+            return torch.load(path, weights_only=False)  # our own file: numpy's generator state is a dict
+    return None
+
+
+def stop_requests() -> list[int]:
+    """Catch SIGTERM and SIGINT from now on: each appends its number to the returned list."""
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    return received
+
+
 def train(
     name: str,
     seed: int,
@@ -478,10 +452,21 @@ def train(
     out: Path,
     stage1: Path,
     data_seed: int | None = None,
-) -> dict:
+    save_every: int = 50,
+    stop_after: int | None = None,
+) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
-    (clip order from `data_seed`, default `seed`); test it, save it in `out`. Given a finished
-    stage-2 run as `stage1`, this continues it."""
+    (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
+    finished stage-2 run as `stage1`, this continues it.
+
+    `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
+    and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
+    same call again resumes from it exactly (weights, optimizer, schedule, both RNGs, loss log, time).
+    A run whose `out/result.json` exists is finished: it is skipped.
+    """
+    if (out / "result.json").exists():
+        print(f"{out} is finished ({out / 'result.json'} exists): skipped", flush=True)
+        return json.loads((out / "result.json").read_text())
     torch.set_num_threads(1)
     knobs, defaults = MODELS[name]
     clips = read_clips("train")
@@ -503,47 +488,76 @@ def train(
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     data_seed = seed if data_seed is None else data_seed
-    data_rng = np.random.default_rng(data_seed)  # the same clips and orders for every model of a seed
-    log = []
-    started = time.time()
-    for step in range(steps):
-        picked = data_rng.choice(len(clips), batch, replace=False)
-        videos = [select_frames(np.asarray(all_frames[i]), defaults) for i in picked]
-        inputs, labels = training_batch(processor, [clips[i] for i in picked], videos, data_rng)
-        loss = model(**inputs, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        log.append(loss.item())
-        if step % 10 == 0 or step == steps - 1:
-            print(
-                f"{name} s{seed} step {step} loss {np.mean(log[-10:]):.3f} {time.time() - started:.0f}s",
-                flush=True,
-            )
+    data_rng = np.random.default_rng(data_seed)  # the same clips, orders and forms for every model of a seed
+    settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
+    settings |= {"stage1": str(stage1), "data_seed": data_seed}
+    first, log, elapsed = 0, [], 0.0
+    state = load_checkpoint(out)
+    if state is not None:
+        if state["settings"] != settings:
+            raise ValueError(f"{out}/checkpoint was saved by a run with {state['settings']}, not {settings}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        data_rng.bit_generator.state = state["data_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        first, log, elapsed = state["step"], state["log"], state["seconds"]
+        print(f"{name} s{seed}: resuming {out} at step {first}", flush=True)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stops = stop_requests()
+    started = time.time() - elapsed
+    try:
+        for step in range(first, steps):
+            picked = data_rng.choice(len(clips), batch, replace=False)
+            videos = [select_frames(np.asarray(all_frames[i]), defaults) for i in picked]
+            inputs, labels = training_batch(processor, [clips[i] for i in picked], videos, data_rng)
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            log.append(loss.item())
+            done = step + 1
+            if step % 10 == 0 or done == steps:
+                print(
+                    f"{name} s{seed} step {step} loss {np.mean(log[-10:]):.3f} {time.time() - started:.0f}s",
+                    flush=True,
+                )
+            halt = bool(stops) or done == stop_after
+            if done % save_every == 0 or done == steps or halt:
+                save_checkpoint(out, {
+                    "settings": settings, "step": done, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "data_rng": data_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                    "log": log, "seconds": time.time() - started,
+                })  # fmt: skip
+            if halt:
+                print(f"{name} s{seed}: stopped after step {done}; {out}/checkpoint saved", flush=True)
+                return None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    result = {
-        "model": name,
-        "seed": seed,
-        "steps": steps,
-        "batch_clips": batch,
-        "lr": lr,
-        "stage1": str(stage1),
-        "data_seed": data_seed,
+    (out / "loss_log.json").write_text(json.dumps(log) + "\n")
+    result = settings | {
         "train_seconds": round(time.time() - started),
         "final_loss": float(np.mean(log[-10:])),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
         **prefill_flops(model, processor, name),
-        **test_accuracy(model, processor, defaults),
+        **test_accuracy(model, processor, DATA, read_clips("test")),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(out / "checkpoint")
     print(json.dumps(result), flush=True)
     return result
+
+
+# ----- the results table and the verdict against the bar -----
+ACCURACIES = {"open form": "accuracy", "multiple choice": "choice_accuracy"}
 
 
 def stage2_steps(result: dict) -> int:
@@ -553,63 +567,95 @@ def stage2_steps(result: dict) -> int:
     return result["steps"] + (stage2_steps(prior) if "model" in prior else 0)
 
 
+def spread(values: list[float]) -> str:
+    """Per-seed percentages as "mean% ± half range, sd S (v1, v2, ...)" (sd: sample standard deviation)."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}%"
+    half, sd = (max(values) - min(values)) / 2, np.std(values, ddof=1)
+    return f"{np.mean(values):.1f}% ± {half:.1f}, sd {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+
+
+def cell(runs: list[dict], key: str) -> str:
+    values = [100 * r[key] for r in runs if key in r]
+    return spread(values) if values else "-"
+
+
+def verdict(groups: dict[tuple[str, int], list[dict]]) -> list[str]:
+    """Per stage-2 budget with runs of (a), (b) and (c): is the bar met? (c) beats (a) and (b) by more than
+    the spread across seeds (its worst seed above their best, in the multiple-choice and in the open form,
+    at least 2 seeds each) at no more than 1.1x the LLM prefill FLOPs of (a)."""
+    lines = []
+    for steps in sorted({steps for _, steps in groups}):
+        runs = {model: groups.get((model, steps), []) for model in "abc"}
+        if not all(runs.values()):
+            continue
+        findings, met = [], min(len(r) for r in runs.values()) >= 2
+        for form, key in ACCURACIES.items():
+            ours = [100 * r.get(key, np.nan) for r in runs["c"]]
+            theirs = [100 * r.get(key, np.nan) for model in "ab" for r in runs[model]]
+            beats = min(ours) > max(theirs)  # False when a run did not measure this form (nan)
+            met &= beats
+            findings.append(
+                f"{form}: worst (c) {min(ours):.1f}% {'>' if beats else 'not >'} best (a)/(b) {max(theirs):.1f}%"
+            )
+        ratio = runs["c"][0]["llm_prefill_flops"] / runs["a"][0]["llm_prefill_flops"]
+        met &= ratio <= 1.1
+        findings.append(f"prefill FLOPs {ratio:.3f}x (a) ({'<=' if ratio <= 1.1 else '>'} 1.1x)")
+        seeds = ", ".join(f"({m}) {len(r)}" for m, r in runs.items())
+        lines.append(
+            f"{steps} steps, seeds {seeds}: bar {'MET' if met else 'NOT MET'}: " + "; ".join(findings)
+        )
+    return lines
+
+
 def summarize(runs_dir: Path = RUNS) -> str:
-    """A Markdown table of every finished run under `runs_dir`: accuracy mean and spread over seeds, FLOPs."""
-    results: dict[tuple[str, int], list[dict]] = {}  # (model, stage-2 steps) -> its runs, one per seed
+    """A Markdown table of every finished run under `runs_dir` (per model and stage-2 budget: accuracy in
+    both forms and attention peaks, mean ± half range and sd over seeds; FLOPs), then the `verdict` lines."""
+    groups: dict[tuple[str, int], list[dict]] = {}  # (model, stage-2 steps) -> its runs, one per seed
     for path in sorted(runs_dir.glob("*/result.json")):
         result = json.loads(path.read_text())
-        results.setdefault((result["model"], stage2_steps(result)), []).append(result)
+        groups.setdefault((result["model"], stage2_steps(result)), []).append(result)
     rows = [
-        "| model | seeds | test accuracy | touching / not touching | attention peak on the digit's frame "
-        "| LLM prefill FLOPs | vs (a) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | seeds | open form | multiple choice | open: touching / not touching "
+        "| attention peak on the digit's frame: every token / question tokens | LLM prefill FLOPs | vs (a) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    base = next((runs[0]["llm_prefill_flops"] for (model, _), runs in results.items() if model == "a"), None)
-    for (model, steps), runs in sorted(results.items()):
-        acc = [100 * r["accuracy"] for r in runs]
+    base = next((runs[0]["llm_prefill_flops"] for (model, _), runs in groups.items() if model == "a"), None)
+    for (model, steps), runs in sorted(groups.items()):
         touch = np.mean([100 * r["digit_touching_wall"] for r in runs])
         away = np.mean([100 * r["digit_away_from_wall"] for r in runs])
-        spread = f" ± {(max(acc) - min(acc)) / 2:.1f}" if len(acc) > 1 else ""
+        peaks = f"{cell(runs, 'attention_peak_on_detail_frame')} / {cell(runs, 'question_attention_peak_on_detail_frame')}"
         flops = runs[0]["llm_prefill_flops"]
-        ratio = f"{flops / base:.3f}x" if base else ""
-        peak = [
-            100 * r["attention_peak_on_detail_frame"] for r in runs if "attention_peak_on_detail_frame" in r
-        ]
-        peak_cell = f"{np.mean(peak):.1f}%" if peak else "-"
         rows.append(
-            f"| ({model}) {steps} steps | {', '.join(str(r['seed']) for r in runs)} | {np.mean(acc):.1f}%{spread} "
-            f"({', '.join(f'{a:.1f}' for a in acc)}) | {touch:.1f}% / {away:.1f}% | {peak_cell} "
-            f"| {flops / 1e6:.0f} M | {ratio} |"
+            f"| ({model}) {steps} steps | {', '.join(str(r['seed']) for r in runs)} | {cell(runs, 'accuracy')} "
+            f"| {cell(runs, 'choice_accuracy')} | {touch:.1f}% / {away:.1f}% | {peaks} "
+            f"| {flops / 1e6:.0f} M | {f'{flops / base:.3f}x' if base else ''} |"
         )
-    return "\n".join(rows)
+    return "\n".join(rows + [""] + [f"Verdict at {line}" for line in verdict(groups)])
 
 
-def ship(run_dir: Path) -> None:
+def ship(run_dir: Path, seed: int = 7, clips: int = 20) -> None:
     """Save a trained model in bfloat16 as the package's demo model, with the first test question it
-    answers correctly through `slowfast-vlm ask`'s own code path (`answer`, greedy) while its
-    cross-attention peaks on the frame of the asked-about digit."""
+    answers correctly in both forms through `slowfast-vlm ask`'s code path while its question-restricted
+    cross-attention peaks on the asked-about digit's frame (`scoring.demo_question`), and its `score` on
+    `clips` clips of seed `seed` (both forms, and its answers about clips without a digit) next to the clip."""
     from slowfast_vlm.default_model import DEMO_CLIP, DEMO_MODEL_DIR
-    from slowfast_vlm.inference import answer, compute_attention_map, load_model
+    from slowfast_vlm.inference import load_model
 
-    model = SlowFastForConditionalGeneration.from_pretrained(run_dir, dtype=torch.bfloat16)
-    model.save_pretrained(DEMO_MODEL_DIR)
-    SlowFastProcessor.from_pretrained(run_dir).save_pretrained(DEMO_MODEL_DIR)
-    model, processor = load_model(DEMO_MODEL_DIR, "cpu", "float32")
-    defaults = processor.video_defaults
-    for clip in read_clips("test"):
-        frames, _ = load_video(DATA / clip[0]["video"], defaults["num_frames"], **_sampling(defaults))
-        for record in clip:
-            with torch.inference_mode():
-                reply = answer(model, processor, frames, open_question(record), max_new_tokens=4)
-                per_frame = (
-                    compute_attention_map(model, reply.output, reply.video).per_layer.mean(0).sum((1, 2))
-                )
-            if reply.text == record["answer_text"] and int(per_frame.argmax()) == record["detail_frames"][0]:
-                shutil.copyfile(DATA / record["video"], DEMO_CLIP)
-                DEMO_CLIP.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-                print(f"shipped {run_dir} with {record['id']}: {open_question(record)!r} -> {reply.text}")
-                return
-    raise RuntimeError(f"{run_dir} answers no test question correctly while looking at its digit")
+    with tempfile.TemporaryDirectory() as tmp:
+        SlowFastForConditionalGeneration.from_pretrained(run_dir, dtype=torch.bfloat16).save_pretrained(tmp)
+        SlowFastProcessor.from_pretrained(run_dir).save_pretrained(tmp)
+        model, processor = load_model(tmp, "cpu", "float32")  # as `ask` loads it
+        record = demo_question(model, processor, DATA, read_clips("test"))
+        if record is None:
+            raise RuntimeError(f"{run_dir} answers no test question in both forms while looking at its digit")
+        shutil.copytree(tmp, DEMO_MODEL_DIR, dirs_exist_ok=True)
+    shutil.copyfile(DATA / record["video"], DEMO_CLIP)
+    DEMO_CLIP.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    findings = score(DEMO_MODEL_DIR, seed, clips)
+    DEMO_CLIP.with_suffix(".findings.json").write_text(json.dumps(findings, indent=2) + "\n")
+    print(f"shipped {run_dir} with {record['id']}: {open_question(record)!r} -> {record['answer_text']}")
+    print(json.dumps(findings), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,18 +685,40 @@ def main(argv: list[str] | None = None) -> int:
         "probe", help="digit reading of a checkpoint: image, repeated frame, clip"
     )
     probe_parser.add_argument("checkpoint", type=Path)
+    score_parser = commands.add_parser(
+        "score", help="both forms' accuracy on clips of a fresh seed, and answers about clips without a digit"
+    )
+    score_parser.add_argument("checkpoint", type=Path)
+    score_parser.add_argument("--seed", type=int, default=7, help="the clips' seed (not 0: the experiment's)")
+    score_parser.add_argument("--clips", type=int, default=20)
     ship_parser = commands.add_parser("ship", help="make a trained run the package's demo model")
     ship_parser.add_argument("run_dir", type=Path, nargs="?", default=RUNS / "c-s0")
-    run = commands.add_parser("train", help="train one model and test it")
+    ship_parser.add_argument("--seed", type=int, default=7, help="seed of the fresh clips it is scored on")
+    ship_parser.add_argument("--clips", type=int, default=20)
+    run = commands.add_parser("train", help="train one model and test it (resumes its checkpoint)")
     run.add_argument("--model", choices=sorted(MODELS), required=True)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--steps", type=int, default=500)
+    run.add_argument("--steps", type=int, default=1500)
     run.add_argument("--batch", type=int, default=8, help="clips per step (6 questions each)")
-    run.add_argument("--lr", type=float, default=2e-3)
+    run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--stage1", type=Path, help=f"the stage-1 checkpoint (default: {STAGE1}-<kind>-s<seed>)")
-    run.add_argument("--data-seed", type=int, help="seed of the clip order (default: --seed)")
+    run.add_argument(
+        "--data-seed", type=int, help="seed of the clip order and question forms (default: --seed)"
+    )
     run.add_argument("--out", type=Path, help=f"default: {RUNS}/<model>-s<seed>")
+    run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    run.add_argument("--stop-after-steps", type=int, help="save the checkpoint after this step and exit")
+    plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
+    plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    plan.add_argument("--models", choices=sorted(MODELS), nargs="+", default=["a", "b", "c"])
+    plan.add_argument("--steps", type=int, default=1500, help="stage-2 steps of each run")
+    plan.add_argument("--parallel", type=int, default=1, help="most processes at a time (one thread each)")
     args = parser.parse_args(argv)
+    for name in ("steps", "save_every", "stop_after_steps", "clips", "parallel"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.command in ("score", "ship") and args.seed == 0:
+        parser.error("--seed must not be 0: seed 0 made the experiment's own train and test clips")
     if args.command == "prepare":
         prepare()
     elif args.command == "pretrain-vision":
@@ -669,20 +737,25 @@ def main(argv: list[str] | None = None) -> int:
         print(summarize(args.runs_dir))
     elif args.command == "probe":
         probe(args.checkpoint)
+    elif args.command == "score":
+        report = score(args.checkpoint, args.seed, args.clips)
+        (args.checkpoint / f"score-seed{args.seed}.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report), flush=True)
     elif args.command == "ship":
-        ship(args.run_dir)
+        ship(args.run_dir, args.seed, args.clips)
+    elif args.command == "plan":
+        return run_plan(
+            stages(args.seeds, args.models, args.steps, DATA, VISION, stage1_dir, RUNS), args.parallel
+        )
     else:
         out = args.out or RUNS / f"{args.model}-s{args.seed}"
-        train(
-            args.model,
-            args.seed,
-            args.steps,
-            args.batch,
-            args.lr,
-            out,
-            args.stage1 or stage1_dir(stage1_kind(args.model), args.seed),
-            args.data_seed,
-        )
+        stage1 = args.stage1 or stage1_dir(stage1_kind(args.model), args.seed)
+        try:
+            train(args.model, args.seed, args.steps, args.batch, args.lr, out, stage1, args.data_seed,
+                  args.save_every, args.stop_after_steps)  # fmt: skip
+        except ValueError as error:
+            print(f"run.py train: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

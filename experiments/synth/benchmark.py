@@ -1,0 +1,39 @@
+"""The benchmark as the experiment uses it: its clip settings, its two question forms, chat conversations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from slowfast_vlm.synth import choice_question, open_question
+
+SIZE, FRAMES, FPS = 32, 64, 8  # every clip: 64 frames of 32 x 32 px at 8 fps
+
+# question form -> (the record's question in that form, the record's answer in that form)
+FORMS = {
+    "open": (open_question, lambda record: record["answer_text"]),  # "... Answer with the digit." -> "7"
+    "choice": (choice_question, lambda record: record["answer"]),  # "... Options: ... letter." -> "C"
+}
+
+
+def conversation(questions: list[str], answers: list[str] | None = None, visual: str = "video") -> list[dict]:
+    """Chat messages: the video (or image) with the first question, then one turn per further question."""
+    messages = []
+    for i, question in enumerate(questions):
+        content = [{"type": visual}] if i == 0 else []
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        if answers is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
+    return messages
+
+
+def mixed_turn(record: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """One training turn: the record's question and answer in the open or the multiple-choice form, each
+    with probability 1/2 (one draw from `rng`)."""
+    ask, answer = FORMS["choice" if rng.random() < 0.5 else "open"]
+    return ask(record), answer(record)
+
+
+def question_words(record: dict) -> str:
+    """The question itself ("The red square ... touching the wall?"), the same in both forms: the text
+    whose tokens a question-restricted attention map averages over."""
+    return open_question(record).split("\n")[0]

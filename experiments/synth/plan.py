@@ -1,0 +1,143 @@
+"""The whole experiment as one resumable plan: every stage not finished yet, in dependency order, at most
+`parallel` child processes at a time (one thread each), each logging to `LOGS/<stage>.log`.
+
+A stage is finished when its last output exists (what its command writes last): `prepare` the frame
+pool's records, `pretrain-vision` and `pretrain-llm` their `result.json`, a stage-2 run its `result.json`.
+Stopping the plan (SIGTERM, SIGINT) sends SIGTERM to its children, which save their checkpoint, and
+waits for them; running the plan again resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUN = Path(__file__).parent / "run.py"
+LOGS = Path("outputs/synth/logs")
+
+
+@dataclass
+class Stage:
+    """One command of the plan: `run.py ARGS`, finished once `done` exists, started after `after` finish."""
+
+    name: str
+    args: list[str]
+    done: Path
+    after: list[str] = field(default_factory=list)
+
+
+def stages(
+    seeds: list[int], models: list[str], steps: int, data: Path, vision: Path, stage1_dir, runs: Path
+) -> list[Stage]:
+    """Every stage of the experiment for `seeds` x `models` (stage 2 with `steps` steps), in order.
+
+    `stage1_dir(kind, seed)` names a stage-1 checkpoint; stage-1 kinds are those `models` need."""
+    plan = [
+        Stage("prepare", ["prepare"], data / "frame_pool.jsonl"),
+        Stage("pretrain-vision", ["pretrain-vision"], vision / "result.json", ["prepare"]),
+    ]
+    kinds = sorted({"slow" if model == "c" else "plain" for model in models})
+    for seed in seeds:
+        for kind in kinds:
+            args = ["pretrain-llm", "--kind", kind, "--seed", str(seed)]
+            plan.append(
+                Stage(
+                    f"stage1-{kind}-s{seed}",
+                    args,
+                    stage1_dir(kind, seed) / "result.json",
+                    ["pretrain-vision"],
+                )
+            )
+    for seed in seeds:
+        for model in models:
+            kind = "slow" if model == "c" else "plain"
+            args = ["train", "--model", model, "--seed", str(seed), "--steps", str(steps)]
+            plan.append(
+                Stage(
+                    f"{model}-s{seed}",
+                    args,
+                    runs / f"{model}-s{seed}" / "result.json",
+                    [f"stage1-{kind}-s{seed}"],
+                )
+            )
+    return plan
+
+
+def pending(plan: list[Stage]) -> list[Stage]:
+    """The stages whose output does not exist yet."""
+    return [stage for stage in plan if not stage.done.exists()]
+
+
+def launch(stage: Stage) -> subprocess.Popen:
+    """Start `run.py` for a stage, one thread, output appended to its log, in its own session (the plan
+    alone receives a terminal's Ctrl-C, and passes it on as SIGTERM)."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(LOGS / f"{stage.name}.log", "a") as log:
+        return subprocess.Popen(
+            [sys.executable, str(RUN), *stage.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def run_plan(plan: list[Stage], parallel: int = 1, start=launch, poll_seconds: float = 5.0) -> int:
+    """Run the pending stages of `plan`, each once its `after` stages are finished, at most `parallel` at a
+    time. Returns 0 when every stage finished, 1 when one failed (its dependants are not started) or
+    the plan was stopped."""
+    stopping = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    todo, running, failed = pending(plan), {}, set()
+    try:
+        while todo or running:
+            if stopping:
+                for process in running.values():
+                    process.send_signal(signal.SIGTERM)  # each saves its checkpoint at the end of its step
+                for name, process in running.items():
+                    process.wait()
+                    print(f"plan: stopped {name}", flush=True)
+                return 1
+            for name, process in list(running.items()):
+                if process.poll() is not None:
+                    del running[name]
+                    finished = next(s for s in plan if s.name == name).done.exists()
+                    print(
+                        f"plan: {name} {'finished' if finished else f'failed (exit {process.returncode})'}",
+                        flush=True,
+                    )
+                    if not finished:
+                        failed.add(name)
+            unfinished = {stage.name for stage in pending(plan)}
+            for stage in list(todo):
+                if any(name in failed for name in stage.after):
+                    failed.add(stage.name)
+                    todo.remove(stage)
+                    print(f"plan: {stage.name} skipped: {', '.join(stage.after)} failed", flush=True)
+                elif len(running) < parallel and not unfinished & set(stage.after):
+                    print(
+                        f"plan: starting {stage.name}: run.py {' '.join(stage.args)} (log {LOGS / stage.name}.log)",
+                        flush=True,
+                    )
+                    running[stage.name] = start(stage)
+                    todo.remove(stage)
+            if todo or running:
+                time.sleep(poll_seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(
+        "plan: every stage finished" if not failed else f"plan: failed: {', '.join(sorted(failed))}",
+        flush=True,
+    )
+    return 1 if failed else 0

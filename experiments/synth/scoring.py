@@ -1,0 +1,208 @@
+"""Scoring a model of the synthetic experiment: accuracy in both question forms, where its cross-attention
+peaks (averaged over every query token, and over the question's own tokens), clips from a fresh seed,
+and what it answers about a clip that shows no digit."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from benchmark import FORMS, FPS, FRAMES, SIZE, conversation, question_words
+
+from slowfast_vlm.attention_maps import AttentionMap, video_attention_map
+from slowfast_vlm.inference import answer, load_model
+from slowfast_vlm.modeling.slow_tokens import SlowCache
+from slowfast_vlm.processing.video import load_video, write_video
+from slowfast_vlm.synth import CATEGORIES, CRF, LETTERS, generate_clip
+
+
+def chooses_answer(digit_scores: torch.Tensor, record: dict) -> bool:
+    """Open form scored as multiple choice: of the record's 4 option digits, is the one with the best of
+    `digit_scores` `(10,)` (the digit tokens' logits) its answer?"""
+    options = [int(option) for option in record["options"]]
+    return options[int(digit_scores[options].argmax())] == int(record["answer_text"])
+
+
+def chooses_letter(letter_scores: torch.Tensor, record: dict) -> bool:
+    """Multiple-choice form: is the letter with the best of `letter_scores` `(4,)` (A-D) the record's answer?"""
+    return LETTERS[int(letter_scores.argmax())] == record["answer"]
+
+
+def question_prefixes(prompt: str, record: dict) -> tuple[str, str]:
+    """`prompt` cut just before and just after the record's question words."""
+    words = question_words(record)
+    start = prompt.index(words)
+    return prompt[:start], prompt[: start + len(words)]
+
+
+def span_attention(slow_cache: SlowCache, end: int, start: int, shape: tuple[int, int, int]) -> AttentionMap:
+    """The map of the query tokens that batch row `end` has beyond row `start` (its prompt's prefix).
+
+    A hybrid layer records, per row, its cross-attention probabilities summed over the row's query tokens
+    and their count; the difference of two rows, divided by the difference of counts, averages exactly
+    the tokens between the two prompt ends: in a causal model a token's attention depends only on the
+    tokens up to it. `shape` is `(T, h, w)` of the row's (single) video.
+    """
+    per_layer = []
+    for layer in sorted(slow_cache.attention):
+        total, count = slow_cache.attention[layer]  # (B, H, N), (B,)
+        tokens = int(count[end] - count[start])
+        if tokens < 1:
+            raise ValueError(f"rows {start} -> {end}: no query token between the two prompts")
+        per_layer.append((total[end] - total[start]).mean(0) / tokens)  # (N,): averaged over heads
+    maps = torch.stack(per_layer)[:, : int(np.prod(shape))]
+    return AttentionMap(
+        per_layer=maps.reshape(-1, *shape).cpu().numpy(), layer_indices=sorted(slow_cache.attention)
+    )
+
+
+def token_ids(tokenizer, symbols: str) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(symbol) for symbol in symbols]
+
+
+@torch.no_grad()
+def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[dict]:
+    """Per question of a clip (`frames` `(T, H, W, 3)` as the model samples them): is it answered in the
+    open and in the multiple-choice form (the best option at the answer position), and, for a slow-fast
+    model, does the cross-attention peak on the asked-about digit's frame, averaged over every query token
+    of the open-form prompt (`peak_all`) and over the question's own words only (`peak_question`)."""
+    has_slow = bool(model.config.hybrid_layer_indices)
+    prompts = {
+        form: [
+            processor.apply_chat_template(conversation([ask(record)]), add_generation_prompt=True)
+            for record in clip
+        ]
+        for form, (ask, _) in FORMS.items()
+    }
+    texts = prompts["open"] + prompts["choice"]
+    if has_slow:  # + each open prompt cut before and after its question words
+        texts += [
+            cut for prompt, record in zip(prompts["open"], clip) for cut in question_prefixes(prompt, record)
+        ]
+    inputs = processor(
+        text=texts, videos=[frames] * len(texts), padding=True, padding_side="right", return_tensors="pt"
+    )
+    outputs = model(**inputs, record_slow_attention=has_slow)
+    lengths = inputs["attention_mask"].sum(1)
+    scores = outputs.logits[torch.arange(len(texts)), lengths - 1]  # (rows, vocab): the answer position
+    digits, letters = token_ids(processor.tokenizer, "0123456789"), token_ids(processor.tokenizer, LETTERS)
+    grid = (len(frames), *model.model.visual_grid(len(frames)))
+    results = []
+    for b, record in enumerate(clip):
+        result = {
+            "category": record["category"],
+            "open": chooses_answer(scores[b, digits], record),
+            "choice": chooses_letter(scores[len(clip) + b, letters], record),
+        }
+        if has_slow:
+            start, end = 2 * len(clip) + 2 * b, 2 * len(clip) + 2 * b + 1
+            ids = inputs["input_ids"]
+            if not all(torch.equal(ids[row, : lengths[row]], ids[b, : lengths[row]]) for row in (start, end)):
+                raise RuntimeError(
+                    f"{record['id']}: the cut prompts do not tokenize as the prompt's prefixes"
+                )
+            detail = record["detail_frames"][0]
+            result["peak_all"] = video_attention_map(outputs.slow_cache, b, grid).peak_frame == detail
+            result["peak_question"] = (
+                span_attention(outputs.slow_cache, end, start, grid).peak_frame == detail
+            )
+        results.append(result)
+    return results
+
+
+def accuracy_report(results: list[dict]) -> dict:
+    """Accuracy in both forms, overall and per category, and the attention-peak rates, of `score_clip` results.
+
+    Keys: `accuracy` and `<category>` (open form), `choice_accuracy` and `choice_<category>`, and for a
+    slow-fast model `attention_peak_on_detail_frame` (every query token) and
+    `question_attention_peak_on_detail_frame` (the question's words)."""
+    report = {"questions": len(results)}
+    for form, prefix in (("open", ""), ("choice", "choice_")):
+        report[f"{prefix}accuracy"] = float(np.mean([r[form] for r in results]))
+        for category in CATEGORIES:
+            report[f"{prefix}{category}"] = float(
+                np.mean([r[form] for r in results if r["category"] == category])
+            )
+    if "peak_all" in results[0]:
+        report["attention_peak_on_detail_frame"] = float(np.mean([r["peak_all"] for r in results]))
+        report["question_attention_peak_on_detail_frame"] = float(
+            np.mean([r["peak_question"] for r in results])
+        )
+    return report
+
+
+def test_accuracy(model, processor, data: Path, clips: list[list[dict]]) -> dict:
+    """`accuracy_report` on test clips, each decoded from its mp4 with the model's own sampling (as `ask` does)."""
+    was_training = model.training
+    model.eval()
+    results = []
+    for clip in clips:
+        frames, _ = load_video(data / clip[0]["video"], **processor.sampling_defaults())
+        results += score_clip(model, processor, frames, clip)
+    model.train(was_training)
+    return accuracy_report(results)
+
+
+def round_trip(rendered: np.ndarray, processor) -> np.ndarray:
+    """A rendered clip `(T, S, S, 3)` as the model sees the test set's: through the mp4 (CRF 12) and back,
+    sampled with the model's own defaults."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clip.mp4"
+        write_video(path, rendered, FPS, crf=CRF)
+        frames, _ = load_video(path, **processor.sampling_defaults())
+    return frames
+
+
+def without_digits(rendered: np.ndarray, records: list[dict]) -> np.ndarray:
+    """The clip with each digit frame replaced by the frame before it: the squares move on, no digit shows.
+    (Digit frames are odd, 4j+1 and 4j+3, so the frame before one never shows a digit.)"""
+    frames = rendered.copy()
+    for record in records:
+        for t in record["detail_frames"]:
+            frames[t] = rendered[t - 1]
+    return frames
+
+
+def no_digit_answers(model, processor, seed: int) -> dict:
+    """What the model answers (greedy, as `ask`) to the 6 questions of clip 0 of `seed`, in both forms,
+    when the clip is all black and when it shows the squares but no digit frame."""
+    rendered, records = generate_clip(0, seed, "test", FRAMES, SIZE, FPS)
+    videos = {"black": np.zeros_like(rendered), "squares_without_digits": without_digits(rendered, records)}
+    findings = {}
+    for name, video in videos.items():
+        frames = round_trip(video, processor)
+        findings[name] = {
+            form: [answer(model, processor, frames, ask(r), max_new_tokens=4).text for r in records]
+            for form, (ask, _) in FORMS.items()
+        }
+    return findings
+
+
+def score(checkpoint: Path, seed: int = 7, clips: int = 20) -> dict:
+    """A checkpoint on `clips` clips of a fresh synthetic seed (rendered, through the mp4 round trip):
+    `accuracy_report`, and its answers about clips without any digit (`no_digit_answers`)."""
+    model, processor = load_model(checkpoint, "cpu", "float32")
+    results = []
+    for index in range(clips):
+        rendered, records = generate_clip(index, seed, "test", FRAMES, SIZE, FPS)
+        results += score_clip(model, processor, round_trip(rendered, processor), records)
+    report = {"checkpoint": str(checkpoint), "seed": seed, "clips": clips, **accuracy_report(results)}
+    return report | {"no_digit": no_digit_answers(model, processor, seed)}
+
+
+def demo_question(model, processor, data: Path, clips: list[list[dict]]) -> dict | None:
+    """The first test question the model answers correctly in both forms through `ask`'s code path (greedy
+    `answer`) while its question-restricted cross-attention peaks on the digit's frame (None if none)."""
+    for clip in clips:
+        frames, _ = load_video(data / clip[0]["video"], **processor.sampling_defaults())
+        for record in clip:
+            replies = {
+                form: answer(model, processor, frames, ask(record), max_new_tokens=4).text
+                for form, (ask, _) in FORMS.items()
+            }
+            right = all(replies[form] == expected(record) for form, (_, expected) in FORMS.items())
+            if right and score_clip(model, processor, frames, [record])[0]["peak_question"]:
+                return record
+    return None

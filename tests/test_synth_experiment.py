@@ -1,0 +1,344 @@
+"""experiments/synth: mixed question forms, exact resume, the plan runner, both forms' scoring, the
+question-restricted attention peak, the verdict; on a tiny data set written to a temporary directory."""
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments" / "synth"))
+
+import plan  # noqa: E402
+import run  # noqa: E402
+import scoring  # noqa: E402
+from benchmark import FPS, FRAMES, SIZE  # noqa: E402
+
+from slowfast_vlm.attention_maps import video_attention_map  # noqa: E402
+from slowfast_vlm.modeling.slow_tokens import SlowCache  # noqa: E402
+from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
+from slowfast_vlm.synth import CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
+from slowfast_vlm.training.scratch import build_scratch_model  # noqa: E402
+
+TRAIN_CLIPS, STEPS, BATCH = 3, 4, 2
+
+
+def write_data(data: Path) -> None:
+    """A tiny copy of `prepare`'s output: 3 train clips (records + decoded frames) and 1 test clip (mp4)."""
+    (data / "videos").mkdir(parents=True)
+    frames, lines = [], []
+    for clip in range(TRAIN_CLIPS):
+        rendered, records = generate_clip(clip, 0, "train", FRAMES, SIZE, FPS)
+        frames.append(rendered)
+        lines += records
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    np.save(data / "train_frames.npy", np.stack(frames))
+    rendered, records = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)
+    write_video(data / records[0]["video"], rendered, FPS, crf=CRF)
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory with the tiny data and a slow (c) stage-1 checkpoint, and one uninterrupted
+    stage-2 run of model (c) in `uninterrupted/`."""
+    root = tmp_path_factory.mktemp("synth")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        write_data(run.DATA)
+        texts = [open_question(r) for clip in run.read_clips("train") for r in clip] + list("0123456789")
+        model, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["slow"])
+        model.save_pretrained("stage1")
+        processor.save_pretrained("stage1")
+        run.train("c", 0, STEPS, BATCH, 1e-3, Path("uninterrupted"), Path("stage1"))
+        yield root
+    finally:
+        os.chdir(cwd)
+
+
+def test_training_batch_mixes_both_forms():
+    clips = [generate_clip(clip, 0, "train", FRAMES, SIZE, FPS) for clip in range(2)]
+    texts = [open_question(r) for _, records in clips for r in records] + list("0123456789")
+    _, processor = build_scratch_model(texts)
+    inputs, labels = run.training_batch(
+        processor,
+        [records for _, records in clips],
+        [frames for frames, _ in clips],
+        np.random.default_rng(0),
+    )
+    tokenizer = processor.tokenizer
+    forms = []
+    for row, (ids, row_labels) in enumerate(zip(inputs["input_ids"], labels)):
+        records = clips[row][1]
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        turns = re.findall(
+            r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>", text, re.S
+        )
+        assert len(turns) == 6
+        expected = []
+        for question, answer in turns:
+            question = question.replace(processor.video_token, "").lstrip("\n")
+            record = next(r for r in records if open_question(r).split("\n")[0] in question)
+            form = "choice" if question == choice_question(record) else "open"
+            assert question == (choice_question(record) if form == "choice" else open_question(record))
+            assert answer == (record["answer"] if form == "choice" else record["answer_text"])
+            forms.append(form)
+            expected.append(answer + "<|im_end|>")
+        # the labelled tokens: exactly each answer and its <|im_end|>, turn by turn
+        labelled = (row_labels != -100).int()
+        starts = torch.nonzero(torch.diff(labelled, prepend=torch.tensor([0])) == 1).flatten().tolist()
+        ends = torch.nonzero(torch.diff(labelled, append=torch.tensor([0])) == -1).flatten().tolist()
+        spans = [
+            tokenizer.decode(row_labels[s : e + 1], skip_special_tokens=False) for s, e in zip(starts, ends)
+        ]
+        assert spans == expected
+    assert set(forms) == {"open", "choice"}  # both forms occur in one step's batch
+
+
+def test_exact_resume_after_stop_and_sigterm(workdir, monkeypatch, capsys):
+    """A run stopped after step 1 (`--stop-after-steps`), then by SIGTERM during step 3, then resumed, ends
+    with the weights and loss log of the uninterrupted run."""
+    command = ["train", "--model", "c", "--steps", str(STEPS), "--batch", str(BATCH), "--stage1", "stage1"]
+    command += ["--out", "chunked"]
+    assert run.main([*command, "--stop-after-steps", "1"]) == 0
+    assert (workdir / "chunked" / "checkpoint" / "state.pt").exists()
+    assert not (workdir / "chunked" / "result.json").exists()
+
+    batches = []
+    training_batch = run.training_batch
+
+    def signalling_batch(*args):
+        batches.append(1)
+        if len(batches) == 2:  # during the run's step 3 (its second step since resuming)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_batch(*args)
+
+    monkeypatch.setattr(run, "training_batch", signalling_batch)
+    assert run.main(command) == 0
+    monkeypatch.setattr(run, "training_batch", training_batch)
+    assert torch.load(workdir / "chunked" / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    assert run.main(command) == 0
+    assert not (workdir / "chunked" / "checkpoint").exists()
+
+    for name in ("uninterrupted", "chunked"):
+        assert len(json.loads((workdir / name / "loss_log.json").read_text())) == STEPS
+    assert (workdir / "chunked" / "loss_log.json").read_text() == (
+        workdir / "uninterrupted" / "loss_log.json"
+    ).read_text()
+    chunked, whole = (
+        load_file(workdir / name / "model.safetensors") for name in ("chunked", "uninterrupted")
+    )
+    assert chunked.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(chunked[key], whole[key]), key
+    result = json.loads((workdir / "chunked" / "result.json").read_text())
+    assert 0 <= result["choice_accuracy"] <= 1 and 0 <= result["question_attention_peak_on_detail_frame"] <= 1
+
+    capsys.readouterr()
+    assert run.main(command) == 0  # finished: skipped
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_score_on_fresh_clips_and_clips_without_digits(workdir):
+    assert run.main(["score", "uninterrupted", "--seed", "7", "--clips", "1"]) == 0
+    report = json.loads((workdir / "uninterrupted" / "score-seed7.json").read_text())
+    assert report["questions"] == 6 and report["seed"] == 7
+    for video in ("black", "squares_without_digits"):
+        assert [len(report["no_digit"][video][form]) for form in ("open", "choice")] == [6, 6]
+    with pytest.raises(SystemExit):
+        run.main(["score", "uninterrupted", "--seed", "0"])
+
+
+def test_without_digits_shows_no_digit():
+    rendered, records = generate_clip(0, 7, "test", FRAMES, SIZE, FPS)
+    assert all(find_digit(rendered, int(r["answer_text"])) for r in records)  # the detector sees them
+    stripped = scoring.without_digits(rendered, records)
+    assert not any(find_digit(stripped, digit) for digit in range(10))
+    shown = {t for r in records for t in r["detail_frames"]}
+    for t in range(FRAMES):  # only the digit frames changed, each into the frame before it
+        np.testing.assert_array_equal(stripped[t], rendered[t - 1] if t in shown else rendered[t])
+
+
+def test_round_trip_gives_the_test_sets_frames(tmp_path):
+    rendered, records = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)
+    write_video(tmp_path / "clip.mp4", rendered, FPS, crf=CRF)
+    expected, _ = load_video(tmp_path / "clip.mp4", FRAMES, fps=FPS)
+    _, processor = build_scratch_model(["0"], video_defaults=run.MODELS["c"][1])
+    np.testing.assert_array_equal(scoring.round_trip(rendered, processor), expected)
+
+
+def test_choice_scoring_picks_the_best_letter():
+    record = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)[1][0]
+    letter = "ABCD".index(record["answer"])
+    scores = torch.zeros(4)
+    scores[letter] = 1.0
+    assert scoring.chooses_letter(scores, record)
+    scores[(letter + 1) % 4] = 2.0
+    assert not scoring.chooses_letter(scores, record)
+    digits = torch.zeros(10)
+    digits[int(record["answer_text"])] = 1.0
+    digits[[d for d in range(10) if str(d) not in record["options"]][0]] = 5.0  # not an option: ignored
+    assert scoring.chooses_answer(digits, record)
+
+
+def test_question_restricted_peak_on_a_hand_made_map():
+    """Row 0: the prompt up to the question (3 query tokens, all on frame 0); row 1: the prompt through
+    the question (the same 3, then 2 question tokens on frame 2). Over every token the peak is frame 0;
+    over the question's tokens it is frame 2 with all its mass."""
+    frames, h, w = 4, 1, 2
+    probs = torch.zeros(2, 2, frames * h * w)  # (rows, heads, slow tokens): summed over query tokens
+    probs[:, :, 0] = 3.0  # frame 0, token 0
+    probs[1, :, 2 * h * w + 1] = 2.0  # frame 2, token 1
+    cache = SlowCache(
+        tokens=torch.zeros(2, frames * h * w, 8), mask=torch.ones(2, frames * h * w, dtype=torch.bool)
+    )
+    cache.record(2, probs, torch.tensor([3, 5]))
+    restricted = scoring.span_attention(cache, end=1, start=0, shape=(frames, h, w))
+    assert restricted.peak_frame == 2
+    np.testing.assert_allclose(restricted.per_frame, [0, 0, 1, 0])
+    np.testing.assert_allclose(restricted.mean[2], [[0, 1]])
+    assert video_attention_map(cache, 1, (frames, h, w)).peak_frame == 0  # averaged over every token
+
+
+def test_question_prefixes_cut_around_the_question_words():
+    record = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)[1][3]
+    prompt = f"<|im_start|>user\n<video>\n{open_question(record)}<|im_end|>\n"
+    before, through = scoring.question_prefixes(prompt, record)
+    assert before == "<|im_start|>user\n<video>\n"
+    assert through[len(before) :] == record["conversations"][0]["value"].split("\n")[1]
+
+
+def write_result(runs: Path, model: str, seed: int, accuracy: float, choice: float, flops: float) -> None:
+    (runs / f"{model}-s{seed}").mkdir(parents=True)
+    result = {"model": model, "seed": seed, "steps": 1500, "stage1": "nowhere", "llm_prefill_flops": flops}
+    result |= {"accuracy": accuracy, "choice_accuracy": choice, "digit_touching_wall": accuracy}
+    result |= {"digit_away_from_wall": accuracy}
+    (runs / f"{model}-s{seed}" / "result.json").write_text(json.dumps(result))
+
+
+def test_summarize_verdict(tmp_path):
+    c_choice = [0.40, 0.45, 0.60]
+    for seed in range(3):
+        write_result(tmp_path / "met", "a", seed, 0.25, 0.25, 100e6)
+        write_result(tmp_path / "met", "b", seed, 0.30, 0.28 + 0.01 * seed, 100e6)
+        write_result(tmp_path / "met", "c", seed, 0.35, c_choice[seed], 105e6)
+    table = run.summarize(tmp_path / "met")
+    values = [100 * v for v in c_choice]
+    half, sd = (max(values) - min(values)) / 2, statistics.stdev(values)
+    assert f"{statistics.mean(values):.1f}% ± {half:.1f}, sd {sd:.1f} (40.0, 45.0, 60.0)" in table
+    assert "Verdict at 1500 steps" in table and "bar MET" in table and "1.050x" in table
+
+    for seed in range(3):  # (c)'s worst seed no better than (b)'s best in the open form
+        write_result(tmp_path / "open", "a", seed, 0.25, 0.25, 100e6)
+        write_result(tmp_path / "open", "b", seed, 0.30 + 0.05 * seed, 0.25, 100e6)
+        write_result(tmp_path / "open", "c", seed, 0.40 - 0.05 * seed, 0.50, 105e6)
+    assert "bar NOT MET" in run.summarize(tmp_path / "open")
+    for seed in range(3):  # beats both, but at 1.2x the FLOPs
+        write_result(tmp_path / "flops", "a", seed, 0.25, 0.25, 100e6)
+        write_result(tmp_path / "flops", "b", seed, 0.25, 0.25, 100e6)
+        write_result(tmp_path / "flops", "c", seed, 0.50, 0.50, 120e6)
+    assert "bar NOT MET" in run.summarize(tmp_path / "flops")
+
+
+class FakeChild:
+    """A finished child: `poll` returns its exit status."""
+
+    def __init__(self, returncode: int):
+        self.returncode = returncode
+
+    def poll(self):
+        return self.returncode
+
+
+def fake_stages(root: Path, models=("a", "c")) -> list:
+    return plan.stages(
+        [0, 1],
+        list(models),
+        10,
+        root / "data",
+        root / "vision",
+        lambda k, s: root / f"stage1-{k}-s{s}",
+        root / "runs",
+    )
+
+
+def test_plan_skips_finished_stages_and_orders_the_rest(tmp_path):
+    for done in (
+        "data/frame_pool.jsonl",
+        "vision/result.json",
+        "stage1-plain-s0/result.json",
+        "runs/a-s0/result.json",
+    ):
+        (tmp_path / done).parent.mkdir(parents=True)
+        (tmp_path / done).write_text("{}")
+    stages = fake_stages(tmp_path)
+    assert [s.name for s in plan.pending(stages)] == [
+        "stage1-slow-s0",
+        "stage1-plain-s1",
+        "stage1-slow-s1",
+        "c-s0",
+        "a-s1",
+        "c-s1",
+    ]
+    assert next(s for s in stages if s.name == "c-s1").args == [
+        "train",
+        "--model",
+        "c",
+        "--seed",
+        "1",
+        "--steps",
+        "10",
+    ]
+
+    started = []
+
+    def start(stage):  # a child that finishes at once, writing its output
+        assert not any(s.name in stage.after for s in plan.pending(stages))  # its inputs are finished
+        started.append(stage.name)
+        stage.done.parent.mkdir(parents=True, exist_ok=True)
+        stage.done.write_text("{}")
+        return FakeChild(0)
+
+    assert plan.run_plan(stages, parallel=2, start=start, poll_seconds=0) == 0
+    assert sorted(started) == sorted(
+        ["stage1-slow-s0", "stage1-plain-s1", "stage1-slow-s1", "c-s0", "a-s1", "c-s1"]
+    )
+    assert plan.pending(stages) == []
+
+
+def test_plan_does_not_start_what_a_failed_stage_feeds(tmp_path):
+    stages = fake_stages(tmp_path, models=("a",))
+    started = []
+
+    def start(stage):  # prepare fails: writes nothing
+        started.append(stage.name)
+        return FakeChild(1)
+
+    assert plan.run_plan(stages, start=start, poll_seconds=0) == 1
+    assert started == ["prepare"]
+
+
+def test_stopping_the_plan_stops_its_children(tmp_path):
+    stages = fake_stages(tmp_path, models=("a",))
+    child_code = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(60)"
+    )
+    children = []
+
+    def start(stage):
+        children.append(subprocess.Popen([sys.executable, "-c", child_code]))
+        return children[-1]
+
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    assert plan.run_plan(stages, start=start, poll_seconds=0.05) == 1
+    assert [child.returncode for child in children] == [0]  # it ran its SIGTERM handler, and was waited for
