@@ -28,7 +28,6 @@ from .inference import (
     resolve_device,
     resolve_dtype,
 )
-from .processing.video import load_video
 from .visual_cache import VisualCache
 
 
@@ -79,9 +78,7 @@ def main(args: argparse.Namespace) -> int:
 
     _progress(f"decoding {args.video} ({num_frames} frames, {sampling} sampling at {fps} fps)")
     try:
-        frames, metadata = load_video(
-            args.video, num_frames, fps=fps, sampling=sampling, short_side=processor.decode_short_side()
-        )
+        frames, metadata = processor.load_video(args.video, num_frames, fps=fps, sampling=sampling)
     except (OSError, ValueError) as error:
         return _fail(first_line(error))
     _progress(f"{len(frames)} frames of {metadata.duration:.1f} s; generating")

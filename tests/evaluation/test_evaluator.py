@@ -20,10 +20,10 @@ from evaluation_helpers import CASES, EXPECTED, OPTIONS, RESPONSES
 from helpers import save_tiny_checkpoint, tiny_config, tiny_tokenizer, write_random_video
 
 from slowfast_vlm.cli import main as cli_main
-from slowfast_vlm.evaluation import evaluator
 from slowfast_vlm.evaluation.dataset import load_samples
 from slowfast_vlm.evaluation.evaluator import evaluate
 from slowfast_vlm.evaluation.predictions import read_predictions
+from slowfast_vlm.processing import processor as processor_module
 from slowfast_vlm.processing.processor import SlowFastProcessor
 from slowfast_vlm.processing.video import load_video
 
@@ -246,7 +246,7 @@ def decoded(monkeypatch):
         paths.append(Path(path).name)
         return load_video(path, *args, **kwargs)
 
-    monkeypatch.setattr(evaluator, "load_video", counting)
+    monkeypatch.setattr(processor_module, "load_video", counting)  # what SlowFastProcessor.load_video calls
     return paths
 
 

@@ -30,7 +30,6 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from ..inference import build_conversation, first_line, generate_responses, load_model
-from ..processing.video import load_video
 from ..visual_cache import VisualCache
 from .dataset import QASample, load_samples
 from .predictions import (
@@ -107,13 +106,7 @@ def predict(
 
     def decode(group: list[QASample]) -> tuple[list[QASample], np.ndarray | None, str | None]:
         try:
-            frames, _ = load_video(
-                group[0].video,
-                num_frames,
-                fps=fps,
-                sampling=sampling,
-                short_side=processor.decode_short_side(),
-            )
+            frames, _ = processor.load_video(group[0].video, num_frames, fps=fps, sampling=sampling)
             return group, frames, None
         except (OSError, ValueError) as e:  # FileNotFoundError, VideoDecodeError
             return group, None, f"{type(e).__name__}: {e}"

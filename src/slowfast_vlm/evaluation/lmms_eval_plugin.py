@@ -31,7 +31,6 @@ from loguru import logger
 from tqdm import tqdm
 
 from ..inference import chat_prompt, generate_responses, load_model, to_device
-from ..processing.video import load_video
 from ..visual_cache import VisualCache
 from .evaluator import prefetch
 
@@ -145,15 +144,10 @@ class SlowFastLMMS(lmms):
                 elif isinstance(visual, (str, Path)) and Path(visual).suffix.lower() in IMAGE_SUFFIXES:
                     images.append(PIL.Image.open(visual).convert("RGB"))
                 elif isinstance(visual, (str, Path)):
-                    videos.append(
-                        load_video(
-                            visual,
-                            self.num_frames,
-                            fps=self.fps,
-                            sampling=self.sampling,
-                            short_side=self.processor.decode_short_side(),
-                        )[0]
+                    frames, _ = self.processor.load_video(
+                        visual, self.num_frames, fps=self.fps, sampling=self.sampling
                     )
+                    videos.append(frames)
                 else:
                     raise ValueError(f"unsupported visual input {type(visual).__name__}")
         except (OSError, ValueError) as e:  # FileNotFoundError, VideoDecodeError, PIL errors

@@ -12,6 +12,7 @@ there (`fast_token_count`), so `input_ids` can go straight into
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -33,7 +34,7 @@ from ..config import SlowFastConfig
 from ..modeling.fast_tokens import fast_token_count
 from ..modeling.slow_tokens import slow_grid
 from ..modeling.vision import vision_grid
-from .video import fps_sample_indices, uniform_sample_indices
+from .video import VideoMetadata, fps_sample_indices, load_video, uniform_sample_indices
 
 # The SlowFastConfig fields that decide how many fast tokens a video gets.
 FAST_TOKEN_FIELDS = (
@@ -252,6 +253,14 @@ class SlowFastProcessor(ProcessorMixin):
         image processor makes of them (its resize target): `load_video(..., short_side=...)`."""
         size = self.image_processor.size
         return size.shortest_edge or min(size.height, size.width)
+
+    def load_video(
+        self, path: str | os.PathLike[str], num_frames: int, **options: Any
+    ) -> tuple[np.ndarray, VideoMetadata]:
+        """A video decoded for this model: `processing.video.load_video(path, num_frames, **options)` with
+        frames scaled while decoding to the model's input size (`decode_short_side`). `options`: `fps`,
+        `sampling` and the decoding caps. Returns frames `(T, H, W, 3)` uint8 and their metadata."""
+        return load_video(path, num_frames, short_side=self.decode_short_side(), **options)
 
     def escape_text(self, text: str, keep: tuple[str, ...] = ()) -> str:
         """`text` with every special-token string of the tokenizer (`<|im_end|>`, `<video>`, ...) but

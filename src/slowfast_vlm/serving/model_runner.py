@@ -18,7 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from ..default_model import default_model_path
 from ..inference import Reply, load_model, reply
-from ..processing.video import VideoMetadata, load_video
+from ..processing.video import VideoMetadata
 from ..visual_cache import VisualCache
 
 
@@ -146,12 +146,11 @@ class ModelRunner:
         """Decoded frames `(T, H, W, 3)` uint8 sampled with the given (None: the model's) settings,
         scaled while decoding to the model's input size; `caps` (`max_source_pixels`, `max_duration`)
         go to `load_video`."""
-        return load_video(
+        return self.processor.load_video(
             path,
             self.num_frames if num_frames is None else num_frames,
             fps=self.fps if fps is None else fps,
             sampling=self.sampling,
-            short_side=self.processor.decode_short_side(),
             **caps,
         )
 

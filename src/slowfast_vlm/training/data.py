@@ -36,7 +36,6 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
 from ..processing.processor import SlowFastProcessor
-from ..processing.video import load_video
 from ..record_files import read_record_file
 
 logger = logging.getLogger(__name__)
@@ -254,15 +253,10 @@ class ConversationDataset(Dataset):
     def _load_media(self, record: Record) -> dict[str, list]:
         if record.modality == "video":
             config = self.config
+            load = self.processor.load_video
             return {
                 "videos": [
-                    load_video(
-                        path,
-                        config.num_frames,
-                        fps=config.fps,
-                        sampling=config.sampling,
-                        short_side=self.processor.decode_short_side(),
-                    )[0]
+                    load(path, config.num_frames, fps=config.fps, sampling=config.sampling)[0]
                     for path in record.media
                 ]
             }
