@@ -31,6 +31,8 @@ from slowfast_vlm.modeling.fast_tokens import build_fast_tokens
 from slowfast_vlm.modeling.slow_tokens import slow_grid
 from slowfast_vlm.modeling.vision import vision_grid
 
+from . import STARTUP_LOAD
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -42,11 +44,20 @@ def model_name(config: SlowFastConfig) -> str:
 
 
 def build_model(
-    config: SlowFastConfig, dtype: torch.dtype, seed: int = 0
+    config: SlowFastConfig,
+    dtype: torch.dtype,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
 ) -> SlowFastForConditionalGeneration:
-    """A random model in `dtype` with its gates open (a closed gate computes the branch all the same)."""
+    """A random model in `dtype` with its gates open (a closed gate computes the branch all the same),
+    built directly on `device` (no CPU copy of a 7B model first)."""
     torch.manual_seed(seed)
-    model = SlowFastForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    with torch.device(device):
+        model = SlowFastForConditionalGeneration._from_config(
+            config, attn_implementation=attn_implementation, dtype=dtype
+        )
+    model = model.to(device)  # a no-op where the device context placed every weight and buffer
     with torch.no_grad():
         for layer in model.hybrid_attentions:
             layer.cross_attn_warm_up_gate.fill_(1.0)
@@ -80,10 +91,20 @@ def interleaved(variants: Mapping[object, Callable[[], float]], repeats: int, wa
     return samples
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call of `fn` takes."""
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What a timer calls before reading the clock: waits for the device's queued work on CUDA (kernels
+    run asynchronously there), nothing on CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds one call of `fn` takes, `sync` (`synchronizer`) called before each clock reading."""
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -131,11 +152,14 @@ MAX_LOAD = 0.5  # 1-minute load average above which a run is refused (a quiet ma
 class LoadRecord:
     """The 1-minute load average before a run (checked against `--max-load`) and after it.
 
-    The run's own torch threads add about `--threads` to the load average while it runs, so a quiet
-    machine reads about 0 before and about `--threads` after."""
+    "Before" is the lower of the reading when the script started (`benchmarks.STARTUP_LOAD`, taken
+    before torch is imported: the script's own start-up would otherwise count) and the reading now
+    (a run called in-process long after the import). The run's own torch threads add about `--threads`
+    to the load average while it runs, so a quiet machine reads about 0 before and about `--threads` after."""
 
     def __init__(self, args: argparse.Namespace, parser: argparse.ArgumentParser):
-        self.before, self.limit, self.after = os.getloadavg()[0], args.max_load, None
+        self.before = min(STARTUP_LOAD, os.getloadavg()[0])
+        self.limit, self.after = args.max_load, None
         if self.before > self.limit and not args.allow_load:
             parser.error(
                 f"the 1-minute load average is {self.before:.2f}, above --max-load {self.limit}: other jobs "

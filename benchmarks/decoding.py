@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -71,10 +72,11 @@ TARGET_FRAMES = 128  # the frame count of the batch sweep (the targets' shape)
 
 class GreedyDecoder:
     """`generate`'s greedy loop for one request, written out so that single steps of all variants can be
-    interleaved: `start` runs the prefill, each `step` call one decoding step (timed)."""
+    interleaved: `start` runs the prefill, each `step` call one decoding step (timed; `sync`, e.g.
+    `common.synchronizer(device)`, is called before each clock reading)."""
 
-    def __init__(self, model, inputs: dict):
-        self.model, self.inputs = model, inputs
+    def __init__(self, model, inputs: dict, sync: Callable[[], None] = lambda: None):
+        self.model, self.inputs, self.sync = model, inputs, sync
 
     @torch.inference_mode()
     def start(self) -> None:
@@ -85,6 +87,7 @@ class GreedyDecoder:
     @torch.inference_mode()
     def step(self) -> float:
         """Seconds of one step: forward of the last token with the caches, then its greedy successor."""
+        self.sync()
         start = time.perf_counter()
         output = self.model(
             input_ids=self.tokens[-1],
@@ -94,6 +97,7 @@ class GreedyDecoder:
             logits_to_keep=1,
         )
         self.tokens.append(output.logits[:, -1].argmax(-1, keepdim=True))
+        self.sync()
         seconds = time.perf_counter() - start
         self.kv_cache = cache_of(output)
         return seconds

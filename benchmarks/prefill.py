@@ -72,26 +72,31 @@ BUDGET_PAIR = (16, 128)  # self-attention at 16 frames vs slow-fast at 128: the 
 
 
 class Prefill:
-    """One prefill of `design` on a `frames`-frame video and a `prompt_tokens`-token text prompt."""
+    """One prefill of `design` on a video's visual tokens and a `prompt_tokens`-token text prompt, on the
+    model's device.
 
-    def __init__(self, model, design: str, frames: int, prompt_tokens: int, dtype: torch.dtype):
-        config = model.config
-        slow, fast = visual_tokens(config, frames, dtype)
-        text_ids = torch.randint(0, config.video_token_id, (1, prompt_tokens))
+    `video`: the video's `(slow (N, D), fast (F, D))` tokens (`common.visual_tokens`), made once per frame
+    count for both designs."""
+
+    def __init__(self, model, design: str, video: tuple[torch.Tensor, torch.Tensor], prompt_tokens: int):
+        device = model.device
+        slow, fast = (tokens.to(device) for tokens in video)
+        text_ids = torch.randint(0, model.config.video_token_id, (1, prompt_tokens), device=device)
         with torch.no_grad():
             text = model.get_input_embeddings()(text_ids)
         visual = fast if design == "slowfast" else slow
         self.model = model
         self.inputs_embeds = torch.cat([visual[None], text], dim=1)  # (1, L, D): video, then the prompt
         self.slow = slow[None] if design == "slowfast" else None  # (1, N, D)
-        self.query_mask = torch.zeros(self.inputs_embeds.shape[:2], dtype=torch.bool)
+        self.query_mask = torch.zeros(self.inputs_embeds.shape[:2], dtype=torch.bool, device=device)
         self.query_mask[:, visual.shape[0] :] = True  # the text queries the slow tokens
 
     @torch.inference_mode()
     def __call__(self):
         slow_cache = None
         if self.slow is not None:
-            slow_cache = SlowCache(tokens=self.slow, mask=torch.ones(self.slow.shape[:2], dtype=torch.bool))
+            mask = torch.ones(self.slow.shape[:2], dtype=torch.bool, device=self.slow.device)
+            slow_cache = SlowCache(tokens=self.slow, mask=mask)
         return self.model(
             inputs_embeds=self.inputs_embeds,
             slow_cache=slow_cache,
@@ -121,11 +126,13 @@ def peak_memory_worker(args: argparse.Namespace) -> None:
     """Subprocess: print `{design, frames, peak_bytes}` JSON lines, smallest points first."""
     dtype = DTYPES[args.dtype]
     models = build_models(dtype, config_name(args))
+    config = models["slowfast"].config
     for design, model in models.items():  # load kernels and thread pools before measuring
-        Prefill(model, design, min(args.frames), args.prompt_tokens, dtype)()
+        Prefill(model, design, visual_tokens(config, min(args.frames), dtype), args.prompt_tokens)()
     for frames in sorted(args.frames):
+        video = visual_tokens(config, frames, dtype)
         for design, model in models.items():
-            prefill = Prefill(model, design, frames, args.prompt_tokens, dtype)
+            prefill = Prefill(model, design, video, args.prompt_tokens)
             gc.collect()
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")  # reset the peak resident set size (VmHWM) to the current one
@@ -182,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype]
 
     models = build_models(dtype, config_name(args))
+    videos = {frames: visual_tokens(models["slowfast"].config, frames, dtype) for frames in args.frames}
     points = {
-        (design, frames): Prefill(models[design], design, frames, args.prompt_tokens, dtype)
+        (design, frames): Prefill(models[design], design, videos[frames], args.prompt_tokens)
         for frames in args.frames
         for design in DESIGNS
     }

@@ -37,12 +37,12 @@ import time
 
 import torch
 
-from benchmarks.common import visual_tokens
+from benchmarks.common import build_model, synchronizer, timed, visual_tokens
 from benchmarks.decoding import VARIANTS, GreedyDecoder, token_counts
+from benchmarks.prefill import Prefill
 from slowfast_vlm import SlowFastConfig, SlowFastForConditionalGeneration, fast_token_count
 from slowfast_vlm.compute import estimate
 from slowfast_vlm.modeling.model import EncodedVisual
-from slowfast_vlm.modeling.slow_tokens import SlowCache
 
 # max |x - reference| / max |reference| of the logits. fp32: sums in another order (1e-5 seen on CPU);
 # bf16: weights and activations rounded to 8 significant bits, through 4 layers and an LM head.
@@ -57,11 +57,6 @@ GEOMETRY = {  # dry-run: the CPU benchmarks' quick model at tiny sizes
 }  # fmt: skip
 PROMPT_TOKENS = 64
 HEADLINE = (16, 128)  # self-attention at 16 frames vs slow-fast at 128: the paper's headline pair
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -174,14 +169,7 @@ def batched_vs_alone(model, samples: list, dtype: torch.dtype, device: torch.dev
 
 def tiny_reference(name: str):
     """The reference: a tiny model in CPU fp32, eager attention, gates open."""
-    torch.manual_seed(0)
-    model = SlowFastForConditionalGeneration._from_config(
-        SlowFastConfig.from_name(name), attn_implementation="eager"
-    )
-    with torch.no_grad():
-        for layer in model.hybrid_attentions:
-            layer.cross_attn_warm_up_gate.fill_(1.0)
-    return model.eval()
+    return build_model(SlowFastConfig.from_name(name), torch.float32, attn_implementation="eager")
 
 
 def correctness(context) -> dict:
@@ -240,49 +228,6 @@ def correctness(context) -> dict:
     return {"status": status, "reason": reason, "checks": rows}
 
 
-def random_model(name: str, device: torch.device, dtype: torch.dtype):
-    """A named config with random weights built on `device` in `dtype`, warm-up gates open."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = SlowFastForConditionalGeneration._from_config(
-            SlowFastConfig.from_name(name), attn_implementation="sdpa", dtype=dtype
-        ).to(device)  # a no-op where the device context placed every weight
-    with torch.no_grad():
-        for layer in model.hybrid_attentions:
-            layer.cross_attn_warm_up_gate.fill_(1.0)
-    return model.eval()
-
-
-class DevicePrefill:
-    """`benchmarks.prefill.Prefill` on any device: one prefill of `design` on a video's visual tokens."""
-
-    def __init__(self, model, design: str, slow: torch.Tensor, fast: torch.Tensor, device: torch.device):
-        """`slow` `(N, D)` and `fast` `(F, D)`: the video's visual tokens (`common.visual_tokens`) on `device`."""
-        text_ids = torch.randint(0, model.config.video_token_id, (1, PROMPT_TOKENS), device=device)
-        with torch.no_grad():
-            text = model.get_input_embeddings()(text_ids)
-        visual = fast if design == "slowfast" else slow
-        self.model, self.device = model, device
-        self.inputs_embeds = torch.cat([visual[None], text], dim=1)  # (1, L, D): video, then the prompt
-        self.slow = slow[None] if design == "slowfast" else None  # (1, N, D)
-        self.query_mask = torch.zeros(self.inputs_embeds.shape[:2], dtype=torch.bool, device=device)
-        self.query_mask[:, visual.shape[0] :] = True  # the text queries the slow tokens
-
-    @torch.inference_mode()
-    def __call__(self):
-        cache = None
-        if self.slow is not None:
-            mask = torch.ones(self.slow.shape[:2], dtype=torch.bool, device=self.device)
-            cache = SlowCache(tokens=self.slow, mask=mask)
-        return self.model(
-            inputs_embeds=self.inputs_embeds,
-            slow_cache=cache,
-            slow_query_mask=self.query_mask if cache is not None else None,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-
-
 def measure(call, device: torch.device, repeats: int, deadline: float) -> tuple[float, int | None, int]:
     """(median seconds, peak device bytes above the start or None on CPU, rounds timed) of `call`: one
     untimed call (warm-up and memory), then up to `repeats` timed ones while `deadline` allows."""
@@ -291,22 +236,14 @@ def measure(call, device: torch.device, repeats: int, deadline: float) -> tuple[
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    synchronize(device)
-    start = time.perf_counter()
-    output = call()
-    synchronize(device)
-    first = time.perf_counter() - start
+    sync = synchronizer(device)
+    first = timed(call, sync)
     peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
-    del output
     seconds = []
     for _ in range(repeats):
         if seconds and time.time() + first > deadline:
             break
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(timed(call, sync))
     return statistics.median(seconds), peak, len(seconds)
 
 
@@ -333,36 +270,29 @@ def decode_inputs(model, variant: str, frames: int, batch: int, device: torch.de
 
 def decode_ms(model, inputs: dict, new_tokens: int, device: torch.device) -> float:
     """Median ms of the decoding steps after the prefill (`GreedyDecoder`), the device synchronized."""
-    decoder = GreedyDecoder(model, inputs)
+    decoder = GreedyDecoder(model, inputs, synchronizer(device))
     decoder.start()
-    seconds = []
-    for _ in range(new_tokens - 1):
-        synchronize(device)
-        start = time.perf_counter()
-        decoder.step()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds) * 1e3
+    return statistics.median(decoder.step() for _ in range(new_tokens - 1)) * 1e3
 
 
 def geometry(context) -> dict:
     device, sizes = context.device, GEOMETRY[context.dry_run]
     dtype = torch.bfloat16
     start = time.perf_counter()
-    model = random_model(sizes["name"], device, dtype)
+    model = build_model(SlowFastConfig.from_name(sizes["name"]), dtype, device=device)
     config = model.config
     built_s = time.perf_counter() - start
     parameters = sum(p.numel() for p in model.parameters())
     prefill, skipped = [], []
     for frames in sizes["frames"]:
-        slow, fast = (tokens.to(device) for tokens in visual_tokens(config, frames, dtype))
+        video = tuple(tokens.to(device) for tokens in visual_tokens(config, frames, dtype))
         for design in ("self-attention", "slowfast"):
             if context.time_left() < 0:
                 skipped.append(f"prefill {design} at {frames} frames: out of time")
                 continue
             try:
                 seconds, peak, rounds = measure(
-                    DevicePrefill(model, design, slow, fast, device),
+                    Prefill(model, design, video, PROMPT_TOKENS),
                     device,
                     sizes["repeats"],
                     context.deadline,
@@ -380,7 +310,7 @@ def geometry(context) -> dict:
                      tflops_per_s=record.llm_prefill_flops / seconds / 1e12,
                      peak_mib=None if peak is None else peak / 2**20, rounds=rounds)
             )  # fmt: skip
-        del slow, fast
+        del video
     by_point = {(row["design"], row["frames"]): row for row in prefill}
     headline = None
     base, ours = by_point.get(("self-attention", HEADLINE[0])), by_point.get(("slowfast", HEADLINE[1]))

@@ -3,9 +3,11 @@ performance is measured by the scripts, never asserted in tests)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,6 +72,7 @@ def test_prefill(tmp_path, capsys):
 
 
 def test_decoding(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("benchmarks.common.STARTUP_LOAD", 3.5)  # the script's start-up raised it to 3.5
     monkeypatch.setattr("benchmarks.common.os.getloadavg", lambda: (3.25, 2.0, 1.0))
     out = run("decoding", tmp_path, capsys, "--allow-load")
     rows = table_rows(out, "frames")
@@ -112,12 +115,34 @@ def test_training(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["decoding", "prefill"])
 def test_timing_benchmarks_refuse_a_loaded_machine(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("benchmarks.common.STARTUP_LOAD", 1.5)
     monkeypatch.setattr("benchmarks.common.os.getloadavg", lambda: (1.5, 1.0, 1.0))
     with pytest.raises(SystemExit) as refused:
         importlib.import_module(f"benchmarks.{name}").main(["--quick", "--out", str(tmp_path)])
     assert refused.value.code == 2
     assert "load average is 1.50, above --max-load 0.5" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before measuring anything
+
+
+def test_load_gate_reads_the_load_before_torch_is_imported(monkeypatch):
+    """A script's "before" load is read when the `benchmarks` package is imported, before torch (whose
+    import and the model's build would count against `--max-load`), or now if that is lower."""
+    code = "import sys, benchmarks; print('torch' in sys.modules, benchmarks.STARTUP_LOAD >= 0)"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["False", "True"]
+
+    from benchmarks.common import LoadRecord, add_load_arguments
+
+    parser = argparse.ArgumentParser()
+    add_load_arguments(parser)
+    monkeypatch.setattr("benchmarks.common.os.getloadavg", lambda: (0.9, 0.0, 0.0))
+    monkeypatch.setattr("benchmarks.common.STARTUP_LOAD", 0.25)  # quiet at the start: accepted
+    assert LoadRecord(parser.parse_args([]), parser).before == 0.25
+    monkeypatch.setattr("benchmarks.common.STARTUP_LOAD", 2.0)  # loaded at the start, quiet now
+    assert LoadRecord(parser.parse_args(["--max-load", "1"]), parser).before == 0.9
 
 
 @pytest.mark.parametrize("variant", ["cached", "re-projected", "text-only"])
