@@ -165,9 +165,12 @@ class SlowFastLMMS(lmms):
                 loaded[doc] = self._load(requests[i].args)
         return [loaded[tuple(requests[i].args[-3:])] for i in chunk]
 
-    def _batches(self, requests: Sequence[Instance], key: Callable[[Instance], str]):
-        """Batches of up to `batch_size` requests with the same `key`, as lists of
-        `(index, args, videos, images, error)`; the next batches' visuals are decoded in background
+    def _batches(
+        self, requests: Sequence[Instance], key: Callable[[Instance], str], failures: dict[str, str]
+    ):
+        """Batches of up to `batch_size` requests with the same `key`, as lists of `(index, args, videos,
+        images)` of the requests whose visuals loaded; the others go into `failures` (name -> error), and
+        a batch left with none is not yielded. The next batches' visuals are decoded in background
         threads while the model works on the current one."""
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -180,7 +183,14 @@ class SlowFastLMMS(lmms):
         )
         with tqdm(total=len(requests), desc="slowfast_vlm", disable=self.rank != 0) as bar:
             for chunk, (loaded,) in zip(chunks, loads):
-                yield [(i, requests[i].args, *out) for i, out in zip(chunk, loaded)]
+                ok = []
+                for i, (videos, images, error) in zip(chunk, loaded):
+                    if error is None:
+                        ok.append((i, requests[i].args, videos, images))
+                    else:
+                        failures[self._name(requests[i].args)] = error
+                if ok:
+                    yield ok
                 bar.update(len(chunk))
 
     @staticmethod
@@ -190,22 +200,13 @@ class SlowFastLMMS(lmms):
 
     # ----- lmms interface ----------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        results: list[str | None] = [None] * len(requests)
+        results = [FAILED_RESPONSE] * len(requests)  # answered below unless their visuals failed
         failures: dict[str, str] = {}
 
         def same_settings(request: Instance) -> str:  # one batch, one set of generation settings
             return json.dumps(request.args[1], sort_keys=True, default=str)
 
-        for batch in self._batches(requests, same_settings):
-            ok = []
-            for i, args, videos, images, error in batch:
-                if error is None:
-                    ok.append((i, args, videos, images))
-                else:
-                    failures[self._name(args)] = error
-                    results[i] = FAILED_RESPONSE
-            if not ok:
-                continue
+        for ok in self._batches(requests, same_settings, failures):
             settings, until = generation_settings(ok[0][1][1])
             responses = generate_responses(
                 self.model,
@@ -214,8 +215,7 @@ class SlowFastLMMS(lmms):
                     chat_prompt(self.processor, args[0], len(videos), len(images))
                     for _, args, videos, images in ok
                 ],
-                videos=[video for *_, videos, _ in ok for video in videos],
-                images=[image for *_, images in ok for image in images],
+                **_visuals(ok),
                 stop_strings=until,
                 visual_cache=self.visual_cache,
                 **settings,
@@ -238,15 +238,7 @@ class SlowFastLMMS(lmms):
         def same_document(request: Instance) -> str:  # a document's choices share one decoded video
             return repr(request.args[-3:])
 
-        for batch in self._batches(requests, same_document):
-            ok = []
-            for i, args, videos, images, error in batch:
-                if error is None:
-                    ok.append((i, args, videos, images))
-                else:
-                    failures[self._name(args)] = error
-            if not ok:
-                continue
+        for ok in self._batches(requests, same_document, failures):
             contexts, continuations = [], []
             for _, (context, target, _, doc_id, task, split), videos, images in ok:
                 if not isinstance(target, str):  # loglikelihood tasks pass their doc_to_target
@@ -258,8 +250,7 @@ class SlowFastLMMS(lmms):
                 self.processor,
                 contexts,
                 continuations,
-                videos=[video for *_, videos, _ in ok for video in videos],
-                images=[image for *_, images in ok for image in images],
+                **_visuals(ok),
             )
             for (i, *_), (log_prob, greedy) in zip(ok, scores):
                 results[i] = (-log_prob, greedy)
@@ -278,6 +269,14 @@ class SlowFastLMMS(lmms):
         logger.warning(
             f"slowfast_vlm: {len(failures)} request(s) failed and were answered {FAILED_RESPONSE!r}: {listing}"
         )
+
+
+def _visuals(batch: list[tuple]) -> dict[str, list]:
+    """The `videos` and `images` of a batch of `(index, args, videos, images)`, in request order."""
+    return {
+        "videos": [video for *_, videos, _ in batch for video in videos],
+        "images": [image for *_, images in batch for image in images],
+    }
 
 
 @torch.inference_mode()
