@@ -288,6 +288,17 @@ def stage1_dir(kind: str, seed: int) -> Path:
     return Path(f"{STAGE1}-{kind}-s{seed}")
 
 
+def clipped_step(loss: torch.Tensor, parameters: list, optimizer, schedule) -> float:
+    """One optimisation step of the LLM stages: backward, gradient norm clipped to 1.0, optimizer and
+    schedule step, gradients zeroed. Returns the loss."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
 def pretrain_llm(
     steps: int, batch: int, lr: float, out: Path, kind: str = "plain", vision: Path = VISION, seed: int = 0
 ) -> dict:
@@ -313,12 +324,7 @@ def pretrain_llm(
         texts = [processor.apply_chat_template(chat) for chat in chats]
         inputs = processor(text=texts, images=frames, padding=True, return_tensors="pt")
         loss = model(**inputs, labels=answer_labels(inputs["input_ids"], processor.tokenizer)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        log.append(loss.item())
+        log.append(clipped_step(loss, trainable, optimizer, schedule))
         if step % 50 == 0 or step == steps - 1:
             print(
                 f"stage 1 step {step} loss {np.mean(log[-50:]):.3f} {time.time() - started:.0f}s", flush=True
@@ -511,13 +517,7 @@ def train(
             picked = data_rng.choice(len(clips), batch, replace=False)
             videos = [select_frames(np.asarray(all_frames[i]), defaults) for i in picked]
             inputs, labels = training_batch(processor, [clips[i] for i in picked], videos, data_rng)
-            loss = model(**inputs, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            log.append(loss.item())
+            log.append(clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule))
             done = step + 1
             if step % 10 == 0 or done == steps:
                 print(
