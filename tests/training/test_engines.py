@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoProcessor
+from safetensors.torch import load_file, save_file
+from transformers import AutoProcessor, set_seed
 
 from slowfast_vlm import SlowFastForConditionalGeneration
-from slowfast_vlm.training.runner import COMPLETE_MARKER
+from slowfast_vlm.training.build import build_model
+from slowfast_vlm.training.runner import COMPLETE_MARKER, load_train_config
 from slowfast_vlm.training.tiny import write_tiny_setup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,19 +204,20 @@ def test_fsdp_that_cannot_be_active_is_refused(tiny, tmp_path):
 PARTITION_SCRIPT = """
 import json, pathlib, sys
 import deepspeed, torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from slowfast_vlm.training.runner import build_trainer, load_train_config
 trainer = build_trainer(load_train_config("configs/tiny_cpu.yaml", sys.argv[3:]))
-saved = load_file(sys.argv[1] + "/model.safetensors")
+expected = load_file(sys.argv[1])
 report = {"whole": [], "held": 0, "total": 0, "differs": []}
 for name, param in trainer.model.named_parameters():
-    if param.numel() != 0 or not hasattr(param, "ds_tensor"):
+    partitioned = hasattr(param, "ds_tensor") and param.numel() == 0
+    if partitioned:
+        report["held"] += param.ds_tensor.numel()
+        report["total"] += param.ds_numel
+    else:
         report["whole"].append(name)  # a rank holding the whole parameter
-        continue
-    report["held"] += param.ds_tensor.numel()
-    report["total"] += param.ds_numel
-    with deepspeed.zero.GatheredParameters([param]):
-        if not torch.equal(param.data, saved[name]):
+    with deepspeed.zero.GatheredParameters([param], enabled=partitioned):
+        if not torch.equal(param.data, expected[name]):
             report["differs"].append(name)
 # one file per rank: two ranks printing to one pipe may interleave their lines
 report_file = pathlib.Path(sys.argv[2]) / f"partition-report-{torch.distributed.get_rank()}.json"
@@ -224,19 +226,55 @@ torch.distributed.destroy_process_group()
 """
 
 
+def build_reports(reference: Path, tmp_path: Path, sets: list[str]) -> list[dict]:
+    """Each of 2 ranks builds the trainer's model for `sets` and reports, for every parameter, whether it
+    holds it whole and whether it (gathered) equals `reference` (a safetensors file)."""
+    (tmp_path / "partition.py").write_text(PARTITION_SCRIPT)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run(launcher + [str(tmp_path / "partition.py"), str(reference), str(tmp_path), *sets])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"partition-report-{rank}.json").read_text()) for rank in (0, 1)]
+
+
 @pytest.mark.slow
 @pytest.mark.engines
 def test_zero3_builds_each_ranks_partition_of_a_checkpoint(ddp, tiny, tmp_path):
     """ZeRO-3 from a slow-fast checkpoint (`model.init_from`, how stage 2 starts): no rank ever holds a
     whole parameter, and the partitions gather back to the checkpoint's weights."""
-    (tmp_path / "partition.py").write_text(PARTITION_SCRIPT)
     sets = [f"model.init_from={ddp}", "model.llm=null", "model.vision=null", *ENGINES["zero3"][:1]]
     sets += [f"training.output_dir={tmp_path / 'run'}", f"data.train=[{tiny['data']}]"]
     sets += [f"data.media_root={tiny['media']}"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run(launcher + [str(tmp_path / "partition.py"), str(ddp), str(tmp_path), *sets])
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"partition-report-{rank}.json").read_text()) for rank in (0, 1)]
-    for report in reports:
+    for report in build_reports(ddp / "model.safetensors", tmp_path, sets):
         assert report["whole"] == [] and report["differs"] == []
         assert report["held"] <= 0.51 * report["total"]  # half of the model, each part rounded up
+
+
+RESIZED = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_a_new_model_from_base_checkpoints_is_built_alike_on_every_rank(engine, tiny, tmp_path):
+    """A new model from the base LLM + encoder (how stage 1 starts): under ZeRO-3 no rank holds a whole
+    parameter; under FSDP2 every rank maps the checkpoints (sharded when training starts). On both ranks
+    every weight, new ones (projector, cross-attention, gates, new embedding rows) included, equals a
+    single-process build with the same seed."""
+    engine_sets = (
+        ENGINES[engine][:1] if engine == "zero3" else ENGINES[engine]
+    )  # ZeRO-3 in fp32, as the reference
+    sets = [f"model.llm={tiny['llm']}", f"model.vision={tiny['vision']}", *engine_sets]
+    sets += [f"training.output_dir={tmp_path / 'run'}", f"data.train=[{tiny['data']}]", "training.seed=3"]
+    sets += [f"data.media_root={tiny['media']}"]
+    config = load_train_config(str(ROOT / "configs/tiny_cpu.yaml"), sets)
+    set_seed(3)
+    single, _ = build_model(config.model, seed=3)
+    save_file({k: v.clone() for k, v in single.state_dict().items()}, tmp_path / "single.safetensors")
+    reports = build_reports(tmp_path / "single.safetensors", tmp_path, sets)
+    for report in reports:
+        assert report["differs"] == []
+        if engine == "zero3":  # transformers' resize of the embeddings (new tokens) leaves them whole until
+            assert set(report["whole"]) == RESIZED  # DeepSpeed partitions the model when training starts
+            assert report["held"] <= 0.51 * report["total"]
+        else:
+            assert sorted(report["whole"]) == sorted(name for name, _ in single.named_parameters())

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AddedToken, AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+from transformers import AddedToken, AutoProcessor, AutoTokenizer
 
-from ..config import SlowFastConfig
 from ..modeling.hybrid import cross_attention_parameters
 from ..modeling.model import SlowFastForConditionalGeneration
 from ..processing.processor import SlowFastProcessor
+from .base_models import build_from_base
 
 COMPONENTS = ("llm", "vision", "projector", "cross_attention")
 # Learning rate per trained component (architecture 1.6); a component not listed is frozen.
@@ -70,26 +70,11 @@ def _torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-@torch.no_grad()
-def load_pretrained_parts(model: SlowFastForConditionalGeneration, llm: nn.Module, vision: nn.Module) -> None:
-    """Copy a loaded causal LM into `model.language_model` + `lm_head` and a vision model into
-    `model.vision_tower`, then initialise the hybrid layers' new parameters from the loaded weights."""
-    result = model.model.language_model.load_state_dict(llm.base_model.state_dict(), strict=False)
-    cross = {name.split("language_model.", 1)[1] for name, _ in cross_attention_parameters(model)}
-    if result.unexpected_keys or set(result.missing_keys) != cross:
-        raise ValueError(
-            f"the LLM's weights do not fit the slow-fast model: unexpected {result.unexpected_keys[:5]}, "
-            f"missing {sorted(set(result.missing_keys) - cross)[:5]}"
-        )
-    model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
-    model.model.vision_tower.load_state_dict(vision.state_dict())
-    std = getattr(model.config.text_config, "initializer_range", 0.02)
-    for layer in model.hybrid_attentions:  # from the *loaded* k_proj / v_proj
-        layer.reset_cross_parameters(model.config.init_cross_kv_from_lm, std=std)
-
-
-def build_model(config: ModelConfig) -> tuple[SlowFastForConditionalGeneration, SlowFastProcessor]:
-    """The model to train and its processor (tokenizer with ChatML and placeholder tokens, embeddings resized)."""
+def build_model(
+    config: ModelConfig, seed: int = 0
+) -> tuple[SlowFastForConditionalGeneration, SlowFastProcessor]:
+    """The model to train and its processor (tokenizer with ChatML and placeholder tokens, embeddings resized);
+    a new model's new parameters are drawn from `seed`."""
     dtype = _torch_dtype(config.dtype)
     if config.init_from:
         model = SlowFastForConditionalGeneration.from_pretrained(
@@ -107,18 +92,10 @@ def build_model(config: ModelConfig) -> tuple[SlowFastForConditionalGeneration, 
     else:
         if not (config.llm and config.vision):
             raise ValueError("model: give init_from (a slow-fast checkpoint) or both llm and vision")
-        llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype)
-        vision = AutoModel.from_pretrained(config.vision, dtype=dtype)
-        if hasattr(vision.config, "vision_config"):  # two-tower model (SigLIP, CLIP): keep the vision tower
-            vision = vision.vision_model
-        slowfast_config = SlowFastConfig(
-            text_config=llm.config.to_dict(), vision_config=vision.config.to_dict(), **config.slowfast
+        # partitioned under ZeRO-3, memory-mapped otherwise; new parameters drawn from `seed` (base_models)
+        model = build_from_base(
+            config.llm, config.vision, config.slowfast, dtype, config.attn_implementation, seed
         )
-        model = SlowFastForConditionalGeneration._from_config(
-            slowfast_config, attn_implementation=config.attn_implementation, dtype=dtype
-        )
-        load_pretrained_parts(model, llm, vision)
-        del llm, vision
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm)
         processor = SlowFastProcessor.from_model_config(model.config, _with_chatml(tokenizer))
     processor.prepare_model(model)

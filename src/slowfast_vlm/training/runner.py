@@ -25,11 +25,7 @@ from accelerate.utils.constants import OPTIMIZER_NAME
 from packaging.version import Version
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available
-from transformers.integrations.deepspeed import (
-    is_deepspeed_zero3_enabled,
-    set_hf_deepspeed_config,
-    unset_hf_deepspeed_config,
-)
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling.fast_tokens import fast_token_count
@@ -411,24 +407,15 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
             "training.use_cpu: true): each process would train its own copy into the same output_dir"
         )
 
-    # The seed makes the new parameters (projector, gates, resized embedding rows) the same on every rank
-    # and every run. Under ZeRO-3 (TrainingArguments made above), `from_pretrained` of a slow-fast
-    # checkpoint builds only each rank's partition (deepspeed.zero.Init).
+    # The seed makes the new parameters (projector, cross-attention, resized embedding rows) the same on every
+    # rank and every run. Under ZeRO-3 (TrainingArguments made above) the model is built partitioned, inside
+    # deepspeed.zero.Init, from a slow-fast checkpoint and from a base LLM + encoder alike (build_model).
     set_seed(args.seed)
-    if is_deepspeed_zero3_enabled() and config.model.init_from is None:
-        # Copying a base LLM's and encoder's weights in needs whole parameters: build unpartitioned;
-        # DeepSpeed partitions the model when training starts.
-        unset_hf_deepspeed_config()
-        try:
-            model, processor = build_model(config.model)
-        finally:
-            set_hf_deepspeed_config(args.hf_deepspeed_config)
-    else:
-        if is_deepspeed_zero3_enabled():  # zero.Init reads the world size from deepspeed.comm, which
-            import deepspeed  # accelerate sets up only on accelerators (not under use_cpu)
+    if is_deepspeed_zero3_enabled():  # zero.Init reads the world size from deepspeed.comm, which
+        import deepspeed  # accelerate sets up only on accelerators (not under use_cpu)
 
-            deepspeed.init_distributed()
-        model, processor = build_model(config.model)
+        deepspeed.init_distributed()
+    model, processor = build_model(config.model, seed=args.seed)
     set_trainable(model, rates)
 
     records, skipped = read_records(config.data, processor)
