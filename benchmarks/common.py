@@ -10,7 +10,11 @@ shared machine hits all variants alike. Interleaving evens out load but does not
 machine hides fixed per-call costs behind slower shared work (memory bandwidth, caches). The decoding
 and prefill scripts therefore refuse to start when the 1-minute load average exceeds `--max-load`
 (`--allow-load` runs anyway and flags the tables as taken under load), and print the load average
-before and after the run beside their ratios (`LoadRecord`).
+before and after the run beside their ratios (`LoadRecord`; "before" is read when the script starts,
+before torch is imported).
+
+`build_model` builds on any device and `synchronizer` gives the timers' CUDA synchronisation, so that
+`scripts/gpu_check_model.py` measures with these same pieces on a GPU.
 """
 
 from __future__ import annotations
