@@ -342,3 +342,15 @@ def test_stopping_the_plan_stops_its_children(tmp_path):
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
     assert plan.run_plan(stages, start=start, poll_seconds=0.05) == 1
     assert [child.returncode for child in children] == [0]  # it ran its SIGTERM handler, and was waited for
+
+
+def test_launch_runs_the_stage_with_one_thread_into_its_log(tmp_path, monkeypatch):
+    """`launch` runs `RUN ARGS` (here a stand-in script) with one thread, its output in the stage's log;
+    `run_plan` counts a stage that exits 0 without writing its output as failed."""
+    script = tmp_path / "stand_in.py"
+    script.write_text("import os, sys; print('args', sys.argv[1:], 'threads', os.environ['OMP_NUM_THREADS'])")
+    monkeypatch.setattr(plan, "RUN", script)
+    monkeypatch.chdir(tmp_path)
+    stage = plan.Stage("table", ["summarize", "--x"], tmp_path / "never")
+    assert plan.run_plan([stage], start=plan.launch, poll_seconds=0.05) == 1
+    assert (tmp_path / plan.LOGS / "table.log").read_text() == "args ['summarize', '--x'] threads 1\n"
