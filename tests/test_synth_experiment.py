@@ -261,14 +261,9 @@ class FakeChild:
 
 
 def fake_stages(root: Path, models=("a", "c")) -> list:
+    stage1_dir = lambda kind, seed: root / f"stage1-{kind}-s{seed}"  # noqa: E731
     return plan.stages(
-        [0, 1],
-        list(models),
-        10,
-        root / "data",
-        root / "vision",
-        lambda k, s: root / f"stage1-{k}-s{s}",
-        root / "runs",
+        [0, 1], list(models), 10, root / "data", root / "vision", root / "runs", run.stage1_kind, stage1_dir
     )
 
 

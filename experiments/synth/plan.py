@@ -32,39 +32,33 @@ class Stage:
 
 
 def stages(
-    seeds: list[int], models: list[str], steps: int, data: Path, vision: Path, stage1_dir, runs: Path
+    seeds: list[int],
+    models: list[str],
+    steps: int,
+    data: Path,
+    vision: Path,
+    runs: Path,
+    stage1_kind,
+    stage1_dir,
 ) -> list[Stage]:
     """Every stage of the experiment for `seeds` x `models` (stage 2 with `steps` steps), in order.
 
-    `stage1_dir(kind, seed)` names a stage-1 checkpoint; stage-1 kinds are those `models` need."""
+    `stage1_kind(model)` is the stage-1 kind a model starts from, `stage1_dir(kind, seed)` its checkpoint."""
     plan = [
         Stage("prepare", ["prepare"], data / "frame_pool.jsonl"),
         Stage("pretrain-vision", ["pretrain-vision"], vision / "result.json", ["prepare"]),
     ]
-    kinds = sorted({"slow" if model == "c" else "plain" for model in models})
+    kinds = sorted({stage1_kind(model) for model in models})
     for seed in seeds:
         for kind in kinds:
             args = ["pretrain-llm", "--kind", kind, "--seed", str(seed)]
-            plan.append(
-                Stage(
-                    f"stage1-{kind}-s{seed}",
-                    args,
-                    stage1_dir(kind, seed) / "result.json",
-                    ["pretrain-vision"],
-                )
-            )
+            done = stage1_dir(kind, seed) / "result.json"
+            plan.append(Stage(f"stage1-{kind}-s{seed}", args, done, ["pretrain-vision"]))
     for seed in seeds:
         for model in models:
-            kind = "slow" if model == "c" else "plain"
             args = ["train", "--model", model, "--seed", str(seed), "--steps", str(steps)]
-            plan.append(
-                Stage(
-                    f"{model}-s{seed}",
-                    args,
-                    runs / f"{model}-s{seed}" / "result.json",
-                    [f"stage1-{kind}-s{seed}"],
-                )
-            )
+            done = runs / f"{model}-s{seed}" / "result.json"
+            plan.append(Stage(f"{model}-s{seed}", args, done, [f"stage1-{stage1_kind(model)}-s{seed}"]))
     return plan
 
 

@@ -745,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         ship(args.run_dir, args.seed, args.clips)
     elif args.command == "plan":
         return run_plan(
-            stages(args.seeds, args.models, args.steps, DATA, VISION, stage1_dir, RUNS), args.parallel
+            stages(args.seeds, args.models, args.steps, DATA, VISION, RUNS, stage1_kind, stage1_dir),
+            args.parallel,
         )
     else:
         out = args.out or RUNS / f"{args.model}-s{args.seed}"
