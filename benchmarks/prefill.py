@@ -23,7 +23,7 @@ prefill allocates: activations, the KV cache it returns, the slow keys/values, t
 Commands (results in BENCHMARKS.md):
 
     python -m benchmarks.prefill                                # frames 16 .. 1536, 3 rounds (~10 min)
-    python -m benchmarks.prefill --frames 16 128 --repeats 15   # the equal-budget pair, steadier
+    python -m benchmarks.prefill --frames 16 128 --repeats 15 --out /tmp/prefill-pair   # the equal-budget pair, steadier
     python -m benchmarks.prefill --quick --out /tmp/bench       # quick model, frames 16 and 128, 1 round
 """
 
