@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="write and decode the data")
     vision = commands.add_parser("pretrain-vision", help="pre-train the frame encoder shared by every model")
-    vision.add_argument("--steps", type=int, default=1500)
+    vision.add_argument("--steps", type=int, default=3000)
     vision.add_argument("--batch", type=int, default=128, help="frames per step")
     vision.add_argument("--lr", type=float, default=2e-3)
     vision.add_argument("--out", type=Path, default=VISION)
