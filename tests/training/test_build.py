@@ -3,8 +3,11 @@ loaded k_proj/v_proj, a fresh model computes what the base LLM computes; compone
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 from transformers.utils import is_peft_available
 
@@ -100,6 +103,26 @@ def test_build_needs_a_source():
         build_model(ModelConfig(llm="somewhere"))
     with pytest.raises(ValueError, match="model.dtype"):
         build_model(ModelConfig(init_from="x", dtype="float99"))
+
+
+def test_base_checkpoints_that_do_not_fit_are_refused_by_name(base_models, tmp_path):
+    """A base LLM lacking a weight the slow-fast model needs, and one stored as .bin, each give one line."""
+    llm = tmp_path / "llm"
+    shutil.copytree(base_models["llm"], llm)
+    weights = load_file(llm / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, llm / "model.safetensors")
+    config = ModelConfig(llm=str(llm), vision=base_models["vision"])
+    with pytest.raises(
+        ValueError,
+        match=r"model.llm: the checkpoint lacks the weights \['model.language_model.norm.weight'\]",
+    ):
+        build_model(config)
+    (llm / "model.safetensors").unlink()
+    torch.save(weights, llm / "pytorch_model.bin")
+    with pytest.raises(
+        ValueError, match=rf"model.llm: {llm} holds .bin weights; the build reads safetensors only"
+    ):
+        build_model(config)
 
 
 # ----- components and presets ------------------------------------------------------------------------
