@@ -10,7 +10,7 @@ wherever that is:
   (`TrainingArguments` holding the DeepSpeed config) transformers builds inside `deepspeed.zero.Init`:
   each process allocates only its partition, and rank 0 copies the values in one module at a time;
 - the new parameters (projector, each hybrid layer's cross-attention key/value projection and gate) are
-  then drawn from a generator reset to `seed`, in module order, on whole parameters (gathered under
+  then drawn from torch's generator reset to `seed`, in module order, on whole parameters (gathered under
   ZeRO-3, where rank 0's values are kept): every process, and a single-process build, get the same values.
 """
 
@@ -34,6 +34,7 @@ from ..modeling.reference_format import (
     open_weights,
     reference_weight_files,
     weight_dtype,
+    weight_shape,
 )
 
 LANGUAGE_MODEL = "model.language_model."
@@ -75,26 +76,26 @@ def base_weights(
         shapes, tied = SlowFastForConditionalGeneration.expected_weights(config)
     expected = set(shapes)
     text = _rename(list(llm), llm_prefix, LANGUAGE_MODEL, expected)
-    if LM_HEAD in llm and LM_HEAD not in tied:
-        text[LM_HEAD] = LM_HEAD
-    elif LM_HEAD not in tied:  # an LLM with tied embeddings, in an untied slow-fast model: copy them
-        text[LM_HEAD] = next(key for ours, key in text.items() if ours.endswith("embed_tokens.weight"))
+    # an LLM with tied embeddings has no lm_head weight: an untied slow-fast model starts from the embeddings
+    head = LM_HEAD if LM_HEAD in llm else text.get(LANGUAGE_MODEL + "embed_tokens.weight")
+    if head is not None and LM_HEAD not in tied:
+        text[LM_HEAD] = head
     tower = _rename(list(vision), vision_prefix, VISION_TOWER, expected)
     new = {
         n
         for n in expected
         if n.startswith(LANGUAGE_MODEL) and any(f".{p}" in n for p in CROSS_ATTN_PARAM_PREFIXES)
     }
-    for source, mapping, prefix, wanted in (
-        ("model.llm", text, LANGUAGE_MODEL, {n for n in expected if n.startswith(LANGUAGE_MODEL)} - new),
-        ("model.vision", tower, VISION_TOWER, {n for n in expected if n.startswith(VISION_TOWER)}),
+    for source, mapping, wanted in (
+        ("model.llm", text, {n for n in expected if n.startswith(LANGUAGE_MODEL)} - new | {LM_HEAD}),
+        ("model.vision", tower, {n for n in expected if n.startswith(VISION_TOWER)}),
     ):
         missing = sorted(wanted - set(mapping) - tied)
         if missing:
-            raise ValueError(f"{source}: the checkpoint lacks the weights {missing[:5]} (under {prefix!r})")
+            raise ValueError(f"{source}: the checkpoint lacks the weights {missing[:5]}")
     weights = {ours: (llm[key] if ours in text else vision[key]) for ours, key in {**text, **tower}.items()}
     for name, weight in weights.items():
-        shape = tuple(weight.get_shape() if hasattr(weight, "get_shape") else weight.shape)
+        shape = weight_shape(weight)
         if shape != tuple(shapes[name]):
             raise ValueError(
                 f"{name}: the base checkpoint's shape {shape} does not fit {tuple(shapes[name])}"
@@ -104,7 +105,7 @@ def base_weights(
 
 @torch.no_grad()
 def init_new_parameters(model: SlowFastForConditionalGeneration, seed: int) -> None:
-    """Draw the parameters the base checkpoints do not hold from a generator reset to `seed`: the
+    """Draw the parameters the base checkpoints do not hold from torch's generator reset to `seed`: the
     projector's linear layers (normal, std `initializer_range`; zero bias) and each hybrid layer's
     cross-attention (`reset_cross_parameters`: from the loaded k_proj / v_proj, gate closed)."""
     std = getattr(model.config.text_config, "initializer_range", 0.02)
