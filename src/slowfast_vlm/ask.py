@@ -71,10 +71,8 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         return _fail(f"cannot load model {model_id!r}: {first_line(error)}")
     # None means "not given": the parser has refused 0 and negatives, so nothing is replaced silently
-    defaults = processor.sampling_defaults()
-    num_frames = defaults["num_frames"] if args.frames is None else args.frames
-    fps = defaults["fps"] if args.fps is None else args.fps
-    sampling = args.sampling or defaults["sampling"]
+    options = processor.sampling_options(args.frames, args.fps, args.sampling)
+    num_frames, fps, sampling = options["num_frames"], options["fps"], options["sampling"]
 
     _progress(f"decoding {args.video} ({num_frames} frames, {sampling} sampling at {fps} fps)")
     try:

@@ -110,9 +110,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="folder for predictions.jsonl and metrics.json")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
-    parser.add_argument("--frames", type=positive_int, default=64, help="most frames per video (default 64)")
-    parser.add_argument("--fps", type=positive_float, default=2.0, help="frame sampling rate (default 2)")
-    parser.add_argument("--sampling", choices=("fps", "uniform"), default="fps", help="frame sampling rule")
+    parser.add_argument("--frames", type=positive_int, help="most frames per video (default: the model's)")
+    parser.add_argument("--fps", type=positive_float, help="frame sampling rate (default: the model's)")
+    parser.add_argument(
+        "--sampling", choices=("fps", "uniform"), help="frame sampling rule (default: the model's)"
+    )
     parser.add_argument(
         "--batch-size", type=positive_int, default=1, help="questions per generate call (default 1)"
     )

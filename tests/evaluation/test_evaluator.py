@@ -292,3 +292,23 @@ def test_each_video_is_decoded_and_encoded_once_and_answers_are_those_alone(
     else:  # the old way: every question decodes its video; the cache still spares the encoder
         assert sorted(decoded) == sorted(f"{VIDEO_OF[s.id]}.mp4" for s in samples)
         assert sum(encoded) == 2 * frames_per_video
+
+
+def test_eval_samples_frames_as_the_model_was_trained_unless_told(dataset, tmp_path, monkeypatch):
+    # a model saved with its own sampling (as the synthetic experiment's models are: 64 frames at 8 fps)
+    _, processor = save_tiny_checkpoint(tmp_path / "model")
+    processor.video_defaults = {"num_frames": 6, "fps": 3.0, "sampling": "uniform"}
+    processor.save_pretrained(tmp_path / "model")
+    calls = []
+
+    def recording(path, num_frames, **options):
+        calls.append((num_frames, options["fps"], options["sampling"]))
+        return load_video(path, num_frames, **options)
+
+    monkeypatch.setattr(processor_module, "load_video", recording)
+    argv = ["eval", "--model", str(tmp_path / "model"), "--data", str(dataset), "--max-new-tokens", "1"]
+    assert cli_main([*argv, "--output", str(tmp_path / "own"), "--limit", "1"]) == 0
+    assert calls == [(6, 3.0, "uniform")]
+    calls.clear()
+    assert cli_main([*argv, "--output", str(tmp_path / "told"), "--limit", "1", "--fps", "2"]) == 0
+    assert calls == [(6, 2.0, "uniform")]  # only what was given replaces the model's own

@@ -347,3 +347,13 @@ def test_lmms_eval_cli_runs_a_local_multiple_choice_task(files, reference, tmp_p
     assert json.loads(results[0].read_text())["results"]["sfv_local_mc"]["acc,none"] == pytest.approx(
         right / 3
     )
+
+
+def test_sampling_defaults_to_the_models_own(tmp_path):
+    _, processor = save_tiny_checkpoint(tmp_path / "model")
+    processor.video_defaults = {"num_frames": 6, "fps": 3.0, "sampling": "uniform"}
+    processor.save_pretrained(tmp_path / "model")
+    lm = SlowFastLMMS(pretrained=str(tmp_path / "model"), device="cpu", dtype="float32")
+    assert (lm.num_frames, lm.fps, lm.sampling) == (6, 3.0, "uniform")
+    lm = SlowFastLMMS(pretrained=str(tmp_path / "model"), num_frames="5", device="cpu", dtype="float32")
+    assert (lm.num_frames, lm.fps, lm.sampling) == (5, 3.0, "uniform")  # model_args arrive as strings

@@ -84,9 +84,9 @@ def predict(
     processor,
     samples: Sequence[QASample],
     writer: PredictionWriter,
-    num_frames: int = 64,
-    fps: float | None = 2.0,
-    sampling: str = "fps",
+    num_frames: int | None = None,
+    fps: float | None = None,
+    sampling: str | None = None,
     batch_size: int = 1,
     max_new_tokens: int = 32,
     num_workers: int = 2,
@@ -100,13 +100,17 @@ def predict(
     encoded videos are kept in a `VisualCache` of `visual_cache_mb` MiB (0: encoded for each batch).
     A video that is missing or cannot be decoded gives a record with `error` set and
     `correct: null` for each of its questions; it is logged with the sample id and the rest goes on.
+    `num_frames`, `fps`, `sampling`: None takes the model's own (`processor.sampling_options`).
     """
+    options = processor.sampling_options(num_frames, fps, sampling)
     groups = by_video(samples) if group_by_video else [[sample] for sample in samples]
     cache = VisualCache.from_megabytes(visual_cache_mb) if visual_cache_mb > 0 else None
 
     def decode(group: list[QASample]) -> tuple[list[QASample], np.ndarray | None, str | None]:
         try:
-            frames, _ = processor.load_video(group[0].video, num_frames, fps=fps, sampling=sampling)
+            frames, _ = processor.load_video(
+                group[0].video, options["num_frames"], fps=options["fps"], sampling=options["sampling"]
+            )
             return group, frames, None
         except (OSError, ValueError) as e:  # FileNotFoundError, VideoDecodeError
             return group, None, f"{type(e).__name__}: {e}"

@@ -5,8 +5,9 @@ lmms-eval finds it through the `lmms_eval.models` entry point of this package (`
     lmms-eval --model slowfast_vlm --model_args pretrained=PATH,num_frames=64,fps=2 --tasks videomme
 
 Model args: `pretrained` (a folder saved with `save_pretrained`, model + processor), `num_frames`
-(most frames per video, default 64), `fps` (frame sampling rate, default 2), `sampling` ("fps" or
-"uniform"), `device` (default: the process's accelerate device), `dtype` (as for
+(most frames per video), `fps` (frame sampling rate), `sampling` ("fps" or "uniform"; these three
+default to the model's own, `SlowFastProcessor.sampling_defaults`: 64 frames at 2 fps for the
+released models), `device` (default: the process's accelerate device), `dtype` (as for
 `inference.load_model`; "auto": bfloat16 on a GPU that supports it, else float32), `num_workers`
 (video decoding threads), `on_error` ("mark" or "raise", see `SlowFastLMMS`), `visual_cache_mb` (MiB of
 encoded videos kept, so that the questions of a video encode it once; 0: none; default 1024). `--batch_size N` batches requests. Under
@@ -89,9 +90,9 @@ class SlowFastLMMS(lmms):
     def __init__(
         self,
         pretrained: str,
-        num_frames: int = 64,
-        fps: float = 2.0,
-        sampling: str = "fps",
+        num_frames: int | None = None,
+        fps: float | None = None,
+        sampling: str | None = None,
         batch_size: int | str = 1,
         device: str | None = None,
         dtype: str = "auto",
@@ -116,7 +117,10 @@ class SlowFastLMMS(lmms):
         state = self.accelerator.state
         device = state.device if state.num_processes > 1 or device is None else device
         self.model, self.processor = load_model(pretrained, device, dtype)
-        self.num_frames, self.fps, self.sampling = int(num_frames), float(fps), sampling
+        options = self.processor.sampling_options(
+            None if num_frames is None else int(num_frames), None if fps is None else float(fps), sampling
+        )
+        self.num_frames, self.fps, self.sampling = options["num_frames"], options["fps"], options["sampling"]
         self.batch_size_per_device = int(batch_size)
         self.num_workers, self.on_error = int(num_workers), on_error
         budget = float(visual_cache_mb)

@@ -312,6 +312,14 @@ class SlowFastProcessor(ProcessorMixin):
         evaluation settings of the released models (64 frames read at 2 fps)."""
         return {"num_frames": 64, "fps": 2.0, "sampling": "fps", **self.video_defaults}
 
+    def sampling_options(
+        self, num_frames: int | None = None, fps: float | None = None, sampling: str | None = None
+    ) -> dict:
+        """`sampling_defaults()` with the values a user gave (None: not given) over them, so that
+        `ask`, `eval` and the lmms-eval model sample a model's videos the way it was trained to."""
+        given = {"num_frames": num_frames, "fps": fps, "sampling": sampling}
+        return self.sampling_defaults() | {key: value for key, value in given.items() if value is not None}
+
     # ----- the model side ------------------------------------------------------------------------
     def num_fast_tokens(self, num_frames: int) -> int:
         """Placeholder tokens for a video of `num_frames` frames (1 = a still image, which is not pooled)."""
@@ -450,9 +458,8 @@ class SlowFastProcessor(ProcessorMixin):
             do_sample_frames = num_frames is not None or fps is not None
         if not do_sample_frames:
             return [list(range(len(video))) for video in videos], rates
-        defaults = self.sampling_defaults()
-        num_frames = defaults["num_frames"] if num_frames is None else num_frames
-        fps = defaults["fps"] if fps is None else fps
+        options = self.sampling_options(num_frames, fps)
+        num_frames, fps = options["num_frames"], options["fps"]
         sampled = [
             fps_sample_indices(total, rate, num_frames, fps)
             if rate
