@@ -149,6 +149,22 @@ def test_exact_resume_after_stop_and_sigterm(workdir, monkeypatch, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
+def test_stage1_resumes_exactly(workdir):
+    """Stage 1 stopped after its first step and run again ends with the uninterrupted run's weights and loss."""
+    run.write_frame_pool(2)
+    run.pretrain_vision(1, 4, 1e-3)
+    whole = run.pretrain_llm(3, 2, 1e-3, Path("stage1-whole"), "slow")
+    assert run.pretrain_llm(3, 2, 1e-3, Path("stage1-chunked"), "slow", stop_after=1) is None
+    assert torch.load(workdir / "stage1-chunked" / "checkpoint" / "state.pt", weights_only=False)["step"] == 1
+    chunked = run.pretrain_llm(3, 2, 1e-3, Path("stage1-chunked"), "slow")
+    assert chunked["final_loss"] == whole["final_loss"]
+    assert not (workdir / "stage1-chunked" / "checkpoint").exists()
+    weights = [load_file(workdir / name / "model.safetensors") for name in ("stage1-whole", "stage1-chunked")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def test_score_on_fresh_clips_and_clips_without_digits(workdir):
     assert run.main(["score", "uninterrupted", "--seed", "7", "--clips", "1"]) == 0
     report = json.loads((workdir / "uninterrupted" / "score-seed7.json").read_text())

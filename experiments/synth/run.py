@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn
+from checkpoints import resumable_steps
 from plan import run_plan, stages
 from scoring import chooses_answer, demo_question, score, test_accuracy
 from tqdm import tqdm
@@ -300,10 +300,18 @@ def clipped_step(loss: torch.Tensor, parameters: list, optimizer, schedule) -> f
 
 
 def pretrain_llm(
-    steps: int, batch: int, lr: float, out: Path, kind: str = "plain", vision: Path = VISION, seed: int = 0
-) -> dict:
-    """Train projector + LLM (no hybrid layer) on image QA about the frame pool's digit frames, on the
-    frozen encoder; every video model of this seed starts from this checkpoint."""
+    steps: int,
+    batch: int,
+    lr: float,
+    out: Path,
+    kind: str = "plain",
+    vision: Path = VISION,
+    seed: int = 0,
+    stop_after: int | None = None,
+) -> dict | None:
+    """Train projector + LLM on image QA about the frame pool's digit frames, on the frozen encoder; every
+    video model of this seed and kind starts from this checkpoint. Resumable as stage 2 is
+    (`resumable_steps`; None when stopped)."""
     torch.set_num_threads(1)
     model, processor = build_scratch_model(scratch_texts(), seed=seed, **STAGE1_KNOBS[kind])
     load_frozen_vision(model, vision)
@@ -313,8 +321,16 @@ def pretrain_llm(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     pool, pool_records = read_frame_pool()
     rng = np.random.default_rng(seed)
-    log, started = [], time.time()
-    for step in range(steps):
+    settings = {
+        "kind": kind,
+        "steps": steps,
+        "batch_images": batch,
+        "lr": lr,
+        "seed": seed,
+        "vision": str(vision),
+    }
+
+    def one_step(step: int) -> float:
         picked = [
             divmod(int(i), QUESTIONS_PER_CLIP)
             for i in rng.choice(len(pool_records) * QUESTIONS_PER_CLIP, batch)
@@ -324,11 +340,15 @@ def pretrain_llm(
         texts = [processor.apply_chat_template(chat) for chat in chats]
         inputs = processor(text=texts, images=frames, padding=True, return_tensors="pt")
         loss = model(**inputs, labels=answer_labels(inputs["input_ids"], processor.tokenizer)).loss
-        log.append(clipped_step(loss, trainable, optimizer, schedule))
-        if step % 50 == 0 or step == steps - 1:
-            print(
-                f"stage 1 step {step} loss {np.mean(log[-50:]):.3f} {time.time() - started:.0f}s", flush=True
-            )
+        return clipped_step(loss, trainable, optimizer, schedule)
+
+    outcome = resumable_steps(
+        out, settings, model, optimizer, schedule, rng, steps, one_step, "stage 1", print_every=50,
+        stop_after=stop_after,
+    )  # fmt: skip
+    if outcome is None:
+        return None
+    log, seconds = outcome
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -339,8 +359,9 @@ def pretrain_llm(
         "lr": lr,
         "final_loss": float(np.mean(log[-50:])),
     }
-    result["seconds"] = round(time.time() - started)
+    result["seconds"] = round(seconds)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(out / "checkpoint")
     print(json.dumps(result), flush=True)
     return result
 
@@ -419,36 +440,6 @@ def prefill_flops(model, processor, name: str) -> dict:
     return {"llm_prefill_flops": result.llm_prefill_flops, "sequence_length": result.sequence_length}
 
 
-# ----- stage 2 checkpoints: a run continues exactly where it stopped -----
-def save_checkpoint(out: Path, state: dict) -> None:
-    """Write `out/checkpoint/state.pt` atomically: into a new directory, then renamed over the old one."""
-    new, current, old = out / "checkpoint.new", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir(parents=True)
-    torch.save(state, new / "state.pt")
-    shutil.rmtree(old, ignore_errors=True)
-    if current.exists():
-        current.rename(old)
-    new.rename(current)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out: Path) -> dict | None:
-    """The state `save_checkpoint` saved last in `out` (also when it was stopped between its two renames)."""
-    for path in (out / "checkpoint" / "state.pt", out / "checkpoint.old" / "state.pt"):
-        if path.exists():
-            return torch.load(path, weights_only=False)  # our own file: numpy's generator state is a dict
-    return None
-
-
-def stop_requests() -> list[int]:
-    """Catch SIGTERM and SIGINT from now on: each appends its number to the returned list."""
-    received: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: received.append(signum))
-    return received
-
-
 def train(
     name: str,
     seed: int,
@@ -497,53 +488,26 @@ def train(
     data_rng = np.random.default_rng(data_seed)  # the same clips, orders and forms for every model of a seed
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
     settings |= {"stage1": str(stage1), "data_seed": data_seed}
-    first, log, elapsed = 0, [], 0.0
-    state = load_checkpoint(out)
-    if state is not None:
-        if state["settings"] != settings:
-            raise ValueError(f"{out}/checkpoint was saved by a run with {state['settings']}, not {settings}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        data_rng.bit_generator.state = state["data_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        first, log, elapsed = state["step"], state["log"], state["seconds"]
-        print(f"{name} s{seed}: resuming {out} at step {first}", flush=True)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    stops = stop_requests()
-    started = time.time() - elapsed
-    try:
-        for step in range(first, steps):
-            picked = data_rng.choice(len(clips), batch, replace=False)
-            videos = [select_frames(np.asarray(all_frames[i]), defaults) for i in picked]
-            inputs, labels = training_batch(processor, [clips[i] for i in picked], videos, data_rng)
-            log.append(clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule))
-            done = step + 1
-            if step % 10 == 0 or done == steps:
-                print(
-                    f"{name} s{seed} step {step} loss {np.mean(log[-10:]):.3f} {time.time() - started:.0f}s",
-                    flush=True,
-                )
-            halt = bool(stops) or done == stop_after
-            if done % save_every == 0 or done == steps or halt:
-                save_checkpoint(out, {
-                    "settings": settings, "step": done, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "data_rng": data_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "log": log, "seconds": time.time() - started,
-                })  # fmt: skip
-            if halt:
-                print(f"{name} s{seed}: stopped after step {done}; {out}/checkpoint saved", flush=True)
-                return None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+
+    def one_step(step: int) -> float:
+        picked = data_rng.choice(len(clips), batch, replace=False)
+        videos = [select_frames(np.asarray(all_frames[i]), defaults) for i in picked]
+        inputs, labels = training_batch(processor, [clips[i] for i in picked], videos, data_rng)
+        return clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule)
+
+    outcome = resumable_steps(
+        out, settings, model, optimizer, schedule, data_rng, steps, one_step, f"{name} s{seed}",
+        save_every=save_every, stop_after=stop_after,
+    )  # fmt: skip
+    if outcome is None:
+        return None
+    log, seconds = outcome
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "loss_log.json").write_text(json.dumps(log) + "\n")
     result = settings | {
-        "train_seconds": round(time.time() - started),
+        "train_seconds": round(seconds),
         "final_loss": float(np.mean(log[-10:])),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
@@ -679,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     stage1.add_argument("--vision", type=Path, default=VISION)
     stage1.add_argument("--seed", type=int, default=0)
     stage1.add_argument("--out", type=Path, help=f"default: {STAGE1}-<kind>-s<seed>")
+    stage1.add_argument("--stop-after-steps", type=int, help="save the checkpoint after this step and exit")
     summarize_parser = commands.add_parser("summarize", help="print the results table of the finished runs")
     summarize_parser.add_argument("runs_dir", type=Path, nargs="?", default=RUNS)
     probe_parser = commands.add_parser(
@@ -732,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             args.kind,
             args.vision,
             args.seed,
+            args.stop_after_steps,
         )
     elif args.command == "summarize":
         print(summarize(args.runs_dir))
