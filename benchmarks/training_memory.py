@@ -140,9 +140,10 @@ def worker(name: str, sets: list[str], tiny: dict[str, str], output: str) -> Non
     import torch.distributed
 
     torch.distributed.destroy_process_group()
-    # The figures are written. Leave without the interpreter's teardown: once in CI (oldest releases) a
-    # rank aborted there ("terminate called without an active exception") after destroying its group,
-    # which would fail the run after its measurement. (`slowfast-vlm train` is tested for a clean exit.)
+    # The figures are written. Leave without the interpreter's teardown: once in CI (oldest releases, ZeRO-3)
+    # rank 1 aborted there ("terminate called without an active exception"). Cause not found: gloo's worker
+    # threads outlive destroy_process_group here, held by no Python object (BENCHMARKS.md, "Training: host
+    # memory per process", lists what was ruled out).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
