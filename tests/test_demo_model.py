@@ -50,3 +50,21 @@ def test_demo_model_reads_the_asked_about_frame():
         per_frame = compute_attention_map(model, reply.output, reply.video).per_layer.mean(0).sum((1, 2))
     assert reply.text == record["answer_text"]
     assert int(per_frame.argmax()) == record["detail_frames"][0]
+
+
+def test_eval_on_the_benchmark_form_answers_as_the_model_does(tmp_path):
+    # README: `slowfast-vlm eval --model <demo model> --data <test split>`; here on the demo question,
+    # against `answer` on the same multiple-choice prompt with the model's own frame sampling
+    from slowfast_vlm.inference import answer, load_model
+
+    record = json.loads(DEMO_RECORD.read_text()) | {"video": str(DEMO_CLIP)}
+    (tmp_path / "test.jsonl").write_text(json.dumps(record) + "\n")
+    argv = ["eval", "--model", str(DEMO_MODEL_DIR), "--data", str(tmp_path / "test.jsonl")]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    predicted = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())
+    model, processor = load_model(str(DEMO_MODEL_DIR), "cpu", "float32")
+    frames, _ = load_video(DEMO_CLIP, **processor.sampling_defaults())
+    question = record["conversations"][0]["value"].removeprefix("<video>\n")
+    with torch.inference_mode():
+        expected = answer(model, processor, frames, question, max_new_tokens=32).text
+    assert predicted["response"] == expected
