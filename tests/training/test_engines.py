@@ -37,11 +37,13 @@ ENGINES = {
     "fsdp2": ["training.fsdp=full_shard auto_wrap", "training.fsdp_config=configs/fsdp/fsdp2.json"],
 }
 # (losses, weights) against fp32 DDP: fp32 engines only reorder sums; ZeRO-3 computes in bf16 and saves
-# bf16 weights (relative rounding up to 2^-9, plus bf16 arithmetic in the updates).
+# bf16 weights (relative rounding up to 2^-9, plus bf16 arithmetic in the updates: Adam moves a weight by up
+# to its learning rate, 1e-3 for stage 1's projector, per step whatever its gradient's size, so a gradient
+# near zero that bf16 rounds to the other sign moves it by up to 2e-3 the other way).
 TOLERANCE = {
     "zero2": (dict(rtol=0, atol=1e-5), dict(rtol=0, atol=1e-6)),
     "fsdp2": (dict(rtol=0, atol=1e-5), dict(rtol=0, atol=1e-6)),
-    "zero3": (dict(rtol=0, atol=2e-3), dict(rtol=2**-8, atol=1e-3)),
+    "zero3": (dict(rtol=0, atol=2e-3), dict(rtol=2**-8, atol=2e-3)),
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
 

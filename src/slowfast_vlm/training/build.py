@@ -98,6 +98,10 @@ def build_model(
         )
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm)
         processor = SlowFastProcessor.from_model_config(model.config, _with_chatml(tokenizer))
+    # transformers' ZeRO-3 loader keeps its load-time renamings for save_pretrained, which would reverse them
+    # (model.language_model.* saved as model.language_model.model.*); the other loaders keep none
+    if getattr(model, "_weight_conversions", None):
+        model._weight_conversions = []
     processor.prepare_model(model)
     if config.lora is not None:
         add_lora(model, config.lora)
