@@ -125,6 +125,21 @@ def test_base_checkpoints_that_do_not_fit_are_refused_by_name(base_models, tmp_p
         build_model(config)
 
 
+def test_new_parameters_are_the_same_draws_in_bf16_as_in_fp32(base_models):
+    """A bf16 build (as under ZeRO-3 in bf16) draws the projector and gates in fp32, then rounds."""
+    config = dict(llm=base_models["llm"], vision=base_models["vision"], slowfast={"hybrid_every_n_layers": 2})
+    fp32, _ = build_model(ModelConfig(**config), seed=5)
+    bf16, _ = build_model(ModelConfig(**config, dtype="bfloat16"), seed=5)
+    new = [
+        n for n, _ in fp32.named_parameters() if "multi_modal_projector" in n or "cross_attn_gate_proj" in n
+    ]
+    assert len(new) == 4 + 2 * 2  # projector: 2 linear layers; gate projection of hybrid layers 0 and 2
+    reference, ours = dict(fp32.named_parameters()), dict(bf16.named_parameters())
+    for name in new:
+        assert ours[name].dtype == torch.bfloat16
+        assert torch.equal(ours[name], reference[name].to(torch.bfloat16)), name
+
+
 # ----- components and presets ------------------------------------------------------------------------
 def test_every_parameter_belongs_to_one_component(built):
     model, _ = built
