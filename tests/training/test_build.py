@@ -126,7 +126,7 @@ def test_base_checkpoints_that_do_not_fit_are_refused_by_name(base_models, tmp_p
 
 
 def test_new_parameters_are_the_same_draws_in_bf16_as_in_fp32(base_models):
-    """A bf16 build (as under ZeRO-3 in bf16) draws the projector and gates in fp32, then rounds."""
+    """A bf16 build (as under ZeRO-3 in bf16) gets an fp32 build's new parameters, rounded."""
     config = dict(llm=base_models["llm"], vision=base_models["vision"], slowfast={"hybrid_every_n_layers": 2})
     fp32, _ = build_model(ModelConfig(**config), seed=5)
     bf16, _ = build_model(ModelConfig(**config, dtype="bfloat16"), seed=5)

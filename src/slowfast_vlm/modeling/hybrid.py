@@ -41,13 +41,6 @@ def gathered_for_init(module: nn.Module):
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
-@torch.no_grad()
-def normal_fp32_(tensor: torch.Tensor, std: float) -> torch.Tensor:
-    """Fill `tensor` with N(0, std) values drawn in fp32, then rounded to its dtype: a bf16 parameter (a
-    ZeRO-3 build in bf16) gets the values an fp32 one gets (`nn.init.normal_` draws differently per dtype)."""
-    return tensor.copy_(torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device).normal_(std=std))
-
-
 class TanhWarmupGate:
     """The published gate ("whole-dynamic-tanh-warmup", architecture 1.5.5) of a hybrid attention block:
 
@@ -70,7 +63,7 @@ class TanhWarmupGate:
     @torch.no_grad()
     def reset(block: nn.Module, warm_up: float, std: float) -> None:
         """Projection drawn from N(0, std), bias 0, the scalar w at `warm_up` (0: closed)."""
-        normal_fp32_(block.cross_attn_gate_proj[0].weight, std)
+        nn.init.normal_(block.cross_attn_gate_proj[0].weight, std=std)
         nn.init.zeros_(block.cross_attn_gate_proj[0].bias)
         nn.init.constant_(block.cross_attn_warm_up_gate, warm_up)
 
@@ -136,7 +129,7 @@ class HybridAttention(nn.Module):
                         proj.bias.view(self.num_kv_heads, self.head_dim) if proj.bias is not None else 0.0
                     )
             else:
-                normal_fp32_(self.cross_attn_kv_proj.weight, std)
+                nn.init.normal_(self.cross_attn_kv_proj.weight, std=std)
                 nn.init.zeros_(self.cross_attn_kv_proj.bias)
             if self.gate_type == "tanh-warmup":
                 TanhWarmupGate.reset(self, self.gate_init, std)

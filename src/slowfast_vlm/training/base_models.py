@@ -27,7 +27,7 @@ from transformers.modeling_utils import set_zero3_state
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from ..config import SlowFastConfig
-from ..modeling.hybrid import CROSS_ATTN_PARAM_PREFIXES, gathered_for_init, normal_fp32_
+from ..modeling.hybrid import CROSS_ATTN_PARAM_PREFIXES, gathered_for_init
 from ..modeling.model import SlowFastForConditionalGeneration
 from ..modeling.reference_format import (
     local_checkpoint_dir,
@@ -106,7 +106,7 @@ def base_weights(
 @torch.no_grad()
 def init_new_parameters(model: SlowFastForConditionalGeneration, seed: int) -> None:
     """Draw the parameters the base checkpoints do not hold from torch's generator reset to `seed`: the
-    projector's linear layers (normal, std `initializer_range`, drawn in fp32; zero bias) and each hybrid layer's
+    projector's linear layers (normal, std `initializer_range`; zero bias) and each hybrid layer's
     cross-attention (`reset_cross_parameters`: from the loaded k_proj / v_proj, gate closed)."""
     std = getattr(model.config.text_config, "initializer_range", 0.02)
     device = model.get_input_embeddings().weight.device
@@ -118,7 +118,7 @@ def init_new_parameters(model: SlowFastForConditionalGeneration, seed: int) -> N
     for module in model.model.multi_modal_projector.modules():
         if isinstance(module, nn.Linear):
             with gathered_for_init(module):
-                normal_fp32_(module.weight, std)
+                nn.init.normal_(module.weight, std=std)
                 nn.init.zeros_(module.bias)
     for layer in model.hybrid_attentions:
         layer.reset_cross_parameters(model.config.init_cross_kv_from_lm, std=std)
