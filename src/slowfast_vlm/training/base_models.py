@@ -40,6 +40,7 @@ from ..modeling.reference_format import (
 LANGUAGE_MODEL = "model.language_model."
 VISION_TOWER = "model.vision_tower."
 LM_HEAD = "lm_head.weight"
+WEIGHTS_ONLY = {"allow_patterns": ["*.json", "*.safetensors"]}  # a hub repository's download: no .bin copies
 
 
 def vision_encoder_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -139,7 +140,7 @@ def build_from_base(
     vision_prefix = MODEL_MAPPING[type(config.vision_config)].base_model_prefix
     with ExitStack() as stack:
         weights = [
-            open_weights(reference_weight_files(local_checkpoint_dir(path, {})), stack)
+            open_weights(reference_weight_files(local_checkpoint_dir(path, WEIGHTS_ONLY)), stack)
             for path in (llm, vision)
         ]
         for source, path, tensors in zip(("model.llm", "model.vision"), (llm, vision), weights):
