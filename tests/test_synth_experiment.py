@@ -23,8 +23,6 @@ import run  # noqa: E402
 import scoring  # noqa: E402
 from benchmark import FPS, FRAMES, SIZE  # noqa: E402
 
-from slowfast_vlm.attention_maps import video_attention_map  # noqa: E402
-from slowfast_vlm.modeling.slow_tokens import SlowCache  # noqa: E402
 from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
 from slowfast_vlm.synth import CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
 from slowfast_vlm.training.scratch import build_scratch_model  # noqa: E402
@@ -205,25 +203,6 @@ def test_choice_scoring_picks_the_best_letter():
     digits[int(record["answer_text"])] = 1.0
     digits[[d for d in range(10) if str(d) not in record["options"]][0]] = 5.0  # not an option: ignored
     assert scoring.chooses_answer(digits, record)
-
-
-def test_question_restricted_peak_on_a_hand_made_map():
-    """Row 0: the prompt up to the question (3 query tokens, all on frame 0); row 1: the prompt through
-    the question (the same 3, then 2 question tokens on frame 2). Over every token the peak is frame 0;
-    over the question's tokens it is frame 2 with all its mass."""
-    frames, h, w = 4, 1, 2
-    probs = torch.zeros(2, 2, frames * h * w)  # (rows, heads, slow tokens): summed over query tokens
-    probs[:, :, 0] = 3.0  # frame 0, token 0
-    probs[1, :, 2 * h * w + 1] = 2.0  # frame 2, token 1
-    cache = SlowCache(
-        tokens=torch.zeros(2, frames * h * w, 8), mask=torch.ones(2, frames * h * w, dtype=torch.bool)
-    )
-    cache.record(2, probs, torch.tensor([3, 5]))
-    restricted = scoring.span_attention(cache, end=1, start=0, shape=(frames, h, w))
-    assert restricted.peak_frame == 2
-    np.testing.assert_allclose(restricted.per_frame, [0, 0, 1, 0])
-    np.testing.assert_allclose(restricted.mean[2], [[0, 1]])
-    assert video_attention_map(cache, 1, (frames, h, w)).peak_frame == 0  # averaged over every token
 
 
 def test_question_prefixes_cut_around_the_question_words():

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from benchmark import FORMS, FPS, FRAMES, SIZE, conversation, question_words
 
-from slowfast_vlm.attention_maps import AttentionMap, video_attention_map
+from slowfast_vlm.attention_maps import span_attention_map, video_attention_map
 from slowfast_vlm.inference import answer, load_model
-from slowfast_vlm.modeling.slow_tokens import SlowCache
 from slowfast_vlm.processing.video import load_video, write_video
 from slowfast_vlm.synth import CATEGORIES, CRF, LETTERS, generate_clip
 
@@ -35,27 +34,6 @@ def question_prefixes(prompt: str, record: dict) -> tuple[str, str]:
     words = question_words(record)
     start = prompt.index(words)
     return prompt[:start], prompt[: start + len(words)]
-
-
-def span_attention(slow_cache: SlowCache, end: int, start: int, shape: tuple[int, int, int]) -> AttentionMap:
-    """The map of the query tokens that batch row `end` has beyond row `start` (its prompt's prefix).
-
-    A hybrid layer records, per row, its cross-attention probabilities summed over the row's query tokens
-    and their count; the difference of two rows, divided by the difference of counts, averages exactly
-    the tokens between the two prompt ends: in a causal model a token's attention depends only on the
-    tokens up to it. `shape` is `(T, h, w)` of the row's (single) video.
-    """
-    per_layer = []
-    for layer in sorted(slow_cache.attention):
-        total, count = slow_cache.attention[layer]  # (B, H, N), (B,)
-        tokens = int(count[end] - count[start])
-        if tokens < 1:
-            raise ValueError(f"rows {start} -> {end}: no query token between the two prompts")
-        per_layer.append((total[end] - total[start]).mean(0) / tokens)  # (N,): averaged over heads
-    maps = torch.stack(per_layer)[:, : int(np.prod(shape))]
-    return AttentionMap(
-        per_layer=maps.reshape(-1, *shape).cpu().numpy(), layer_indices=sorted(slow_cache.attention)
-    )
 
 
 def token_ids(tokenizer, symbols: str) -> list[int]:
@@ -106,7 +84,7 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
             detail = record["detail_frames"][0]
             result["peak_all"] = video_attention_map(outputs.slow_cache, b, grid).peak_frame == detail
             result["peak_question"] = (
-                span_attention(outputs.slow_cache, end, start, grid).peak_frame == detail
+                span_attention_map(outputs.slow_cache, end, start, grid).peak_frame == detail
             )
         results.append(result)
     return results

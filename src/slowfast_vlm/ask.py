@@ -27,6 +27,7 @@ from .inference import (
     load_model,
     resolve_device,
     resolve_dtype,
+    text_span,
 )
 from .visual_cache import VisualCache
 
@@ -92,10 +93,17 @@ def main(args: argparse.Namespace) -> int:
     _progress(f"done in {time.perf_counter() - started:.1f} s")
 
     if args.attention_map is not None:
-        attention = compute_attention_map(model, reply.output, reply.video)
+        try:  # what the question's own tokens read: the evidence it asks about
+            span = text_span(processor, reply.prompt, args.question, len(frames))
+        except ValueError as error:
+            return _fail(f"--attention-map: {first_line(error)}")
+        attention = compute_attention_map(model, reply.output, reply.video, span)
         try:
             save_attention_map_png(attention, args.attention_map, frames=frames, title=args.question)
         except OSError as error:
             return _fail(f"--attention-map {args.attention_map}: {first_line(error)}")
-        _progress(f"attention map (peak at frame {attention.peak_frame}) written to {args.attention_map}")
+        _progress(
+            f"attention map of the question's tokens (peak at frame {attention.peak_frame}) written to "
+            f"{args.attention_map}"
+        )
     return 0

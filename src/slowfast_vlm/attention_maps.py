@@ -1,9 +1,11 @@
 """Attention maps: which frames and regions the hybrid layers' cross-attention read.
 
-Run the model forward with `record_slow_attention=True`; the returned `slow_cache` then holds, per hybrid layer, the cross-attention probabilities over the slow tokens
-averaged over every querying token (prompt text and generated tokens). `video_attention_map`
-folds them back onto the `(T, h, w)` slow-token grid of a video; `save_attention_map_png` draws a
-per-frame curve and heat maps over the frames.
+Run the model forward with `record_slow_attention=True`; the returned `slow_cache` then holds, per
+hybrid layer, the cross-attention probabilities over the slow tokens summed over every querying token
+(prompt text and generated tokens). `video_attention_map` averages them and folds them back onto the
+`(T, h, w)` slow-token grid of a video; `span_attention_map` averages only the tokens of one stretch of
+the text (a question's own words); `save_attention_map_png` draws a per-frame curve and heat maps over
+the frames.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .modeling.slow_tokens import SlowCache
 
@@ -46,17 +49,43 @@ class AttentionMap:
 def video_attention_map(
     slow_cache: SlowCache, sample: int, shape: tuple[int, int, int], offset: int = 0
 ) -> AttentionMap:
-    """The attention map of the video at slow-token offset `offset` of batch row `sample`.
+    """The attention map of the video at slow-token offset `offset` of batch row `sample`, averaged over
+    every query token of the row.
 
     Args:
         slow_cache: returned by a forward/generate call made with `record_slow_attention=True`.
         shape: `(T, h, w)` of the video's slow tokens (frame-major, as the model lays them out).
     """
-    maps = slow_cache.attention_map()[sample]  # (layers, H, N)
-    num_frames, h, w = shape
-    video = maps[:, :, offset : offset + num_frames * h * w].mean(dim=1)  # average over heads
-    per_layer = video.reshape(-1, num_frames, h, w).cpu().numpy()
-    return AttentionMap(per_layer=per_layer, layer_indices=sorted(slow_cache.attention))
+    maps = slow_cache.attention_map()[sample].mean(dim=1)  # (layers, N): averaged over heads
+    return _folded(maps[:, offset : offset + int(np.prod(shape))], shape, slow_cache)
+
+
+def span_attention_map(
+    slow_cache: SlowCache, row: int, prefix_row: int, shape: tuple[int, int, int]
+) -> AttentionMap:
+    """The map of only the query tokens that batch row `row` has beyond row `prefix_row`, which holds a
+    prefix of the same sequence and the same (single) video of slow-token shape `(T, h, w)`.
+
+    A hybrid layer records, per row, its cross-attention probabilities summed over the row's query
+    tokens and their count; in a causal model a token's attention depends only on the tokens up to it,
+    so the difference of the two rows over the difference of their counts averages exactly the tokens
+    between the two ends (e.g. a question's own words: the prompt through them, and the prompt before).
+    """
+    per_layer = []
+    for layer in sorted(slow_cache.attention):
+        total, count = slow_cache.attention[layer]  # (B, H, N), (B,)
+        tokens = int(count[row] - count[prefix_row])
+        if tokens < 1:
+            raise ValueError(f"rows {prefix_row} -> {row}: no query token between the two ends")
+        per_layer.append((total[row] - total[prefix_row]).mean(dim=0) / tokens)  # (N,): averaged over heads
+    return _folded(torch.stack(per_layer)[:, : int(np.prod(shape))], shape, slow_cache)
+
+
+def _folded(maps: torch.Tensor, shape: tuple[int, int, int], slow_cache: SlowCache) -> AttentionMap:
+    """`maps` `(layers, T*h*w)` as an `AttentionMap` of `(layers, T, h, w)`."""
+    return AttentionMap(
+        per_layer=maps.reshape(-1, *shape).float().cpu().numpy(), layer_indices=sorted(slow_cache.attention)
+    )
 
 
 def save_attention_map_png(
@@ -114,4 +143,4 @@ def save_attention_map_png(
     return path
 
 
-__all__ = ["AttentionMap", "save_attention_map_png", "video_attention_map"]
+__all__ = ["AttentionMap", "save_attention_map_png", "span_attention_map", "video_attention_map"]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention_maps import AttentionMap, video_attention_map
+from .attention_maps import AttentionMap, span_attention_map, video_attention_map
 from .model_options import DTYPES
 from .modeling import SlowFastForConditionalGeneration
 from .modeling.model import EncodedVisual
@@ -146,11 +146,39 @@ def max_positions(model) -> int | None:
 def prompt_length(processor: SlowFastProcessor, conversation: list[dict], num_frames: int | None) -> int:
     """Tokens of `conversation`'s generation prompt, its video (`num_frames` frames, None: none)
     expanded to its fast tokens: what `reply` would feed the model, without processing any pixels."""
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    tokens = len(processor.tokenizer(prompt)["input_ids"])
+    return expanded_length(
+        processor, processor.apply_chat_template(conversation, add_generation_prompt=True), num_frames
+    )
+
+
+def expanded_length(processor: SlowFastProcessor, text: str, num_frames: int | None) -> int:
+    """Tokens of `text` with each video placeholder expanded to the fast tokens of `num_frames` frames."""
+    tokens = len(processor.tokenizer(text)["input_ids"])
     if num_frames:
-        tokens += (processor.num_fast_tokens(num_frames) - 1) * prompt.count(processor.video_token)
+        tokens += (processor.num_fast_tokens(num_frames) - 1) * text.count(processor.video_token)
     return tokens
+
+
+def text_span(
+    processor: SlowFastProcessor, prompt: str, text: str, num_frames: int | None
+) -> tuple[int, int]:
+    """Token positions `[start, end)` of the last occurrence of a user's `text` in the model input of chat
+    `prompt` (its video placeholders expanded for `num_frames` frames): e.g. a question's own tokens.
+
+    Raises `ValueError` when `text` is not in the prompt or does not tokenize apart from its neighbours.
+    """
+    shown = processor.escape_text(text)  # as the chat template wrote it
+    at = prompt.rfind(shown) if shown else -1
+    if at < 0:
+        raise ValueError(f"{text!r} is not in the prompt")
+    ids = processor.tokenizer(prompt)["input_ids"]
+    bounds = []
+    for cut in (prompt[:at], prompt[: at + len(shown)]):
+        cut_ids = processor.tokenizer(cut)["input_ids"]
+        if ids[: len(cut_ids)] != cut_ids:
+            raise ValueError(f"{text!r} does not tokenize apart from the prompt around it")
+        bounds.append(expanded_length(processor, cut, num_frames))
+    return bounds[0], bounds[1]
 
 
 def check_prompt_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -175,6 +203,7 @@ class Reply:
         finish_reason: "stop" (end of turn or a stop string) or "length" (`max_new_tokens` reached).
         prompt_tokens, completion_tokens: lengths of the prompt and of the generated ids.
         output: `(1, L)` prompt + generated ids.
+        prompt: the chat-formatted prompt the model was given (before its placeholders were expanded).
         video: the video the model saw: its pixels `(T, 3, H, W)`, or its `EncodedVisual` when it went
             through a `VisualCache`; None for a text-only chat.
         reused_tokens: prompt tokens continued from an earlier turn's caches rather than computed (0: a full run).
@@ -185,6 +214,7 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     output: torch.Tensor
+    prompt: str
     video: torch.Tensor | EncodedVisual | None
     reused_tokens: int = 0
 
@@ -363,6 +393,7 @@ def reply(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         output=output,
+        prompt=prompt,
         video=video,
         reused_tokens=reused,
     )
@@ -418,18 +449,41 @@ def generate_responses(
 # ----- attention ---------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_attention_map(
-    model, input_ids: torch.Tensor, video: torch.Tensor | EncodedVisual
+    model,
+    input_ids: torch.Tensor,
+    video: torch.Tensor | EncodedVisual,
+    span: tuple[int, int] | None = None,
 ) -> AttentionMap:
-    """Run `model` once on one sample (`input_ids` `(1, L)`, e.g. a `Reply`'s prompt + answer, and its
-    `video`: pixels `(T, 3, H, W)` or already encoded) and return the map of what its text tokens read
-    from the slow tokens.
+    """Run `model` on one sample (`input_ids` `(1, L)`, e.g. a `Reply`'s prompt + answer, and its `video`:
+    pixels `(T, 3, H, W)` or already encoded) and return the map of what its text tokens read from the
+    slow tokens: averaged over every query token, or over the positions `span` = `[start, end)` only
+    (`text_span`: a question's own tokens, which must come after the video).
 
     With `generated_tokens_see_slow=True` this is exactly what a cached generation read, since the
     cached decoding equals recomputing the sequence.
     """
-    encoded = isinstance(video, EncodedVisual)
-    visual = {"encoded_videos": [video]} if encoded else {"pixel_values_videos": [video]}
-    outputs = model(input_ids=input_ids, **visual, record_slow_attention=True, use_cache=False)
-    num_frames = (video.slow if encoded else video).shape[0]
-    h, w = model.model.visual_grid(num_frames)
-    return video_attention_map(outputs.slow_cache, 0, (num_frames, h, w))
+    if isinstance(video, torch.Tensor):
+        video = model.model.encode_visual([video])[0]  # encoded once, even when read by two rows below
+    num_frames = video.slow.shape[0]
+    shape = (num_frames, *model.model.visual_grid(num_frames))
+    if span is None:
+        outputs = model(
+            input_ids=input_ids, encoded_videos=[video], record_slow_attention=True, use_cache=False
+        )
+        return video_attention_map(outputs.slow_cache, 0, shape)
+    start, end = span
+    video_end = int(torch.nonzero(input_ids[0] == model.config.video_token_id).max()) + 1
+    if not video_end <= start < end <= input_ids.shape[1]:
+        raise ValueError(f"span {span}: must lie within the {input_ids.shape[1]} tokens, after the video's")
+    # Row 0: the sequence through the span; row 1: the same before it (right-padded, so positions agree).
+    rows = input_ids[:, :end].repeat(2, 1)
+    attention_mask = torch.ones_like(rows)
+    attention_mask[1, start:] = 0
+    outputs = model(
+        input_ids=rows,
+        attention_mask=attention_mask,
+        encoded_videos=[video, video],
+        record_slow_attention=True,
+        use_cache=False,
+    )
+    return span_attention_map(outputs.slow_cache, 0, 1, shape)

@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 
 from ..attention_maps import save_attention_map_png
-from ..inference import Reply, build_conversation, compute_attention_map, first_line
+from ..inference import Reply, build_conversation, compute_attention_map, first_line, text_span
 from .model_runner import ModelRunner
 
 
@@ -33,10 +33,15 @@ def _chat(turns: list[tuple[str, str]]) -> list[dict]:
 
 def _attention_image(
     runner: ModelRunner, reply: Reply, frames: np.ndarray, title: str
-) -> tuple[PIL.Image.Image, str]:
-    """The attention map PNG of a reply, and a sentence naming the frame it read most."""
+) -> tuple[PIL.Image.Image | None, str]:
+    """The attention map PNG of what the question's own tokens read (`title`: the question), and a
+    sentence naming the frame they read most."""
+    try:
+        span = text_span(runner.processor, reply.prompt, title, len(frames))
+    except ValueError as error:
+        return None, f"No attention map: {first_line(error)}"
     with runner.lock:
-        attention = compute_attention_map(runner.model, reply.output, reply.video)
+        attention = compute_attention_map(runner.model, reply.output, reply.video, span)
     with tempfile.TemporaryDirectory() as directory:
         path = save_attention_map_png(
             attention, Path(directory) / "attention.png", frames=frames, title=title
@@ -44,7 +49,9 @@ def _attention_image(
         image = PIL.Image.open(path)
         image.load()
     per_frame = ", ".join(f"{mass:.2f}" for mass in attention.per_frame)
-    summary = f"The answer read **frame {attention.peak_frame}** most. Attention per frame: {per_frame}"
+    summary = (
+        f"The question's words read **frame {attention.peak_frame}** most. Attention per frame: {per_frame}"
+    )
     return image, summary
 
 
@@ -110,7 +117,7 @@ def build_demo(runner: ModelRunner, samples: Sequence[str | Path] = ()) -> gr.Bl
                     fps = gr.Slider(0.25, 30, value=runner.fps, step=0.25, label="Sampling rate (frames/s)")
                     temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
                     max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
-                    show_attention = gr.Checkbox(True, label="Show which frames the answer read")
+                    show_attention = gr.Checkbox(True, label="Show which frames the question read")
                 gallery = gr.Gallery(label="Sampled frames", columns=6, height=220, elem_id="frames")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chat")
