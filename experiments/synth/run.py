@@ -299,6 +299,14 @@ def clipped_step(loss: torch.Tensor, parameters: list, optimizer, schedule) -> f
     return loss.item()
 
 
+def finished(out: Path, result: dict) -> dict:
+    """Record a finished stage: its `result.json` (what `plan` looks for), its resume checkpoint removed."""
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(out / "checkpoint")
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def pretrain_llm(
     steps: int,
     batch: int,
@@ -358,12 +366,9 @@ def pretrain_llm(
         "batch_images": batch,
         "lr": lr,
         "final_loss": float(np.mean(log[-50:])),
+        "seconds": round(seconds),
     }
-    result["seconds"] = round(seconds)
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(out / "checkpoint")
-    print(json.dumps(result), flush=True)
-    return result
+    return finished(out, result)
 
 
 def training_batch(processor, clips: list[list[dict]], videos: list[np.ndarray], rng: np.random.Generator):
@@ -514,10 +519,7 @@ def train(
         **prefill_flops(model, processor, name),
         **test_accuracy(model, processor, DATA, read_clips("test")),
     }
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(out / "checkpoint")
-    print(json.dumps(result), flush=True)
-    return result
+    return finished(out, result)
 
 
 # ----- the results table and the verdict against the bar -----

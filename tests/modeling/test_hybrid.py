@@ -252,15 +252,22 @@ def test_unsupported_layer_is_rejected():
 
 
 def test_key_bias_is_converted_once_per_request():
-    """The padding bias is built in the tokens' dtype; a query dtype that differs (autocast) gets it converted
-    once per request: the same tensor at every later layer and step, 0 at real slow tokens, -inf at padding."""
+    """The padding bias is built in the tokens' dtype, and, for a cache built under autocast, in autocast's
+    dtype too: the same tensor at every later layer and step, 0 at real slow tokens, -inf at padding. Any
+    other dtype is converted per call without changing the cache (a captured decoding step mutates nothing)."""
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    cache = SlowCache(tokens=torch.randn(2, 3, 8), mask=mask)
+    expected = torch.zeros(2, 3, dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = SlowCache(tokens=torch.randn(2, 3, 8), mask=mask)
     assert cache.bias(torch.float32) is cache.attn_bias
     converted = cache.bias(torch.bfloat16)
     assert converted.dtype == torch.bfloat16 and converted.shape == (2, 1, 1, 3)
-    expected = torch.zeros(2, 3, dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
     assert torch.equal(converted[:, 0, 0], expected)
     assert cache.bias(torch.bfloat16) is converted  # not converted again
+    plain = SlowCache(tokens=torch.randn(2, 3, 8), mask=mask)  # built outside autocast
+    state = dict(vars(plain))
+    assert torch.equal(plain.bias(torch.bfloat16)[:, 0, 0], expected)
+    assert plain.bias(torch.float16).dtype == torch.float16
+    assert vars(plain).keys() == state.keys() and all(vars(plain)[k] is v for k, v in state.items())
     unpadded = SlowCache(tokens=torch.randn(2, 3, 8), mask=torch.ones(2, 3, dtype=torch.bool))
     assert unpadded.bias(torch.bfloat16) is None  # nothing padded: no mask, SDPA's unmasked path

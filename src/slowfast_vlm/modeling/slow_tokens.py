@@ -56,7 +56,6 @@ class SlowCache:
     key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     normalized: dict[float, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    biases: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         # Derived once per request, not at every layer and decoding step:
@@ -65,26 +64,30 @@ class SlowCache:
         # without slow tokens would give an all-masked softmax (NaN), so it sees its padding instead;
         # its queries are discarded anyway.
         # `attn_bias` (B, 1, 1, N): `key_mask` as SDPA's additive mask in the tokens' dtype (0 / -inf),
-        # which SDPA's CPU kernel reads as is (a boolean mask it converts at every call).
+        # which SDPA's CPU kernel reads as is (a boolean mask it converts at every call);
+        # `autocast_bias`: the same in autocast's dtype when the cache is built under autocast, whose
+        # queries come in that dtype (set here, never later: a captured decoding step mutates nothing).
         self.has_slow = self.mask.any(dim=1)
         self.key_mask = None if bool(self.mask.all()) else self.mask | ~self.has_slow[:, None]
-        self.attn_bias = None
+        self.attn_bias = self.autocast_bias = None
         if self.key_mask is not None:
             bias = torch.zeros(self.key_mask.shape, dtype=self.tokens.dtype, device=self.tokens.device)
             self.attn_bias = bias.masked_fill(~self.key_mask, float("-inf"))[:, None, None, :]
+            device_type = self.tokens.device.type
+            if torch.is_autocast_enabled(device_type):
+                self.autocast_bias = self.attn_bias.to(torch.get_autocast_dtype(device_type))
 
     def querying(self, query_mask: torch.Tensor) -> torch.Tensor:
         """`(B, L)` bool: the positions of `query_mask` `(B, L)` whose sample has slow tokens to read."""
         return query_mask & self.has_slow[:, None]
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """`attn_bias` `(B, 1, 1, N)` in `dtype` (autocast may run the queries in another one than the
-        tokens'), converted once per request, not at every layer and step; None when nothing is padded."""
-        if self.attn_bias is None or self.attn_bias.dtype == dtype:
-            return self.attn_bias
-        if dtype not in self.biases:
-            self.biases[dtype] = self.attn_bias.to(dtype)
-        return self.biases[dtype]
+        """`attn_bias` `(B, 1, 1, N)` in `dtype`; None when nothing is padded. The tokens' and autocast's
+        dtypes were converted once per request; any other is converted per call, not kept."""
+        for bias in (self.attn_bias, self.autocast_bias):
+            if bias is not None and bias.dtype == dtype:
+                return bias
+        return None if self.attn_bias is None else self.attn_bias.to(dtype)
 
     def get(self, layer_idx: int, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
         """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once.
