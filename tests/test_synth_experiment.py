@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "experiments" / "synth"))
 import plan  # noqa: E402
 import run  # noqa: E402
 import scoring  # noqa: E402
-from benchmark import FPS, FRAMES, SIZE  # noqa: E402
+from benchmark import FPS, FRAMES, SIZE, without_digits  # noqa: E402
 
 from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
 from slowfast_vlm.synth import CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
@@ -176,11 +176,45 @@ def test_score_on_fresh_clips_and_clips_without_digits(workdir):
 def test_without_digits_shows_no_digit():
     rendered, records = generate_clip(0, 7, "test", FRAMES, SIZE, FPS)
     assert all(find_digit(rendered, int(r["answer_text"])) for r in records)  # the detector sees them
-    stripped = scoring.without_digits(rendered, records)
+    stripped = without_digits(rendered, records)
     assert not any(find_digit(stripped, digit) for digit in range(10))
     shown = {t for r in records for t in r["detail_frames"]}
     for t in range(FRAMES):  # only the digit frames changed, each into the frame before it
         np.testing.assert_array_equal(stripped[t], rendered[t - 1] if t in shown else rendered[t])
+
+
+def test_a_single_event_clip_shows_only_the_kept_digit():
+    rendered, records = generate_clip(0, 7, "test", FRAMES, SIZE, FPS)
+    kept = records[4]
+    single = without_digits(rendered, records, keep=kept)
+    assert [t for t, _, _ in find_digit(single, int(kept["answer_text"]))] == kept["detail_frames"]
+    others = {int(r["answer_text"]) for r in records} - {int(kept["answer_text"])}
+    assert not any(find_digit(single, digit) for digit in others)
+
+
+def test_single_event_steps_come_first_with_one_question_and_one_digit(workdir, monkeypatch):
+    """Of 3 steps, the first 2 train on single-event clips: one question per clip, whose digit is the only
+    one in its video; the third on whole clips (6 questions, 6 digits)."""
+    calls = []
+    training_batch = run.training_batch
+
+    def recording_batch(processor, conversations, videos, rng):
+        calls.append((conversations, videos))
+        return training_batch(processor, conversations, videos, rng)
+
+    monkeypatch.setattr(run, "training_batch", recording_batch)
+    run.train("c", 0, 3, BATCH, 1e-3, Path("single-event"), Path("stage1"), single_event_steps=2)
+    assert [[len(c) for c in conversations] for conversations, _ in calls] == [[1] * BATCH] * 2 + [
+        [6] * BATCH
+    ]
+    for conversations, videos in calls:
+        for records, video in zip(conversations, videos):
+            shown = {digit for digit in range(10) if find_digit(video, digit)}
+            assert shown == {int(r["answer_text"]) for r in records}
+    result = json.loads((workdir / "single-event" / "result.json").read_text())
+    assert result["single_event_steps"] == 2 and run.recipe(result) == "3 steps (first 2 single-event)"
+    with pytest.raises(ValueError, match="single_event_steps"):
+        run.train("c", 0, 3, BATCH, 1e-3, Path("bad"), Path("stage1"), single_event_steps=3)
 
 
 def test_round_trip_gives_the_test_sets_frames(tmp_path):
@@ -258,7 +292,15 @@ class FakeChild:
 def fake_stages(root: Path, models=("a", "c")) -> list:
     stage1_dir = lambda kind, seed: root / f"stage1-{kind}-s{seed}"  # noqa: E731
     return plan.stages(
-        [0, 1], list(models), 10, root / "data", root / "vision", root / "runs", run.stage1_kind, stage1_dir
+        [0, 1],
+        list(models),
+        10,
+        root / "data",
+        root / "vision",
+        root / "runs",
+        run.stage1_kind,
+        stage1_dir,
+        3,
     )
 
 
@@ -288,6 +330,8 @@ def test_plan_skips_finished_stages_and_orders_the_rest(tmp_path):
         "1",
         "--steps",
         "10",
+        "--single-event-steps",
+        "3",
     ]
 
     started = []

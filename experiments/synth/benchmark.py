@@ -37,3 +37,16 @@ def question_words(record: dict) -> str:
     """The question itself ("The red square ... touching the wall?"), the same in both forms: the text
     whose tokens a question-restricted attention map averages over."""
     return open_question(record).split("\n")[0]
+
+
+def without_digits(frames: np.ndarray, records: list[dict], keep: dict | None = None) -> np.ndarray:
+    """A clip's frames `(T, H, W, 3)` with the digit frame of each of its `records` but `keep`'s replaced by
+    the frame before it: the squares move on and no digit shows there. With `keep`, a clip with a single
+    digit event: the one `keep` asks about. (Digit frames are odd, 4j+1 and 4j+3, so the frame before one
+    never shows a digit.)"""
+    edited = frames.copy()
+    for record in records:
+        if record is not keep:
+            for t in record["detail_frames"]:
+                edited[t] = frames[t - 1]
+    return edited

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn
+from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn, without_digits
 from checkpoints import resumable_steps
 from plan import run_plan, stages
 from scoring import chooses_answer, demo_question, score, test_accuracy
@@ -372,8 +372,9 @@ def pretrain_llm(
 
 
 def training_batch(processor, clips: list[list[dict]], videos: list[np.ndarray], rng: np.random.Generator):
-    """Inputs and labels for one step: per clip one conversation of its 6 questions in random order, each
-    in the open or the multiple-choice form (`mixed_turn`); the loss is on each answer and its `<|im_end|>`."""
+    """Inputs and labels for one step: per clip one conversation of its questions (6, or the one of a
+    single-event clip) in random order, each in the open or the multiple-choice form (`mixed_turn`); the
+    loss is on each answer and its `<|im_end|>`."""
     texts = []
     for clip in clips:
         turns = [mixed_turn(clip[i], rng) for i in rng.permutation(len(clip))]
@@ -456,10 +457,15 @@ def train(
     data_seed: int | None = None,
     save_every: int = 50,
     stop_after: int | None = None,
+    single_event_steps: int = 0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
     finished stage-2 run as `stage1`, this continues it.
+
+    The first `single_event_steps` of the `steps` are a warm-up on single-event clips: one question per
+    clip, every digit of the clip but the asked one erased (`without_digits`), so that the answer is the
+    clip's only digit; the model learns to find and read a digit before telling six apart.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -491,13 +497,24 @@ def train(
     )
     data_seed = seed if data_seed is None else data_seed
     data_rng = np.random.default_rng(data_seed)  # the same clips, orders and forms for every model of a seed
+    if not 0 <= single_event_steps < steps:
+        raise ValueError(f"single_event_steps must be in [0, steps = {steps}), got {single_event_steps}")
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
-    settings |= {"stage1": str(stage1), "data_seed": data_seed}
+    settings |= {"stage1": str(stage1), "data_seed": data_seed, "single_event_steps": single_event_steps}
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
-        videos = [select_frames(np.asarray(all_frames[i]), defaults) for i in picked]
-        inputs, labels = training_batch(processor, [clips[i] for i in picked], videos, data_rng)
+        if step < single_event_steps:  # (1 question, its clip with no other digit)
+            asked = [clips[i][data_rng.integers(len(clips[i]))] for i in picked]
+            frames = [
+                without_digits(np.asarray(all_frames[i]), clips[i], keep=r) for i, r in zip(picked, asked)
+            ]
+            conversations = [[record] for record in asked]
+        else:
+            frames = [np.asarray(all_frames[i]) for i in picked]
+            conversations = [clips[i] for i in picked]
+        videos = [select_frames(clip_frames, defaults) for clip_frames in frames]
+        inputs, labels = training_batch(processor, conversations, videos, data_rng)
         return clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule)
 
     outcome = resumable_steps(
@@ -533,6 +550,13 @@ def stage2_steps(result: dict) -> int:
     return result["steps"] + (stage2_steps(prior) if "model" in prior else 0)
 
 
+def recipe(result: dict) -> str:
+    """A run's stage-2 budget, "2000 steps" or "2000 steps (first 500 single-event)": what the table
+    groups seeds by and the verdict compares models at."""
+    warm_up = result.get("single_event_steps", 0)
+    return f"{stage2_steps(result)} steps" + (f" (first {warm_up} single-event)" if warm_up else "")
+
+
 def spread(values: list[float]) -> str:
     """Per-seed percentages as "mean% ± half range, sd S (v1, v2, ...)" (sd: sample standard deviation)."""
     if len(values) == 1:
@@ -546,13 +570,13 @@ def cell(runs: list[dict], key: str) -> str:
     return spread(values) if values else "-"
 
 
-def verdict(groups: dict[tuple[str, int], list[dict]]) -> list[str]:
+def verdict(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
     """Per stage-2 budget with runs of (a), (b) and (c): is the bar met? (c) beats (a) and (b) by more than
     the spread across seeds (its worst seed above their best, in the multiple-choice and in the open form,
     at least 2 seeds each) at no more than 1.1x the LLM prefill FLOPs of (a)."""
     lines = []
-    for steps in sorted({steps for _, steps in groups}):
-        runs = {model: groups.get((model, steps), []) for model in "abc"}
+    for budget in sorted({budget for _, budget in groups}):
+        runs = {model: groups.get((model, budget), []) for model in "abc"}
         if not all(runs.values()):
             continue
         findings, met = [], min(len(r) for r in runs.values()) >= 2
@@ -568,32 +592,30 @@ def verdict(groups: dict[tuple[str, int], list[dict]]) -> list[str]:
         met &= ratio <= 1.1
         findings.append(f"prefill FLOPs {ratio:.3f}x (a) ({'<=' if ratio <= 1.1 else '>'} 1.1x)")
         seeds = ", ".join(f"({m}) {len(r)}" for m, r in runs.items())
-        lines.append(
-            f"{steps} steps, seeds {seeds}: bar {'MET' if met else 'NOT MET'}: " + "; ".join(findings)
-        )
+        lines.append(f"{budget}, seeds {seeds}: bar {'MET' if met else 'NOT MET'}: " + "; ".join(findings))
     return lines
 
 
 def summarize(runs_dir: Path = RUNS) -> str:
     """A Markdown table of every finished run under `runs_dir` (per model and stage-2 budget: accuracy in
     both forms and attention peaks, mean ± half range and sd over seeds; FLOPs), then the `verdict` lines."""
-    groups: dict[tuple[str, int], list[dict]] = {}  # (model, stage-2 steps) -> its runs, one per seed
+    groups: dict[tuple[str, str], list[dict]] = {}  # (model, `recipe`) -> its runs, one per seed
     for path in sorted(runs_dir.glob("*/result.json")):
         result = json.loads(path.read_text())
-        groups.setdefault((result["model"], stage2_steps(result)), []).append(result)
+        groups.setdefault((result["model"], recipe(result)), []).append(result)
     rows = [
         "| model | seeds | open form | multiple choice | open: touching / not touching "
         "| attention peak on the digit's frame: every token / question tokens | LLM prefill FLOPs | vs (a) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     base = next((runs[0]["llm_prefill_flops"] for (model, _), runs in groups.items() if model == "a"), None)
-    for (model, steps), runs in sorted(groups.items()):
+    for (model, budget), runs in sorted(groups.items()):
         touch = np.mean([100 * r["digit_touching_wall"] for r in runs])
         away = np.mean([100 * r["digit_away_from_wall"] for r in runs])
         peaks = f"{cell(runs, 'attention_peak_on_detail_frame')} / {cell(runs, 'question_attention_peak_on_detail_frame')}"
         flops = runs[0]["llm_prefill_flops"]
         rows.append(
-            f"| ({model}) {steps} steps | {', '.join(str(r['seed']) for r in runs)} | {cell(runs, 'accuracy')} "
+            f"| ({model}) {budget} | {', '.join(str(r['seed']) for r in runs)} | {cell(runs, 'accuracy')} "
             f"| {cell(runs, 'choice_accuracy')} | {touch:.1f}% / {away:.1f}% | {peaks} "
             f"| {flops / 1e6:.0f} M | {f'{flops / base:.3f}x' if base else ''} |"
         )
@@ -675,10 +697,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, help=f"default: {RUNS}/<model>-s<seed>")
     run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     run.add_argument("--stop-after-steps", type=int, help="save the checkpoint after this step and exit")
+    run.add_argument(
+        "--single-event-steps", type=int, default=0, help="of --steps, the first ones on single-event clips"
+    )
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     plan.add_argument("--models", choices=sorted(MODELS), nargs="+", default=["a", "b", "c"])
     plan.add_argument("--steps", type=int, default=1500, help="stage-2 steps of each run")
+    plan.add_argument(
+        "--single-event-steps", type=int, default=0, help="of --steps, the first ones on single-event clips"
+    )
     plan.add_argument("--parallel", type=int, default=1, help="most processes at a time (one thread each)")
     args = parser.parse_args(argv)
     for name in ("steps", "save_every", "stop_after_steps", "clips", "parallel"):
@@ -713,7 +741,17 @@ def main(argv: list[str] | None = None) -> int:
         ship(args.run_dir, args.seed, args.clips)
     elif args.command == "plan":
         return run_plan(
-            stages(args.seeds, args.models, args.steps, DATA, VISION, RUNS, stage1_kind, stage1_dir),
+            stages(
+                args.seeds,
+                args.models,
+                args.steps,
+                DATA,
+                VISION,
+                RUNS,
+                stage1_kind,
+                stage1_dir,
+                args.single_event_steps,
+            ),  # fmt: skip
             args.parallel,
         )
     else:
@@ -721,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         stage1 = args.stage1 or stage1_dir(stage1_kind(args.model), args.seed)
         try:
             train(args.model, args.seed, args.steps, args.batch, args.lr, out, stage1, args.data_seed,
-                  args.save_every, args.stop_after_steps)  # fmt: skip
+                  args.save_every, args.stop_after_steps, args.single_event_steps)  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)
             return 2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmark import FORMS, FPS, FRAMES, SIZE, conversation, question_words
+from benchmark import FORMS, FPS, FRAMES, SIZE, conversation, question_words, without_digits
 
 from slowfast_vlm.attention_maps import span_attention_map, video_attention_map
 from slowfast_vlm.inference import answer, load_model
@@ -130,16 +130,6 @@ def round_trip(rendered: np.ndarray, processor) -> np.ndarray:
         path = Path(tmp) / "clip.mp4"
         write_video(path, rendered, FPS, crf=CRF)
         frames, _ = load_video(path, **processor.sampling_defaults())
-    return frames
-
-
-def without_digits(rendered: np.ndarray, records: list[dict]) -> np.ndarray:
-    """The clip with each digit frame replaced by the frame before it: the squares move on, no digit shows.
-    (Digit frames are odd, 4j+1 and 4j+3, so the frame before one never shows a digit.)"""
-    frames = rendered.copy()
-    for record in records:
-        for t in record["detail_frames"]:
-            frames[t] = rendered[t - 1]
     return frames
 
 
