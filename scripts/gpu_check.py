@@ -17,7 +17,7 @@ Parts, in order, each with its time estimate (GPU / dry-run seconds in `PARTS`):
   (`gpu_check_model.py`).
 - engines: the vLLM plugin's greedy parity and throughput, a few ZeRO-3 steps (`gpu_check_engines.py`).
 - claim: if time remains and experiments/synth's stage-1 checkpoints exist, a few hundred stage-2
-  steps of models (b) and (c).
+  steps of models (b) and (c) (skipped, with the reason, when they do not finish in the time left).
 
 The environment part runs in this process (it imports no torch, so that a torch it installs is the one
 the later parts load); the others run in one worker subprocess that prints each part's result as one

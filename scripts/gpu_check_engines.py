@@ -146,12 +146,14 @@ def claim(context) -> dict:
             command += ["--steps", str(CLAIM_STEPS), "--out", out]
             try:
                 subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=seconds)
-            except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as error:
-                return {
-                    "status": "failed",
-                    "reason": f"model ({model}): {type(error).__name__}",
-                    "results": results,
-                }
+            except subprocess.TimeoutExpired:  # the time left over ran out: not a fault of the code
+                reason = f"model ({model}) did not finish {CLAIM_STEPS} steps in the {seconds:.0f} s left"
+                return {"status": "skipped", "reason": reason, "results": results}
+            except subprocess.CalledProcessError as error:
+                last = error.stderr.decode(errors="replace").strip().splitlines()[-1:] or [
+                    f"exit {error.returncode}"
+                ]
+                return {"status": "failed", "reason": f"model ({model}): {last[0][:200]}", "results": results}
             result = json.loads((Path(out) / "result.json").read_text())
         results[model] = {
             key: value for key, value in result.items() if "accuracy" in key or key == "final_loss"

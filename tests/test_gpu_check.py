@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "scripts"))  # the script's own modules
 sys.path.insert(0, str(ROOT))  # benchmarks/, which gpu_check_model imports
 
 import gpu_check  # noqa: E402
+import gpu_check_engines  # noqa: E402
 import gpu_check_model  # noqa: E402
 from gpu_check_report import markdown, table  # noqa: E402
 
@@ -73,8 +74,15 @@ def test_dry_run_reports_every_part_within_tolerance(tmp_path):
     assert [(row["frames"], row["batch"]) for row in geometry["decoding"]] == [(16, 1), (16, 2)]
     assert all(row[v] > 0 for row in geometry["decoding"] for v in ("cached", "re-projected", "text-only"))
 
-    # claim: skipped with its one-line reason; the Markdown has every part and its tables
-    assert parts["claim"]["status"] == "skipped" and "stage-1 checkpoints" in parts["claim"]["reason"]
+    # claim: skipped with its one-line reason on a clean clone (CI); where a developer has trained
+    # experiments/synth's stage 1 it trains in the time left over, and running out of it is a skip
+    claim = parts["claim"]
+    if not gpu_check_engines.SYNTH.exists():
+        assert claim["status"] == "skipped" and "stage-1 checkpoints" in claim["reason"]
+    elif claim["status"] == "skipped":
+        assert "did not finish" in claim["reason"] or "s left" in claim["reason"]
+    else:
+        assert claim["status"] == "passed", claim["reason"]
     for heading in ("| environment |", "| correctness |", "| geometry |", "| claim |", "### correctness"):
         assert heading in text
     assert "| 128 | slowfast | 320 | 2,048 |" in text
