@@ -212,7 +212,10 @@ def test_single_event_steps_come_first_with_one_question_and_one_digit(workdir, 
             shown = {digit for digit in range(10) if find_digit(video, digit)}
             assert shown == {int(r["answer_text"]) for r in records}
     result = json.loads((workdir / "single-event" / "result.json").read_text())
-    assert result["single_event_steps"] == 2 and run.recipe(result) == "3 steps (first 2 single-event)"
+    assert result["single_event_steps"] == 2 and run.recipe(result) == "3 steps (2 single-event)"
+    run.train("c", 0, 2, BATCH, 1e-3, Path("continued"), Path("single-event"))  # 2 more steps, whole clips
+    continued = json.loads((workdir / "continued" / "result.json").read_text())
+    assert run.recipe(continued) == "5 steps (2 single-event)"
     with pytest.raises(ValueError, match="single_event_steps"):
         run.train("c", 0, 3, BATCH, 1e-3, Path("bad"), Path("stage1"), single_event_steps=3)
 

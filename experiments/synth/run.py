@@ -543,18 +543,20 @@ def train(
 ACCURACIES = {"open form": "accuracy", "multiple choice": "choice_accuracy"}
 
 
-def stage2_steps(result: dict) -> int:
-    """Stage-2 steps behind a run, counting the runs it continued (`--stage1 RUN_DIR`)."""
+def stage2_chain(result: dict) -> list[dict]:
+    """The stage-2 results behind a run, first to last: the runs it continued (`--stage1 RUN_DIR`), then it."""
     started_from = Path(result["stage1"]) / "result.json"
     prior = json.loads(started_from.read_text()) if started_from.exists() else {}
-    return result["steps"] + (stage2_steps(prior) if "model" in prior else 0)
+    return (stage2_chain(prior) if "model" in prior else []) + [result]
 
 
 def recipe(result: dict) -> str:
-    """A run's stage-2 budget, "2000 steps" or "2000 steps (first 500 single-event)": what the table
-    groups seeds by and the verdict compares models at."""
-    warm_up = result.get("single_event_steps", 0)
-    return f"{stage2_steps(result)} steps" + (f" (first {warm_up} single-event)" if warm_up else "")
+    """A run's stage-2 budget over its chain, "2000 steps" or "2000 steps (500 single-event)": what the
+    table groups seeds by and the verdict compares models at."""
+    chain = stage2_chain(result)
+    warm_up = sum(run.get("single_event_steps", 0) for run in chain)
+    steps = sum(run["steps"] for run in chain)
+    return f"{steps} steps" + (f" ({warm_up} single-event)" if warm_up else "")
 
 
 def spread(values: list[float]) -> str:
