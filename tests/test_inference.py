@@ -2,6 +2,9 @@
 the CPU; bfloat16 on a CUDA device that supports it, else float32), the model fitted to its
 processor, chat prompts, and a reply checked against `generate` on a prompt written out literally."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +168,13 @@ def test_ask_loads_with_the_auto_rule(checkpoint, cuda, tmp_path, capsys):
     args = ["ask", "--model", str(checkpoint[0]), str(tmp_path / "clip.mp4"), "q", "--max-new-tokens", "1"]
     assert main(args) == 0
     assert "on cpu (float32)" in capsys.readouterr().err
+
+
+def test_load_model_in_a_fresh_process_warns_of_no_unknown_model_type(checkpoint):
+    """Loading through `slowfast_vlm.inference` alone (no top-level name, which registers the Auto classes)
+    must not make transformers' AutoTokenizer fall back to a bare config with a model-type warning."""
+    path, _, _ = checkpoint
+    code = f"from slowfast_vlm.inference import load_model; load_model({str(path)!r}, 'cpu', 'float32')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "to instantiate a model of type" not in result.stderr

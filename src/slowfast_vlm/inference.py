@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import auto  # noqa: F401  (the Auto classes know our config: AutoTokenizer reads it while loading)
 from .attention_maps import AttentionMap, span_attention_map, video_attention_map
 from .model_options import DTYPES
 from .modeling import SlowFastForConditionalGeneration
