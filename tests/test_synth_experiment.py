@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "experiments" / "synth"))
 import plan  # noqa: E402
 import run  # noqa: E402
 import scoring  # noqa: E402
-from benchmark import FPS, FRAMES, SIZE, without_digits  # noqa: E402
+from benchmark import FPS, FRAMES, SIZE, one_per_square, without_digits  # noqa: E402
 
 from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
 from slowfast_vlm.synth import CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
@@ -186,15 +186,26 @@ def test_without_digits_shows_no_digit():
 def test_a_single_event_clip_shows_only_the_kept_digit():
     rendered, records = generate_clip(0, 7, "test", FRAMES, SIZE, FPS)
     kept = records[4]
-    single = without_digits(rendered, records, keep=kept)
+    single = without_digits(rendered, records, keep=[kept])
     assert [t for t, _, _ in find_digit(single, int(kept["answer_text"]))] == kept["detail_frames"]
     others = {int(r["answer_text"]) for r in records} - {int(kept["answer_text"])}
     assert not any(find_digit(single, digit) for digit in others)
 
 
-def test_single_event_steps_come_first_with_one_question_and_one_digit(workdir, monkeypatch):
-    """Of 3 steps, the first 2 train on single-event clips: one question per clip, whose digit is the only
-    one in its video; the third on whole clips (6 questions, 6 digits)."""
+def test_one_per_square_keeps_one_question_of_each_square():
+    _, records = generate_clip(0, 7, "test", FRAMES, SIZE, FPS)
+    picked = one_per_square(records, np.random.default_rng(0))
+    colours = [r["conversations"][0]["value"].split()[2] for r in picked]  # "<video>\nThe red square ..."
+    assert len(set(colours)) == 3 and all(any(r is p for r in records) for p in picked)
+    for record, colour in zip(picked, colours):  # its square's other question: the distractor frame's
+        sibling = next(r for r in records if r["detail_frames"] == record["distractor_frames"])
+        assert sibling not in picked and sibling["conversations"][0]["value"].split()[2] == colour
+
+
+def test_warm_up_steps_come_first_with_their_questions_and_digits(workdir, monkeypatch):
+    """Of 4 steps, the first 2 train on single-event clips (one question per clip, whose digit is the only
+    one in its video), the third on clips with one digit per square (3 questions, 3 digits), the last on
+    whole clips (6 questions, 6 digits)."""
     calls = []
     training_batch = run.training_batch
 
@@ -203,21 +214,22 @@ def test_single_event_steps_come_first_with_one_question_and_one_digit(workdir, 
         return training_batch(processor, conversations, videos, rng)
 
     monkeypatch.setattr(run, "training_batch", recording_batch)
-    run.train("c", 0, 3, BATCH, 1e-3, Path("single-event"), Path("stage1"), single_event_steps=2)
-    assert [[len(c) for c in conversations] for conversations, _ in calls] == [[1] * BATCH] * 2 + [
-        [6] * BATCH
-    ]
+    run.train("c", 0, 4, BATCH, 1e-3, Path("single-event"), Path("stage1"), None, 50, None, 2, 1)
+    lengths = [[len(c) for c in conversations] for conversations, _ in calls]
+    assert lengths == [[1] * BATCH] * 2 + [[3] * BATCH, [6] * BATCH]
     for conversations, videos in calls:
         for records, video in zip(conversations, videos):
             shown = {digit for digit in range(10) if find_digit(video, digit)}
             assert shown == {int(r["answer_text"]) for r in records}
     result = json.loads((workdir / "single-event" / "result.json").read_text())
-    assert result["single_event_steps"] == 2 and run.recipe(result) == "3 steps (2 single-event)"
+    assert run.recipe(result) == "4 steps (2 single-event, 1 one per square)"
     run.train("c", 0, 2, BATCH, 1e-3, Path("continued"), Path("single-event"))  # 2 more steps, whole clips
     continued = json.loads((workdir / "continued" / "result.json").read_text())
-    assert run.recipe(continued) == "5 steps (2 single-event)"
+    assert run.recipe(continued) == "6 steps (2 single-event, 1 one per square)"
     with pytest.raises(ValueError, match="single_event_steps"):
-        run.train("c", 0, 3, BATCH, 1e-3, Path("bad"), Path("stage1"), single_event_steps=3)
+        run.train(
+            "c", 0, 3, BATCH, 1e-3, Path("bad"), Path("stage1"), single_event_steps=2, one_per_square_steps=1
+        )
 
 
 def test_round_trip_gives_the_test_sets_frames(tmp_path):
@@ -303,7 +315,7 @@ def fake_stages(root: Path, models=("a", "c")) -> list:
         root / "runs",
         run.stage1_kind,
         stage1_dir,
-        3,
+        ["--single-event-steps", "3"],
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from slowfast_vlm.synth import choice_question, open_question
@@ -39,14 +41,20 @@ def question_words(record: dict) -> str:
     return open_question(record).split("\n")[0]
 
 
-def without_digits(frames: np.ndarray, records: list[dict], keep: dict | None = None) -> np.ndarray:
-    """A clip's frames `(T, H, W, 3)` with the digit frame of each of its `records` but `keep`'s replaced by
-    the frame before it: the squares move on and no digit shows there. With `keep`, a clip with a single
-    digit event: the one `keep` asks about. (Digit frames are odd, 4j+1 and 4j+3, so the frame before one
-    never shows a digit.)"""
+def without_digits(frames: np.ndarray, records: list[dict], keep: Sequence[dict] = ()) -> np.ndarray:
+    """A clip's frames `(T, H, W, 3)` with the digit frame of each of its `records` not in `keep` replaced by
+    the frame before it: the squares move on and no digit shows there. With `keep`, a clip whose only
+    digit events are the ones the kept records ask about. (Digit frames are odd, 4j+1 and 4j+3, so the
+    frame before one never shows a digit.)"""
     edited = frames.copy()
     for record in records:
-        if record is not keep:
+        if not any(record is kept for kept in keep):
             for t in record["detail_frames"]:
                 edited[t] = frames[t - 1]
     return edited
+
+
+def one_per_square(clip: list[dict], rng: np.random.Generator) -> list[dict]:
+    """One of each square's two questions (a clip lists them square by square: records 2k and 2k + 1), each
+    drawn from `rng`: the questions of a clip that keeps one digit per square, told apart by colour."""
+    return [clip[2 * k + int(rng.integers(2))] for k in range(len(clip) // 2)]

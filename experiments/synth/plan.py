@@ -40,10 +40,10 @@ def stages(
     runs: Path,
     stage1_kind,
     stage1_dir,
-    single_event_steps: int = 0,
+    train_options: list[str] = (),
 ) -> list[Stage]:
-    """Every stage of the experiment for `seeds` x `models` (stage 2 with `steps` steps, the first
-    `single_event_steps` of them on single-event clips), in order.
+    """Every stage of the experiment for `seeds` x `models` (stage 2 with `steps` steps and
+    `train_options`, e.g. its warm-up), in order.
 
     `stage1_kind(model)` is the stage-1 kind a model starts from, `stage1_dir(kind, seed)` its checkpoint."""
     plan = [
@@ -59,7 +59,7 @@ def stages(
     for seed in seeds:
         for model in models:
             args = ["train", "--model", model, "--seed", str(seed), "--steps", str(steps)]
-            args += ["--single-event-steps", str(single_event_steps)]
+            args += list(train_options)
             done = runs / f"{model}-s{seed}" / "result.json"
             plan.append(Stage(f"{model}-s{seed}", args, done, [f"stage1-{stage1_kind(model)}-s{seed}"]))
     return plan

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn, without_digits
+from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn, one_per_square, without_digits
 from checkpoints import resumable_steps
 from plan import run_plan, stages
 from scoring import chooses_answer, demo_question, score, test_accuracy
@@ -458,6 +458,7 @@ def train(
     save_every: int = 50,
     stop_after: int | None = None,
     single_event_steps: int = 0,
+    one_per_square_steps: int = 0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -465,7 +466,9 @@ def train(
 
     The first `single_event_steps` of the `steps` are a warm-up on single-event clips: one question per
     clip, every digit of the clip but the asked one erased (`without_digits`), so that the answer is the
-    clip's only digit; the model learns to find and read a digit before telling six apart.
+    clip's only digit; the model learns to find and read a digit before telling six apart. The next
+    `one_per_square_steps` keep one digit per square (`one_per_square`: three questions, told apart by
+    the square's colour), then whole clips follow.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -497,19 +500,28 @@ def train(
     )
     data_seed = seed if data_seed is None else data_seed
     data_rng = np.random.default_rng(data_seed)  # the same clips, orders and forms for every model of a seed
-    if not 0 <= single_event_steps < steps:
-        raise ValueError(f"single_event_steps must be in [0, steps = {steps}), got {single_event_steps}")
+    warm_up = single_event_steps + one_per_square_steps
+    if min(single_event_steps, one_per_square_steps) < 0 or warm_up >= steps:
+        raise ValueError(
+            f"single_event_steps + one_per_square_steps must be in [0, steps = {steps}), got "
+            f"{single_event_steps} + {one_per_square_steps}"
+        )
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
     settings |= {"stage1": str(stage1), "data_seed": data_seed, "single_event_steps": single_event_steps}
+    if one_per_square_steps:  # (absent when 0: the checkpoints of runs from before it still resume)
+        settings["one_per_square_steps"] = one_per_square_steps
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
-        if step < single_event_steps:  # (1 question, its clip with no other digit)
-            asked = [clips[i][data_rng.integers(len(clips[i]))] for i in picked]
+        if step < warm_up:  # (1 question and its digit per clip, then 3: one per square)
+            if step < single_event_steps:
+                conversations = [[clips[i][data_rng.integers(len(clips[i]))]] for i in picked]
+            else:
+                conversations = [one_per_square(clips[i], data_rng) for i in picked]
             frames = [
-                without_digits(np.asarray(all_frames[i]), clips[i], keep=r) for i, r in zip(picked, asked)
+                without_digits(np.asarray(all_frames[i]), clips[i], keep=kept)
+                for i, kept in zip(picked, conversations)
             ]
-            conversations = [[record] for record in asked]
         else:
             frames = [np.asarray(all_frames[i]) for i in picked]
             conversations = [clips[i] for i in picked]
@@ -554,9 +566,13 @@ def recipe(result: dict) -> str:
     """A run's stage-2 budget over its chain, "2000 steps" or "2000 steps (500 single-event)": what the
     table groups seeds by and the verdict compares models at."""
     chain = stage2_chain(result)
-    warm_up = sum(run.get("single_event_steps", 0) for run in chain)
     steps = sum(run["steps"] for run in chain)
-    return f"{steps} steps" + (f" ({warm_up} single-event)" if warm_up else "")
+    warm_ups = [
+        f"{total} {label}"
+        for key, label in (("single_event_steps", "single-event"), ("one_per_square_steps", "one per square"))
+        if (total := sum(run.get(key, 0) for run in chain))
+    ]
+    return f"{steps} steps" + (f" ({', '.join(warm_ups)})" if warm_ups else "")
 
 
 def spread(values: list[float]) -> str:
@@ -648,6 +664,25 @@ def ship(run_dir: Path, seed: int = 7, clips: int = 20) -> None:
     print(json.dumps(findings), flush=True)
 
 
+def add_curriculum_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stage-2 warm-up options of `train` (and of `plan`, which passes them on to every run)."""
+    parser.add_argument(
+        "--single-event-steps", type=int, default=0, help="of --steps, the first ones on single-event clips"
+    )
+    parser.add_argument(
+        "--one-per-square-steps", type=int, default=0, help="then these on clips with one digit per square"
+    )
+
+
+def curriculum_options(args: argparse.Namespace) -> list[str]:
+    """`add_curriculum_arguments`' options as given, for a `train` command line (none when all are 0)."""
+    given = {
+        "--single-event-steps": args.single_event_steps,
+        "--one-per-square-steps": args.one_per_square_steps,
+    }
+    return [text for option, steps in given.items() if steps for text in (option, str(steps))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -699,16 +734,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, help=f"default: {RUNS}/<model>-s<seed>")
     run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     run.add_argument("--stop-after-steps", type=int, help="save the checkpoint after this step and exit")
-    run.add_argument(
-        "--single-event-steps", type=int, default=0, help="of --steps, the first ones on single-event clips"
-    )
+    add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     plan.add_argument("--models", choices=sorted(MODELS), nargs="+", default=["a", "b", "c"])
     plan.add_argument("--steps", type=int, default=1500, help="stage-2 steps of each run")
-    plan.add_argument(
-        "--single-event-steps", type=int, default=0, help="of --steps, the first ones on single-event clips"
-    )
+    add_curriculum_arguments(plan)
     plan.add_argument("--parallel", type=int, default=1, help="most processes at a time (one thread each)")
     args = parser.parse_args(argv)
     for name in ("steps", "save_every", "stop_after_steps", "clips", "parallel"):
@@ -752,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
                 RUNS,
                 stage1_kind,
                 stage1_dir,
-                args.single_event_steps,
+                curriculum_options(args),
             ),  # fmt: skip
             args.parallel,
         )
@@ -761,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         stage1 = args.stage1 or stage1_dir(stage1_kind(args.model), args.seed)
         try:
             train(args.model, args.seed, args.steps, args.batch, args.lr, out, stage1, args.data_seed,
-                  args.save_every, args.stop_after_steps, args.single_event_steps)  # fmt: skip
+                  args.save_every, args.stop_after_steps, args.single_event_steps,
+                  args.one_per_square_steps)  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)
             return 2
