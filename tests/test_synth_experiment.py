@@ -365,6 +365,21 @@ def test_plan_skips_finished_stages_and_orders_the_rest(tmp_path):
     assert plan.pending(stages) == []
 
 
+def test_plan_continues_each_run_on_fresh_clips_after_it(tmp_path):
+    stage1_dir = lambda kind, seed: tmp_path / f"stage1-{kind}-s{seed}"  # noqa: E731
+    runs = tmp_path / "runs"
+    stages = plan.stages(
+        [1], ["c"], 10, tmp_path / "data", tmp_path / "vision", runs, run.stage1_kind, stage1_dir, [], 7
+    )
+    more = stages[-1]
+    assert [s.name for s in stages[-2:]] == ["c-s1", "c-s1-more"]
+    assert more.after == ["c-s1"] and more.done == runs / "c-s1-more" / "result.json"
+    assert more.args == ["train", "--model", "c", "--seed", "1", "--steps", "7", "--stage1", str(runs / "c-s1"),
+                         "--out", str(runs / "c-s1-more"), "--data-seed", "101"]  # fmt: skip
+    parsed = run.build_parser().parse_args(more.args)  # the arguments are ones `train` takes
+    assert (parsed.stage1, parsed.out, parsed.data_seed, parsed.steps) == (runs / "c-s1", runs / "c-s1-more", 101, 7)
+
+
 def test_plan_does_not_start_what_a_failed_stage_feeds(tmp_path):
     stages = fake_stages(tmp_path, models=("a",))
     started = []

@@ -19,6 +19,7 @@ from pathlib import Path
 
 RUN = Path(__file__).parent / "run.py"
 LOGS = Path("outputs/synth/logs")
+CONTINUE_DATA_SEED = 100  # a continued run's clips: seed + 100, none of which any first run draws
 
 
 @dataclass
@@ -41,9 +42,11 @@ def stages(
     stage1_kind,
     stage1_dir,
     train_options: list[str] = (),
+    continue_steps: int = 0,
 ) -> list[Stage]:
     """Every stage of the experiment for `seeds` x `models` (stage 2 with `steps` steps and
-    `train_options`, e.g. its warm-up), in order.
+    `train_options`, e.g. its warm-up), in order. With `continue_steps`, each stage-2 run is then continued
+    for that many steps on fresh clips (data seed `seed + CONTINUE_DATA_SEED`) into `<run>-more`.
 
     `stage1_kind(model)` is the stage-1 kind a model starts from, `stage1_dir(kind, seed)` its checkpoint."""
     plan = [
@@ -62,6 +65,12 @@ def stages(
             args += list(train_options)
             done = runs / f"{model}-s{seed}" / "result.json"
             plan.append(Stage(f"{model}-s{seed}", args, done, [f"stage1-{stage1_kind(model)}-s{seed}"]))
+            if continue_steps:
+                more = runs / f"{model}-s{seed}-more"
+                args = ["train", "--model", model, "--seed", str(seed), "--steps", str(continue_steps),
+                        "--stage1", str(runs / f"{model}-s{seed}"), "--out", str(more),
+                        "--data-seed", str(seed + CONTINUE_DATA_SEED)]  # fmt: skip
+                plan.append(Stage(f"{model}-s{seed}-more", args, more / "result.json", [f"{model}-s{seed}"]))
     return plan
 
 

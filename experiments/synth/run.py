@@ -683,7 +683,8 @@ def curriculum_options(args: argparse.Namespace) -> list[str]:
     return [text for option, steps in given.items() if steps for text in (option, str(steps))]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per stage of the experiment, and `plan` for all of them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="write and decode the data")
@@ -740,7 +741,15 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--models", choices=sorted(MODELS), nargs="+", default=["a", "b", "c"])
     plan.add_argument("--steps", type=int, default=1500, help="stage-2 steps of each run")
     add_curriculum_arguments(plan)
+    plan.add_argument(
+        "--continue-steps", type=int, default=0, help="then continue each run this many steps into <run>-more"
+    )
     plan.add_argument("--parallel", type=int, default=1, help="most processes at a time (one thread each)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("steps", "save_every", "stop_after_steps", "clips", "parallel"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
@@ -784,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
                 stage1_kind,
                 stage1_dir,
                 curriculum_options(args),
+                args.continue_steps,
             ),  # fmt: skip
             args.parallel,
         )
