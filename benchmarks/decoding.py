@@ -25,6 +25,7 @@ Commands (results in BENCHMARKS.md):
 
     python -m benchmarks.decoding     # frames 16 .. 512 at batch 1, batch 1 .. 16 at 128 frames; 3 requests
     python -m benchmarks.decoding --frames 128 512 --batch-sizes 1 4 16 --repeats 5   # the targets
+    python -m benchmarks.decoding --frames 128 --batch-sizes 16 --interleave request   # steps back to back
     python -m benchmarks.decoding --quick --out /tmp/bench
 """
 
@@ -131,21 +132,33 @@ def generation_inputs(
     }
 
 
-def step_seconds(decoders: dict, new_tokens: int, repeats: int) -> dict[object, list[float]]:
+def step_seconds(
+    decoders: dict, new_tokens: int, repeats: int, interleave: str = "step"
+) -> dict[object, list[float]]:
     """Per decoder, the seconds of every step after the first generated token, over `repeats` requests
-    (after one discarded warm-up request). Steps are interleaved: one step of each decoder in turn,
-    in a new shuffled order at every step."""
+    (after one discarded warm-up request). `interleave="step"`: one step of each decoder in turn, in a
+    new shuffled order at every step (load from other jobs falls on every variant alike); `"request"`:
+    each decoder's request runs its steps back to back, as a server decodes one batch (its weights and
+    caches stay warm from step to step), the decoders in a new shuffled order at every request."""
     seconds: dict[object, list[float]] = {key: [] for key in decoders}
     order, shuffle = list(decoders), random.Random(0).shuffle
     for request in range(1 + repeats):
-        for decoder in decoders.values():
-            decoder.start()
-        for _ in range(new_tokens - 1):
-            shuffle(order)
+        shuffle(order)
+        if interleave == "step":
+            for decoder in decoders.values():
+                decoder.start()
+            rounds = []
+            for _ in range(new_tokens - 1):
+                shuffle(order)
+                rounds += [(key, decoders[key].step()) for key in order]
+        else:
+            rounds = []
             for key in order:
-                elapsed = decoders[key].step()
-                if request > 0:
-                    seconds[key].append(elapsed)
+                decoders[key].start()
+                rounds += [(key, decoders[key].step()) for _ in range(new_tokens - 1)]
+        if request > 0:
+            for key, elapsed in rounds:
+                seconds[key].append(elapsed)
     return seconds
 
 
@@ -170,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the prompt")
     parser.add_argument("--new-tokens", type=int, default=24, help="generated tokens per request")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument(
+        "--interleave",
+        choices=("step", "request"),
+        default="step",
+        help="alternate the variants at every step (default) or at every request (steps back to back)",
+    )
     args = parser.parse_args(argv)
     load = LoadRecord(args, parser)
     setup(args)
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         for frames, batch in shapes
         for variant in VARIANTS
     }
-    steps = step_seconds(decoders, new_tokens, args.repeats)
+    steps = step_seconds(decoders, new_tokens, args.repeats, args.interleave)
     load.finish()
     latency = {key: median(values) for key, values in steps.items()}
 
@@ -214,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         f"Decoding, {model_name(model.config)}, {args.prompt_tokens}-token text prompt, {new_tokens} new tokens; "
-        f"{machine_note(args.threads, args.dtype)}; median over all steps of {args.repeats} request(s); "
+        f"{machine_note(args.threads, args.dtype)}; median over all steps of {args.repeats} request(s), "
+        f"variants alternated at every {args.interleave}; "
         f"{load.note()}\n"
     )
     headers = [

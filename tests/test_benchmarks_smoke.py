@@ -167,3 +167,51 @@ def test_memory_ask_reports_a_peak_per_size(capsys):
     assert [(r[0], r[1]) for r in rows] == [("320x180", "2"), ("1280x960", "2")]
     for row in rows:
         assert positive(row[3]) > 100 and positive(row[4]) > 100  # MiB: torch alone takes more
+
+
+@pytest.mark.parametrize("comparison", ["decoding", "prefill"])
+def test_profile_ops_attributes_each_hybrid_layers_attention(comparison, capsys):
+    """The slow-fast call runs one more SDPA call per hybrid layer than its baseline (the cross-attention
+    over the slow tokens): the profile's per-call counts must say so."""
+    args = ["--quick", "--allow-load", "--rows", "1000"]
+    importlib.import_module("benchmarks.profile_ops").main([comparison, *args])
+    rows = {row[0]: row for row in table_rows(capsys.readouterr().out, "operator")}
+    hybrid = len(SlowFastConfig.from_name("bench-quick").hybrid_layer_indices)
+    sdpa = rows["aten::scaled_dot_product_attention"]
+    assert float(sdpa[4]) == float(sdpa[5]) + hybrid
+
+
+@pytest.mark.parametrize("interleave", ["step", "request"])
+def test_decoding_schedule(interleave):
+    """`step`: every decoder advances one step per round; `request`: one decoder's prefill and all its
+    steps back to back. Either way each decoder yields `new_tokens - 1` timed steps per measured request."""
+    from benchmarks.decoding import step_seconds
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def start(self):
+            calls.append((self.name, "start"))
+
+        def step(self):
+            calls.append((self.name, "step"))
+            return 1.0
+
+    decoders = {name: Recorder(name) for name in "abc"}
+    seconds = step_seconds(decoders, new_tokens=4, repeats=2, interleave=interleave)
+    assert {name: len(values) for name, values in seconds.items()} == {"a": 6, "b": 6, "c": 6}
+    first_request = calls[:12]  # 3 starts + 3 x 3 steps
+    if interleave == "request":
+        for i in range(0, 12, 4):  # start, then its 3 steps
+            assert first_request[i][1] == "start"
+            assert {c for c in first_request[i : i + 4]} == {
+                (first_request[i][0], "start"),
+                (first_request[i][0], "step"),
+            }
+    else:
+        assert [c[1] for c in first_request[:3]] == ["start"] * 3
+        for i in range(3, 12, 3):  # each round: one step of every decoder
+            assert sorted(c[0] for c in first_request[i : i + 3]) == ["a", "b", "c"]

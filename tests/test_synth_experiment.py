@@ -377,7 +377,12 @@ def test_plan_continues_each_run_on_fresh_clips_after_it(tmp_path):
     assert more.args == ["train", "--model", "c", "--seed", "1", "--steps", "7", "--stage1", str(runs / "c-s1"),
                          "--out", str(runs / "c-s1-more"), "--data-seed", "101"]  # fmt: skip
     parsed = run.build_parser().parse_args(more.args)  # the arguments are ones `train` takes
-    assert (parsed.stage1, parsed.out, parsed.data_seed, parsed.steps) == (runs / "c-s1", runs / "c-s1-more", 101, 7)
+    assert (parsed.stage1, parsed.out, parsed.data_seed, parsed.steps) == (
+        runs / "c-s1",
+        runs / "c-s1-more",
+        101,
+        7,
+    )
 
 
 def test_plan_does_not_start_what_a_failed_stage_feeds(tmp_path):
