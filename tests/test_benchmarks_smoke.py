@@ -85,6 +85,12 @@ def test_decoding(tmp_path, capsys, monkeypatch):
     assert len(table_rows(out.split("released 7B geometry")[1], "frames")) == 6
 
 
+def test_decoding_back_to_back(tmp_path, capsys):
+    out = run("decoding", tmp_path, capsys, "--allow-load", "--interleave", "request")
+    assert "variants alternated at every request" in out
+    assert [(r[0], r[1]) for r in table_rows(out, "frames")] == [("16", "1"), ("16", "2")]
+
+
 def test_video_decoding(tmp_path, capsys):
     out = run("video_decoding", tmp_path, capsys, "--cache-dir", str(tmp_path))
     rows = table_rows(out, "frames sampled")
