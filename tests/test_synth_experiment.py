@@ -24,7 +24,7 @@ import scoring  # noqa: E402
 from benchmark import FPS, FRAMES, SIZE, one_per_square, without_digits  # noqa: E402
 
 from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
-from slowfast_vlm.synth import CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
+from slowfast_vlm.synth import CATEGORIES, CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
 from slowfast_vlm.training.scratch import build_scratch_model  # noqa: E402
 
 TRAIN_CLIPS, STEPS, BATCH = 3, 4, 2
@@ -252,6 +252,17 @@ def test_choice_scoring_picks_the_best_letter():
     digits[int(record["answer_text"])] = 1.0
     digits[[d for d in range(10) if str(d) not in record["options"]][0]] = 5.0  # not an option: ignored
     assert scoring.chooses_answer(digits, record)
+
+
+def test_accuracy_report_counts_the_letters_named():
+    results = [
+        {"category": CATEGORIES[i % 2], "open": i < 3, "choice": i == 0, "choice_letter": letter}
+        for i, letter in enumerate("CCCA")
+    ]
+    report = scoring.accuracy_report(results)
+    assert report["choice_letters"] == {"A": 0.25, "B": 0.0, "C": 0.75, "D": 0.0}
+    assert (report["accuracy"], report["choice_accuracy"], report["questions"]) == (0.75, 0.25, 4)
+    assert report[f"choice_{CATEGORIES[0]}"] == 0.5  # questions 0 and 2: one right
 
 
 def test_question_prefixes_cut_around_the_question_words():

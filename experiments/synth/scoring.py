@@ -24,9 +24,14 @@ def chooses_answer(digit_scores: torch.Tensor, record: dict) -> bool:
     return options[int(digit_scores[options].argmax())] == int(record["answer_text"])
 
 
+def best_letter(letter_scores: torch.Tensor) -> str:
+    """Multiple-choice form: the letter (A-D) with the best of `letter_scores` `(4,)`."""
+    return LETTERS[int(letter_scores.argmax())]
+
+
 def chooses_letter(letter_scores: torch.Tensor, record: dict) -> bool:
     """Multiple-choice form: is the letter with the best of `letter_scores` `(4,)` (A-D) the record's answer?"""
-    return LETTERS[int(letter_scores.argmax())] == record["answer"]
+    return best_letter(letter_scores) == record["answer"]
 
 
 def question_prefixes(prompt: str, record: dict) -> tuple[str, str]:
@@ -69,10 +74,12 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
     grid = (len(frames), *model.model.visual_grid(len(frames)))
     results = []
     for b, record in enumerate(clip):
+        letter = best_letter(scores[len(clip) + b, letters])
         result = {
             "category": record["category"],
             "open": chooses_answer(scores[b, digits], record),
-            "choice": chooses_letter(scores[len(clip) + b, letters], record),
+            "choice": letter == record["answer"],
+            "choice_letter": letter,
         }
         if has_slow:
             start, end = 2 * len(clip) + 2 * b, 2 * len(clip) + 2 * b + 1
@@ -93,8 +100,9 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
 def accuracy_report(results: list[dict]) -> dict:
     """Accuracy in both forms, overall and per category, and the attention-peak rates, of `score_clip` results.
 
-    Keys: `accuracy` and `<category>` (open form), `choice_accuracy` and `choice_<category>`, and for a
-    slow-fast model `attention_peak_on_detail_frame` (every query token) and
+    Keys: `accuracy` and `<category>` (open form), `choice_accuracy` and `choice_<category>`,
+    `choice_letters` (the share of the multiple-choice answers naming each letter: a model that has not
+    learnt the form names one letter), and for a slow-fast model `attention_peak_on_detail_frame` (every query token) and
     `question_attention_peak_on_detail_frame` (the question's words)."""
     report = {"questions": len(results)}
     for form, prefix in (("open", ""), ("choice", "choice_")):
@@ -103,6 +111,8 @@ def accuracy_report(results: list[dict]) -> dict:
             report[f"{prefix}{category}"] = float(
                 np.mean([r[form] for r in results if r["category"] == category])
             )
+    letters = [r["choice_letter"] for r in results]
+    report["choice_letters"] = {letter: letters.count(letter) / len(letters) for letter in LETTERS}
     if "peak_all" in results[0]:
         report["attention_peak_on_detail_frame"] = float(np.mean([r["peak_all"] for r in results]))
         report["question_attention_peak_on_detail_frame"] = float(
