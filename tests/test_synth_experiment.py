@@ -163,6 +163,25 @@ def test_stage1_resumes_exactly(workdir):
         assert torch.equal(weights[0][key], weights[1][key]), key
 
 
+def test_image_conversation_in_both_forms():
+    """Without an rng the digit question is the open form; with one, about half are the multiple-choice
+    form, answered by the record's letter; the colour and wall turns stay."""
+    records = generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]
+    assert run.image_conversation(records[0])[0]["content"][1]["text"] == open_question(records[0])
+    rng = np.random.default_rng(0)
+    forms = []
+    for record in records * 20:
+        chat = run.image_conversation(record, rng)
+        question, answer = chat[0]["content"][-1]["text"], chat[1]["content"][0]["text"]
+        assert (question, answer) in {
+            (open_question(record), record["answer_text"]),
+            (choice_question(record), record["answer"]),
+        }
+        assert [turn["content"][-1]["text"] for turn in chat[2::2]] == list(run.IMAGE_QUESTIONS)
+        forms.append(question == choice_question(record))
+    assert 0.35 < np.mean(forms) < 0.65
+
+
 def test_score_on_fresh_clips_and_clips_without_digits(workdir):
     assert run.main(["score", "uninterrupted", "--seed", "7", "--clips", "1"]) == 0
     report = json.loads((workdir / "uninterrupted" / "score-seed7.json").read_text())

@@ -258,13 +258,16 @@ def colour_of(record: dict) -> str:
     return next(c for c in COLOURS if f"The {c} square" in record["conversations"][0]["value"])
 
 
-def image_conversation(record: dict) -> list[dict]:
-    """The 3-turn conversation about the frame that shows a record's digit: the record's own open-form
-    question (its digit; the video questions' wording, so that stage 2 starts from a model that already
-    looks for the digit when asked it), the colour of the square showing it, whether it touches a wall."""
+def image_conversation(record: dict, rng: np.random.Generator | None = None) -> list[dict]:
+    """The 3-turn conversation about the frame that shows a record's digit: the record's own question
+    (its digit; the video questions' wording, so that stage 2 starts from a model that already looks for
+    the digit when asked it), the colour of the square showing it, whether it touches a wall. The first
+    question is in the open form, or, given `rng`, in either form as stage 2 asks it (`mixed_turn`)."""
     touching = "yes" if record["category"] == "digit_touching_wall" else "no"
-    questions = [open_question(record), *IMAGE_QUESTIONS]
-    return conversation(questions, [record["answer_text"], colour_of(record), touching], "image")
+    question, digit_answer = (
+        (open_question(record), record["answer_text"]) if rng is None else mixed_turn(record, rng)
+    )
+    return conversation([question, *IMAGE_QUESTIONS], [digit_answer, colour_of(record), touching], "image")
 
 
 def scratch_texts() -> list[str]:
@@ -316,10 +319,12 @@ def pretrain_llm(
     vision: Path = VISION,
     seed: int = 0,
     stop_after: int | None = None,
+    both_forms: bool = False,
 ) -> dict | None:
     """Train projector + LLM on image QA about the frame pool's digit frames, on the frozen encoder; every
-    video model of this seed and kind starts from this checkpoint. Resumable as stage 2 is
-    (`resumable_steps`; None when stopped)."""
+    video model of this seed and kind starts from this checkpoint. With `both_forms` the digit question
+    is asked in the open or the multiple-choice form (p = 1/2 each), so that the letter mapping is
+    learnt where the digit is plain. Resumable as stage 2 is (`resumable_steps`; None when stopped)."""
     torch.set_num_threads(1)
     model, processor = build_scratch_model(scratch_texts(), seed=seed, **STAGE1_KNOBS[kind])
     load_frozen_vision(model, vision)
@@ -337,13 +342,15 @@ def pretrain_llm(
         "seed": seed,
         "vision": str(vision),
     }
+    if both_forms:  # (absent when off: the checkpoints of earlier runs still resume)
+        settings["both_forms"] = True
 
     def one_step(step: int) -> float:
         picked = [
             divmod(int(i), QUESTIONS_PER_CLIP)
             for i in rng.choice(len(pool_records) * QUESTIONS_PER_CLIP, batch)
         ]
-        chats = [image_conversation(pool_records[clip][i]) for clip, i in picked]
+        chats = [image_conversation(pool_records[clip][i], rng if both_forms else None) for clip, i in picked]
         frames = [pool["frames"][clip, i] for clip, i in picked]
         texts = [processor.apply_chat_template(chat) for chat in chats]
         inputs = processor(text=texts, images=frames, padding=True, return_tensors="pt")
@@ -360,14 +367,7 @@ def pretrain_llm(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    result = {
-        "kind": kind,
-        "steps": steps,
-        "batch_images": batch,
-        "lr": lr,
-        "final_loss": float(np.mean(log[-50:])),
-        "seconds": round(seconds),
-    }
+    result = settings | {"final_loss": float(np.mean(log[-50:])), "seconds": round(seconds)}
     return finished(out, result)
 
 
@@ -706,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("--seed", type=int, default=0)
     stage1.add_argument("--out", type=Path, help=f"default: {STAGE1}-<kind>-s<seed>")
     stage1.add_argument("--stop-after-steps", type=int, help="save the checkpoint after this step and exit")
+    stage1.add_argument(
+        "--both-forms", action="store_true", help="ask the digit question in the open or multiple-choice form"
+    )
     summarize_parser = commands.add_parser("summarize", help="print the results table of the finished runs")
     summarize_parser.add_argument("runs_dir", type=Path, nargs="?", default=RUNS)
     probe_parser = commands.add_parser(
@@ -770,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             args.vision,
             args.seed,
             args.stop_after_steps,
+            args.both_forms,
         )
     elif args.command == "summarize":
         print(summarize(args.runs_dir))
