@@ -182,6 +182,14 @@ def test_image_conversation_in_both_forms():
     assert 0.35 < np.mean(forms) < 0.65
 
 
+def test_probe_scores_each_question_in_every_setting(workdir):
+    result = run.probe(Path("uninterrupted"), clips=1)
+    assert set(result) == {"image", "frame_repeated", "clip", "image_choice", "questions"}
+    assert result["questions"] == 6
+    for key in ("image", "frame_repeated", "clip", "image_choice"):
+        assert result[key] * 6 == round(result[key] * 6)  # a share of the 6 questions
+
+
 def test_score_on_fresh_clips_and_clips_without_digits(workdir):
     assert run.main(["score", "uninterrupted", "--seed", "7", "--clips", "1"]) == 0
     report = json.loads((workdir / "uninterrupted" / "score-seed7.json").read_text())

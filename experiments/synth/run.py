@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn, one_per_square, without_digits
 from checkpoints import resumable_steps
 from plan import run_plan, stages
-from scoring import chooses_answer, demo_question, score, test_accuracy
+from scoring import chooses_answer, chooses_letter, demo_question, score, test_accuracy
 from tqdm import tqdm
 
 from slowfast_vlm.compute import estimate
@@ -49,7 +49,15 @@ from slowfast_vlm.modeling.model import SlowFastForConditionalGeneration
 from slowfast_vlm.modeling.vision import build_vision_tower, encoder_grids
 from slowfast_vlm.processing.processor import SlowFastProcessor, image_processor_for
 from slowfast_vlm.processing.video import load_video, uniform_sample_indices, write_video
-from slowfast_vlm.synth import COLOURS, CRF, QUESTIONS_PER_CLIP, generate_clip, open_question
+from slowfast_vlm.synth import (
+    COLOURS,
+    CRF,
+    LETTERS,
+    QUESTIONS_PER_CLIP,
+    choice_question,
+    generate_clip,
+    open_question,
+)
 from slowfast_vlm.training.scratch import build_scratch_model
 
 HERE = Path(__file__).parent
@@ -409,12 +417,14 @@ def select_frames(frames: np.ndarray, defaults: dict) -> np.ndarray:
 def probe(checkpoint: Path, clips: int = 8) -> dict:
     """Where a checkpoint's digit reading breaks: multiple-choice accuracy on the open-form questions of
     the first `clips` test clips, given (1) the digit's frame as an image, (2) that frame repeated 64
-    times as a video, (3) the real 64-frame clip."""
+    times as a video, (3) the real 64-frame clip; and (4) the multiple-choice form's accuracy (the best
+    letter) given the frame as an image."""
     model = SlowFastForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokenizer = SlowFastProcessor.from_pretrained(checkpoint).tokenizer
     processor = SlowFastProcessor.from_model_config(model.config, tokenizer)
     digit_ids = [tokenizer.convert_tokens_to_ids(str(digit)) for digit in range(10)]
-    hits = {"image": [], "frame_repeated": [], "clip": []}
+    letter_ids = [tokenizer.convert_tokens_to_ids(letter) for letter in LETTERS]
+    hits = {"image": [], "frame_repeated": [], "clip": [], "image_choice": []}
     for clip in read_clips("test")[:clips]:
         decoded, _ = load_video(DATA / clip[0]["video"], FRAMES, fps=FPS)
         for record in clip:
@@ -430,6 +440,12 @@ def probe(checkpoint: Path, clips: int = 8) -> dict:
                     0, -1, digit_ids
                 ]
                 hits[key].append(chooses_answer(scores, record))
+            chat = conversation([choice_question(record)], visual="image")
+            text = processor.apply_chat_template(chat, add_generation_prompt=True)
+            scores = model(**processor(text=[text], return_tensors="pt", images=[frame])).logits[
+                0, -1, letter_ids
+            ]
+            hits["image_choice"].append(chooses_letter(scores, record))
     result = {key: float(np.mean(value)) for key, value in hits.items()} | {"questions": len(hits["clip"])}
     print(json.dumps(result), flush=True)
     return result
