@@ -143,16 +143,15 @@ def step_seconds(
     seconds: dict[object, list[float]] = {key: [] for key in decoders}
     order, shuffle = list(decoders), random.Random(0).shuffle
     for request in range(1 + repeats):
-        shuffle(order)
+        rounds = []  # (decoder, seconds) of this request's steps
         if interleave == "step":
             for decoder in decoders.values():
                 decoder.start()
-            rounds = []
             for _ in range(new_tokens - 1):
                 shuffle(order)
                 rounds += [(key, decoders[key].step()) for key in order]
         else:
-            rounds = []
+            shuffle(order)
             for key in order:
                 decoders[key].start()
                 rounds += [(key, decoders[key].step()) for _ in range(new_tokens - 1)]
