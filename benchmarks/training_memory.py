@@ -119,7 +119,7 @@ def worker(name: str, sets: list[str], tiny: dict[str, str], output: str) -> Non
     """One rank: build, then one step; writes its peaks to OUTPUT/NAME-rankR.json."""
     from transformers import TrainerCallback
 
-    from slowfast_vlm.training.runner import build_trainer, load_train_config
+    from slowfast_vlm.training.runner import build_trainer, leave_worker, load_train_config
 
     anonymous = AnonymousPeak()
     peaks = {"imports": peak_mib(), "anonymous imports": anonymous.take()}
@@ -137,16 +137,7 @@ def worker(name: str, sets: list[str], tiny: dict[str, str], output: str) -> Non
     trainer.train()
     rank = trainer.args.process_index
     Path(output, f"{name}-rank{rank}.json").write_text(json.dumps(peaks))
-    import torch.distributed
-
-    torch.distributed.destroy_process_group()
-    # The figures are written. Leave without the interpreter's teardown: once in CI (oldest releases, ZeRO-3)
-    # rank 1 aborted there ("terminate called without an active exception"). Cause not found: gloo's worker
-    # threads outlive destroy_process_group here, held by no Python object (BENCHMARKS.md, "Training: host
-    # memory per process", lists what was ruled out).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_worker(0)  # the figures are written; the exit the trainer's CLI takes (see its docstring)
 
 
 def main() -> None:

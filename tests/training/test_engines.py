@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from training_helpers import free_port
 from transformers import AutoProcessor, set_seed
 
 from slowfast_vlm import SlowFastForConditionalGeneration
@@ -51,12 +51,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OF
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     return write_tiny_setup(tmp_path_factory.mktemp("tiny"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(tiny: dict[str, str], output: Path, sets: list[str]) -> list[str]:
@@ -207,7 +201,7 @@ PARTITION_SCRIPT = """
 import json, pathlib, sys
 import deepspeed, torch
 from safetensors.torch import load_file, save_file
-from slowfast_vlm.training.runner import build_trainer, load_train_config
+from slowfast_vlm.training.runner import build_trainer, leave_worker, load_train_config
 trainer = build_trainer(load_train_config("configs/tiny_cpu.yaml", sys.argv[3:]))
 expected = load_file(sys.argv[1])
 # renamings save_pretrained would reverse (transformers' ZeRO-3 loader keeps its load-time ones)
@@ -226,7 +220,7 @@ for name, param in trainer.model.named_parameters():
 # one file per rank: two ranks printing to one pipe may interleave their lines
 report_file = pathlib.Path(sys.argv[2]) / f"partition-report-{torch.distributed.get_rank()}.json"
 report_file.write_text(json.dumps(report))
-torch.distributed.destroy_process_group()
+leave_worker(0)  # what `slowfast-vlm train` does at its end
 """
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from training_helpers import free_port
 from transformers import AutoProcessor, TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
@@ -106,3 +110,38 @@ def test_tiny_cpu_config_trains_through_the_cli(tmp_path):
     with torch.no_grad():
         loss = model(**inputs, labels=inputs["input_ids"]).loss
     assert torch.isfinite(loss)
+
+
+LEAVING_WORKER = """
+import atexit, pathlib, sys
+import torch.distributed as dist
+from slowfast_vlm.training.runner import leave_worker
+dist.init_process_group("gloo")
+import torch
+rank = dist.get_rank()
+tensor = torch.tensor([rank + 1.0])
+dist.all_reduce(tensor)  # the group works
+atexit.register(lambda: pathlib.Path(sys.argv[1], f"atexit-{rank}").write_text(str(float(tensor))))
+print(f"rank {rank} buffered", end="")  # no newline: flushed by leave_worker or lost
+leave_worker(3 + rank)
+raise SystemExit("not reached")
+"""
+
+
+def test_a_worker_leaves_with_its_code_after_the_exit_handlers_ran(tmp_path):
+    """`leave_worker` (the end of `slowfast-vlm train` under torchrun): each rank's own exit code, the
+    interpreter's exit handlers run (trackers flush there), buffered output flushed, nothing after it runs."""
+    script = tmp_path / "worker.py"
+    script.write_text(LEAVING_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2"}  # fmt: skip
+    ranks = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path)], env={**env, "RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [3, 4], outputs
+    assert [out for out, _ in outputs] == ["rank 0 buffered", "rank 1 buffered"]
+    assert not any("not reached" in err or "terminate called" in err for _, err in outputs)
+    assert [(tmp_path / f"atexit-{r}").read_text() for r in (0, 1)] == ["3.0", "3.0"]  # 1 + 2, summed

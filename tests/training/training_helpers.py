@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,10 @@ def make_config(
             **(training or {}),
         },
     )
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,6 +6,7 @@ in its output directory. Example: slowfast-vlm train configs/tiny_cpu.yaml --set
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import logging
@@ -14,7 +15,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import accelerate
 import torch
@@ -462,16 +463,31 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     return trainer
 
 
+def leave_worker(code: int) -> NoReturn:
+    """End a torchrun worker with `code`: destroy its process group, run the interpreter's exit handlers
+    (logging, experiment trackers), flush, and exit without the C++ teardown.
+
+    Why not a plain return: some C++ owner keeps gloo's groups, with their threads, alive after
+    `destroy_process_group()` (BENCHMARKS.md, "Training: host memory per process"), and destroying them in
+    the interpreter's teardown races with it: now and then a rank aborts there ("terminate called without
+    an active exception", SIGABRT) after everything was saved. Seen under ZeRO-3 on gloo, in CI.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         train(load_train_config(args.config, args.overrides))
+        code = 0
     except (OSError, ValueError, TooManyBadSamples) as error:  # a bad config or data, an engine refused
         print(f"slowfast-vlm train: {args.config}: {error}", file=sys.stderr)
-        return 2
-    finally:
-        # A process group left to the interpreter's exit can abort a rank ("terminate called without an
-        # active exception") after the final save.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        code = 2
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        leave_worker(code)
+    return code
