@@ -7,9 +7,9 @@ Two comparisons, each on the named config "bench-scaled" ("bench-quick" with `--
 - `prefill`: the equal-budget pair of `benchmarks.prefill` (self-attention at 16 frames, slow-fast at
   128 frames, the same 320-token sequence).
 
-`torch.profiler` records `--steps` calls of each (after 3 unrecorded ones); the table gives each
-operator's self CPU time per call for both and their difference, largest first, and the median wall
-time per call under the profiler (which adds a little per operator). Like the timing scripts it
+`torch.profiler` records `--steps` calls of each (after 3 unrecorded ones), the two alternating call by
+call; the table gives each operator's self CPU time per call for both and their difference, largest
+first, and the median wall time per call under the profiler (which adds a little per operator). Like the timing scripts it
 refuses to start above `--max-load` and prints the load average before and after.
 
     python -m benchmarks.profile_ops decoding --batch 16      # issue 18's batch-16 decoding step
@@ -67,18 +67,34 @@ def prefill_calls(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
     }
 
 
-def self_times(call: Callable[[], object], steps: int) -> tuple[dict[str, tuple[float, float]], float]:
-    """Per operator (self ms per call, calls per call) over `steps` profiled calls, and the median ms."""
-    for _ in range(WARMUP_CALLS):
-        call()
-    seconds = []
-    with profile(activities=[ProfilerActivity.CPU]) as recorded:
-        for _ in range(steps):
-            start = time.perf_counter()
+def interleaved_self_times(
+    calls: dict[str, Callable[[], object]], steps: int
+) -> dict[str, tuple[dict[str, tuple[float, float]], float]]:
+    """Per variant: per operator (self ms per call, calls per call) over `steps` profiled calls, and the
+    median ms per call. The variants alternate call by call (each call profiled on its own, the order
+    flipped every round), so drift in the machine's speed falls on both alike."""
+    for call in calls.values():
+        for _ in range(WARMUP_CALLS):
             call()
-            seconds.append(time.perf_counter() - start)
-    per_op = {e.key: (e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in recorded.key_averages()}
-    return per_op, median(seconds) * 1e3
+    totals: dict[str, dict[str, list[float]]] = {name: {} for name in calls}
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(steps):
+        for name in list(calls)[:: 1 if round_ % 2 == 0 else -1]:
+            with profile(activities=[ProfilerActivity.CPU]) as recorded:
+                start = time.perf_counter()
+                calls[name]()
+                seconds[name].append(time.perf_counter() - start)
+            for event in recorded.key_averages():
+                total = totals[name].setdefault(event.key, [0.0, 0.0])
+                total[0] += event.self_cpu_time_total / 1e3
+                total[1] += event.count
+    return {
+        name: (
+            {op: (ms / steps, count / steps) for op, (ms, count) in totals[name].items()},
+            median(seconds[name]) * 1e3,
+        )
+        for name in calls
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,10 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     load = LoadRecord(args, parser)
     torch.set_num_threads(args.threads)
     calls = (decoding_calls if args.comparison == "decoding" else prefill_calls)(args)
-    (name, call), (base_name, base_call) = calls.items()
+    name, base_name = calls
     with torch.inference_mode():
-        ops, wall = self_times(call, args.steps)
-        base_ops, base_wall = self_times(base_call, args.steps)
+        profiled = interleaved_self_times(calls, args.steps)
+    (ops, wall), (base_ops, base_wall) = profiled[name], profiled[base_name]
     load.finish()
 
     def diff(op: str) -> float:
