@@ -461,3 +461,58 @@ def test_launch_runs_the_stage_with_one_thread_into_its_log(tmp_path, monkeypatc
     stage = plan.Stage("table", ["summarize", "--x"], tmp_path / "never")
     assert plan.run_plan([stage], start=plan.launch, poll_seconds=0.05) == 1
     assert (tmp_path / plan.LOGS / "table.log").read_text() == "args ['summarize', '--x'] threads 1\n"
+
+
+# ----- the text-only option lookup exercise (lookup.py) -----
+def parse_exercise(question: str) -> tuple[str | None, dict[str, str], str | None]:
+    """(the digit asked about, letter -> option, the letter asked about), read back from the text."""
+    listed = dict(re.findall(r"^([A-D])\. (\d)$", question, flags=re.M))
+    digit = re.search(r"the digit (\d)\?", question)
+    letter = re.search(r"is option ([A-D])\?", question)
+    return digit and digit.group(1), listed, letter and letter.group(1)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_lookup_exercise_answers_from_its_own_list(direction):
+    import lookup
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        question, answer, candidates = lookup.exercise(direction, rng)
+        digit, listed, letter = parse_exercise(question)
+        assert sorted(listed) == ["A", "B", "C", "D"] and len(set(listed.values())) == 4
+        if direction == "reverse":
+            assert question.endswith("Answer with the option's letter.") and letter is None
+            assert listed[answer] == digit and candidates == ["A", "B", "C", "D"]
+        else:
+            assert digit is None and answer == listed[letter] and candidates == list(listed.values())
+
+
+class LookupOracle(torch.nn.Module):
+    """Reads each prompt back from its tokens; at its last real position the right answer (or, `wrong`,
+    another candidate) gets the best logit, at every other position the right answer does."""
+
+    def __init__(self, tokenizer, wrong: bool):
+        super().__init__()
+        self.tokenizer, self.wrong = tokenizer, wrong
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
+        for b, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            digit, listed, _ = parse_exercise(self.tokenizer.decode(ids[mask.bool()]))
+            right = next(letter for letter, option in listed.items() if option == digit)
+            pick = next(letter for letter in listed if letter != right) if self.wrong else right
+            logits[b, :, self.tokenizer.convert_tokens_to_ids(right)] = 1.0
+            logits[b, int(mask.sum()) - 1] = 0.0
+            logits[b, int(mask.sum()) - 1, self.tokenizer.convert_tokens_to_ids(pick)] = 1.0
+        return type("Output", (), {"logits": logits})
+
+
+def test_lookup_accuracy_reads_the_answer_position():
+    import lookup
+
+    texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]]
+    _, processor = build_scratch_model(texts + list("0123456789"), **run.STAGE1_KNOBS["plain"])
+    for wrong, expected in ((False, 1.0), (True, 0.0)):
+        model = LookupOracle(processor.tokenizer, wrong)
+        assert lookup.accuracy(model, processor, "reverse", count=60) == expected
