@@ -511,8 +511,28 @@ class LookupOracle(torch.nn.Module):
 def test_lookup_accuracy_reads_the_answer_position():
     import lookup
 
-    texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]]
-    _, processor = build_scratch_model(texts + list("0123456789"), **run.STAGE1_KNOBS["plain"])
+    texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
+    _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["plain"])
     for wrong, expected in ((False, 1.0), (True, 0.0)):
         model = LookupOracle(processor.tokenizer, wrong)
         assert lookup.accuracy(model, processor, "reverse", count=60) == expected
+
+
+def test_stage1_can_start_from_a_text_only_llm(tmp_path):
+    texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
+    text_only, processor = build_scratch_model(texts, seed=1, **run.STAGE1_KNOBS["plain"])
+    text_only.save_pretrained(tmp_path / "lookup")
+    processor.save_pretrained(tmp_path / "lookup")
+    slow, slow_processor = build_scratch_model(texts, seed=0, **run.STAGE1_KNOBS["slow"])
+    before = {k: v.clone() for k, v in slow.state_dict().items()}
+    run.start_from_text_only(slow, slow_processor, tmp_path / "lookup")
+    after, source = slow.state_dict(), text_only.state_dict()
+    for name, value in after.items():
+        if "cross_attn" in name or not (".language_model." in name or name.startswith("lm_head")):
+            assert torch.equal(value, before[name]), name  # hybrid-layer and visual weights: untouched
+        else:
+            assert torch.equal(value, source[name]), name
+    assert any("cross_attn" in name for name in after)
+    _, other = build_scratch_model(texts[:2], **run.STAGE1_KNOBS["slow"])
+    with pytest.raises(ValueError, match="its tokenizer is not the experiment's"):
+        run.start_from_text_only(slow, other, tmp_path / "lookup")

@@ -106,6 +106,8 @@ def train_lookup(direction: str, steps: int, batch: int, lr: float, seed: int, o
     if outcome is None:
         return None
     log, seconds = outcome
+    model.save_pretrained(out)  # a starting point for stage 1 (`run.py pretrain-llm --init`)
+    processor.save_pretrained(out)
     # (accuracies of steps before a resume are not in `curve`; the final one always is)
     result = settings | {
         "final_loss": float(np.mean(log[-50:])),

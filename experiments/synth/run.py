@@ -291,6 +291,20 @@ def load_frozen_vision(model: SlowFastForConditionalGeneration, vision: Path) ->
     encoder.requires_grad_(False)
 
 
+def start_from_text_only(model: SlowFastForConditionalGeneration, processor, init: Path) -> None:
+    """Put the LLM of a text-only run (`lookup.py`, built by `build_scratch_model` on `scratch_texts()`)
+    into `model`; a slow model's hybrid-layer weights, absent there, keep their initialisation."""
+    if SlowFastProcessor.from_pretrained(init).tokenizer.get_vocab() != processor.tokenizer.get_vocab():
+        raise ValueError(f"{init}: its tokenizer is not the experiment's (made from other texts)")
+    text_only = SlowFastForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    language_model = {
+        k: v for k, v in text_only.state_dict().items() if ".language_model." in k or k.startswith("lm_head")
+    }
+    unexpected = model.load_state_dict(language_model, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{init}: weights this model does not have: {unexpected[:3]}")
+
+
 def stage1_kind(model: str) -> str:
     return "slow" if model == "c" else "plain"
 
@@ -328,13 +342,18 @@ def pretrain_llm(
     seed: int = 0,
     stop_after: int | None = None,
     both_forms: bool = False,
+    init: Path | None = None,
 ) -> dict | None:
     """Train projector + LLM on image QA about the frame pool's digit frames, on the frozen encoder; every
     video model of this seed and kind starts from this checkpoint. With `both_forms` the digit question
     is asked in the open or the multiple-choice form (p = 1/2 each), so that the letter mapping is
-    learnt where the digit is plain. Resumable as stage 2 is (`resumable_steps`; None when stopped)."""
+    learnt where the digit is plain. With `init` (a `lookup.py` run: the same tokenizer and LLM) the LLM
+    starts from its weights instead of random ones. Resumable as stage 2 is (`resumable_steps`; None
+    when stopped)."""
     torch.set_num_threads(1)
     model, processor = build_scratch_model(scratch_texts(), seed=seed, **STAGE1_KNOBS[kind])
+    if init is not None:
+        start_from_text_only(model, processor, init)
     load_frozen_vision(model, vision)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -352,6 +371,8 @@ def pretrain_llm(
     }
     if both_forms:  # (absent when off: the checkpoints of earlier runs still resume)
         settings["both_forms"] = True
+    if init is not None:
+        settings["init"] = str(init)
 
     def one_step(step: int) -> float:
         picked = [
@@ -725,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument(
         "--both-forms", action="store_true", help="ask the digit question in the open or multiple-choice form"
     )
+    stage1.add_argument("--init", type=Path, help="start the LLM from a text-only run of lookup.py")
     summarize_parser = commands.add_parser("summarize", help="print the results table of the finished runs")
     summarize_parser.add_argument("runs_dir", type=Path, nargs="?", default=RUNS)
     probe_parser = commands.add_parser(
@@ -790,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.stop_after_steps,
             args.both_forms,
+            args.init,
         )
     elif args.command == "summarize":
         print(summarize(args.runs_dir))
