@@ -29,6 +29,8 @@ from checkpoints import resumable_steps
 from run import STAGE1_KNOBS, answer_labels, clipped_step, finished, scratch_texts
 from scoring import token_ids
 
+from slowfast_vlm.modeling.model import SlowFastForConditionalGeneration
+from slowfast_vlm.processing.processor import SlowFastProcessor
 from slowfast_vlm.synth import LETTERS
 from slowfast_vlm.training.scratch import build_scratch_model
 
@@ -74,12 +76,19 @@ def accuracy(model, processor, direction: str, count: int = 400) -> float:
     return float(np.mean(hits))
 
 
-def train_lookup(direction: str, steps: int, batch: int, lr: float, seed: int, out: Path) -> dict | None:
-    """Train a fresh scratch LLM on the exercise; its held-out accuracy every 500 steps and at the end."""
+def train_lookup(
+    direction: str, steps: int, batch: int, lr: float, seed: int, out: Path, init: Path | None = None
+) -> dict | None:
+    """Train a fresh scratch LLM (or, given `init`, the model of an earlier run) on the exercise; its
+    held-out accuracy every 500 steps and at the end."""
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     torch.set_num_threads(1)
-    model, processor = build_scratch_model(scratch_texts(), seed=seed, **STAGE1_KNOBS["plain"])
+    if init is None:
+        model, processor = build_scratch_model(scratch_texts(), seed=seed, **STAGE1_KNOBS["plain"])
+    else:
+        model = SlowFastForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        processor = SlowFastProcessor.from_pretrained(init)
     tokenizer = processor.tokenizer
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -87,6 +96,8 @@ def train_lookup(direction: str, steps: int, batch: int, lr: float, seed: int, o
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     rng = np.random.default_rng(seed)
     settings = {"direction": direction, "steps": steps, "batch": batch, "lr": lr, "seed": seed}
+    if init is not None:
+        settings["init"] = str(init)
     curve: dict[int, float] = {}
 
     def one_step(step: int) -> float:
@@ -126,12 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="exercises per step")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help=f"default: {OUT}-<direction>-lr<lr>-s<seed>")
+    parser.add_argument(
+        "--init", type=Path, help="continue the model of an earlier run (e.g. the other direction)"
+    )
+    parser.add_argument("--out", type=Path, help=f"default: {OUT}-<direction>-lr<lr>-s<seed>[-from-<init>]")
     args = parser.parse_args(argv)
     if min(args.steps, args.batch) < 1 or args.lr <= 0:
         parser.error("--steps and --batch must be >= 1 and --lr > 0")
     out = args.out or Path(f"{OUT}-{args.direction}-lr{args.lr:g}-s{args.seed}")
-    train_lookup(args.direction, args.steps, args.batch, args.lr, args.seed, out)
+    if args.init is not None and args.out is None:
+        out = Path(f"{out}-from-{args.init.name}")
+    train_lookup(args.direction, args.steps, args.batch, args.lr, args.seed, out, args.init)
     return 0
 
 
