@@ -466,26 +466,30 @@ def test_launch_runs_the_stage_with_one_thread_into_its_log(tmp_path, monkeypatc
 # ----- the text-only option lookup exercise (lookup.py) -----
 def parse_exercise(question: str) -> tuple[str | None, dict[str, str], str | None]:
     """(the digit asked about, letter -> option, the letter asked about), read back from the text."""
-    listed = dict(re.findall(r"^([A-D])\. (\d)$", question, flags=re.M))
+    listed = dict(re.findall(r"^([A-Z])\. (\d)$", question, flags=re.M))
     digit = re.search(r"the digit (\d)\?", question)
-    letter = re.search(r"is option ([A-D])\?", question)
+    letter = re.search(r"is option ([A-Z])\?", question)
     return digit and digit.group(1), listed, letter and letter.group(1)
 
 
+@pytest.mark.parametrize("any_letters", [False, True])
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-def test_lookup_exercise_answers_from_its_own_list(direction):
+def test_lookup_exercise_answers_from_its_own_list(direction, any_letters):
     import lookup
 
     rng = np.random.default_rng(3)
+    seen_letters = set()
     for _ in range(50):
-        question, answer, candidates = lookup.exercise(direction, rng)
+        question, answer, candidates = lookup.exercise(direction, rng, any_letters)
         digit, listed, letter = parse_exercise(question)
-        assert sorted(listed) == ["A", "B", "C", "D"] and len(set(listed.values())) == 4
+        assert len(listed) == 4 and len(set(listed.values())) == 4
+        seen_letters |= set(listed)
         if direction == "reverse":
             assert question.endswith("Answer with the option's letter.") and letter is None
-            assert listed[answer] == digit and candidates == ["A", "B", "C", "D"]
+            assert listed[answer] == digit and candidates == list(listed)
         else:
             assert digit is None and answer == listed[letter] and candidates == list(listed.values())
+    assert (seen_letters == set("ABCD")) != any_letters  # random capitals: more than A-D over 50 lists
 
 
 class LookupOracle(torch.nn.Module):

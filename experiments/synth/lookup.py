@@ -9,8 +9,9 @@ with the digit given in the text, in either direction:
     reverse  "Which option is the digit 7?\\nOptions: ...\\nAnswer with the option's letter." -> "B"
     forward  "Options: ...\\nWhich digit is option B?" -> "7"  (the induction pattern: letter -> next item)
 
-and reports its accuracy on held-out lists (of the 4 letters, resp. the 4 option digits, the best
-logit at the answer position; chance 25%). Resumable like every stage (`checkpoints.resumable_steps`).
+and reports its accuracy on held-out lists lettered A-D as in the benchmark (of the 4 letters, resp.
+the 4 option digits, the best logit at the answer position; chance 25%). With `--any-letters` the
+training lists are lettered by 4 random capitals instead (see `exercise`). Resumable like every stage (`checkpoints.resumable_steps`).
 
     python experiments/synth/lookup.py --direction reverse --steps 2000 --lr 5e-4
 """
@@ -38,17 +39,25 @@ OUT = Path("outputs/synth/lookup")
 HELD_OUT_SEED = 1_000_003  # the test lists: a seed no training run draws from
 
 
-def exercise(direction: str, rng: np.random.Generator) -> tuple[str, str, list[str]]:
-    """One question, its answer, and the 4 answers it is scored among (letters, or the option digits)."""
+def exercise(
+    direction: str, rng: np.random.Generator, any_letters: bool = False
+) -> tuple[str, str, list[str]]:
+    """One question, its answer, and the 4 answers it is scored among (its letters, or the option digits).
+    The options are lettered A-D as in the benchmark or, with `any_letters`, by 4 distinct capitals drawn
+    at random: then naming any letter of the list beats guessing among all 26, a first step towards
+    the lookup that A-D (always the same 4) never rewards."""
     options = [str(d) for d in rng.choice(10, len(LETTERS), replace=False)]
+    letters = (
+        [chr(65 + i) for i in rng.choice(26, len(LETTERS), replace=False)] if any_letters else list(LETTERS)
+    )
     k = int(rng.integers(len(LETTERS)))
-    listed = "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options))
+    listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
     if direction == "forward":
-        return f"Options:\n{listed}\nWhich digit is option {LETTERS[k]}?", options[k], options
+        return f"Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
     question = (
         f"Which option is the digit {options[k]}?\nOptions:\n{listed}\nAnswer with the option's letter."
     )
-    return question, LETTERS[k], list(LETTERS)
+    return question, letters[k], letters
 
 
 def text_chat(question: str, answer: str | None = None) -> list[dict]:
@@ -59,13 +68,13 @@ def text_chat(question: str, answer: str | None = None) -> list[dict]:
 
 
 @torch.no_grad()
-def accuracy(model, processor, direction: str, count: int = 400) -> float:
+def accuracy(model, processor, direction: str, count: int = 400, any_letters: bool = False) -> float:
     """Share of `count` held-out exercises whose answer has the best logit among its 4 candidates."""
     rng = np.random.default_rng(HELD_OUT_SEED)
     model.eval()
     hits = []
     for start in range(0, count, 50):
-        items = [exercise(direction, rng) for _ in range(min(50, count - start))]
+        items = [exercise(direction, rng, any_letters) for _ in range(min(50, count - start))]
         texts = [processor.apply_chat_template(text_chat(q), add_generation_prompt=True) for q, _, _ in items]
         inputs = processor.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
         logits = model(**inputs).logits[torch.arange(len(items)), inputs["attention_mask"].sum(1) - 1]
@@ -77,7 +86,14 @@ def accuracy(model, processor, direction: str, count: int = 400) -> float:
 
 
 def train_lookup(
-    direction: str, steps: int, batch: int, lr: float, seed: int, out: Path, init: Path | None = None
+    direction: str,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    out: Path,
+    init: Path | None = None,
+    any_letters: bool = False,
 ) -> dict | None:
     """Train a fresh scratch LLM (or, given `init`, the model of an earlier run) on the exercise; its
     held-out accuracy every 500 steps and at the end."""
@@ -98,15 +114,17 @@ def train_lookup(
     settings = {"direction": direction, "steps": steps, "batch": batch, "lr": lr, "seed": seed}
     if init is not None:
         settings["init"] = str(init)
+    if any_letters:
+        settings["any_letters"] = True
     curve: dict[int, float] = {}
 
     def one_step(step: int) -> float:
-        chats = [text_chat(q, a) for q, a, _ in (exercise(direction, rng) for _ in range(batch))]
+        chats = [text_chat(q, a) for q, a, _ in (exercise(direction, rng, any_letters) for _ in range(batch))]
         texts = [processor.apply_chat_template(chat) for chat in chats]
         inputs = tokenizer(texts, padding=True, return_tensors="pt")
         loss = model(**inputs, labels=answer_labels(inputs["input_ids"], tokenizer)).loss
         loss_value = clipped_step(loss, trainable, optimizer, schedule)
-        if (step + 1) % 500 == 0:
+        if (step + 1) % 500 == 0:  # on the benchmark's letters A-D
             curve[step + 1] = accuracy(model, processor, direction)
             print(f"lookup {direction} step {step + 1}: held-out accuracy {curve[step + 1]:.3f}", flush=True)
         return loss_value
@@ -123,8 +141,13 @@ def train_lookup(
     result = settings | {
         "final_loss": float(np.mean(log[-50:])),
         "chance_loss": float(np.log(len(LETTERS)) / 2),  # the answer and <|im_end|>, the first at chance
-        "held_out_accuracy": accuracy(model, processor, direction),
+        "held_out_accuracy": accuracy(model, processor, direction),  # A-D
         "accuracy_every_500_steps": curve,
+        **(
+            {"held_out_accuracy_any_letters": accuracy(model, processor, direction, any_letters=True)}
+            if any_letters
+            else {}
+        ),
         "seconds": round(seconds),
     }
     return finished(out, result)
@@ -140,14 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--init", type=Path, help="continue the model of an earlier run (e.g. the other direction)"
     )
-    parser.add_argument("--out", type=Path, help=f"default: {OUT}-<direction>-lr<lr>-s<seed>[-from-<init>]")
+    parser.add_argument(
+        "--any-letters", action="store_true", help="letter each list with 4 random capitals, not A-D"
+    )
+    parser.add_argument(
+        "--out", type=Path, help=f"default: {OUT}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]"
+    )
     args = parser.parse_args(argv)
     if min(args.steps, args.batch) < 1 or args.lr <= 0:
         parser.error("--steps and --batch must be >= 1 and --lr > 0")
-    out = args.out or Path(f"{OUT}-{args.direction}-lr{args.lr:g}-s{args.seed}")
-    if args.init is not None and args.out is None:
-        out = Path(f"{out}-from-{args.init.name}")
-    train_lookup(args.direction, args.steps, args.batch, args.lr, args.seed, out, args.init)
+    out = args.out or Path(
+        f"{OUT}-{args.direction}-lr{args.lr:g}-s{args.seed}"
+        + ("-any-letters" if args.any_letters else "")
+        + (f"-from-{args.init.name}" if args.init else "")
+    )
+    train_lookup(args.direction, args.steps, args.batch, args.lr, args.seed, out, args.init, args.any_letters)
     return 0
 
 
