@@ -376,16 +376,12 @@ def test_plan_skips_finished_stages_and_orders_the_rest(tmp_path):
         "c-s1",
     ]
     assert next(s for s in stages if s.name == "c-s1").args == [
-        "train",
-        "--model",
-        "c",
-        "--seed",
-        "1",
-        "--steps",
-        "10",
-        "--single-event-steps",
-        "3",
-    ]
+        "train", "--model", "c", "--seed", "1", "--steps", "10", "--stage1", str(tmp_path / "stage1-slow-s1"),
+        "--out", str(tmp_path / "runs" / "c-s1"), "--single-event-steps", "3",
+    ]  # fmt: skip
+    assert next(s for s in stages if s.name == "stage1-slow-s1").args == [
+        "pretrain-llm", "--kind", "slow", "--seed", "1", "--out", str(tmp_path / "stage1-slow-s1")
+    ]  # fmt: skip
 
     started = []
 
@@ -421,6 +417,47 @@ def test_plan_continues_each_run_on_fresh_clips_after_it(tmp_path):
         101,
         7,
     )
+
+
+def test_plan_with_the_lookup_recipe_starts_every_llm_from_the_text_only_runs(tmp_path):
+    import lookup
+
+    stage1_dir = lambda kind, seed: tmp_path / f"stage1-{kind}-lookup-s{seed}"  # noqa: E731
+    recipe = plan.Lookup(30, 6, tmp_path / "lookup")
+    runs = tmp_path / "runs-lookup"
+    stages = plan.stages(
+        [2],
+        ["a", "c"],
+        10,
+        tmp_path / "data",
+        tmp_path / "vision",
+        runs,
+        run.stage1_kind,
+        stage1_dir,
+        [],
+        0,
+        recipe,
+    )
+    by_name = {s.name: s for s in stages}
+    forward, reverse = by_name["lookup-forward-s2"], by_name["lookup-reverse-s2"]
+    assert forward.script == reverse.script == plan.LOOKUP and reverse.after == ["lookup-forward-s2"]
+    parsed = [lookup.build_parser().parse_args(stage.args) for stage in (forward, reverse)]
+    assert [(a.direction, a.steps, a.seed, a.init, a.out) for a in parsed] == [
+        ("forward", 30, 2, None, tmp_path / "lookup" / "forward-s2"),
+        ("reverse", 6, 2, tmp_path / "lookup" / "forward-s2", tmp_path / "lookup" / "reverse-s2"),
+    ]
+    for kind in ("plain", "slow"):
+        first = by_name[f"lookup-stage1-{kind}-s2"]
+        assert first.after == ["pretrain-vision", "lookup-reverse-s2"]
+        parsed = run.build_parser().parse_args(first.args)
+        assert (parsed.kind, parsed.both_forms, parsed.init, parsed.out) == (
+            kind, True, tmp_path / "lookup" / "reverse-s2", stage1_dir(kind, 2)
+        )  # fmt: skip
+    for model in ("a", "c"):
+        second = by_name[f"lookup-{model}-s2"]
+        assert second.after == [f"lookup-stage1-{run.stage1_kind(model)}-s2"] and second.script is None
+        parsed = run.build_parser().parse_args(second.args)
+        assert (parsed.stage1, parsed.out) == (stage1_dir(run.stage1_kind(model), 2), runs / f"{model}-s2")
 
 
 def test_plan_does_not_start_what_a_failed_stage_feeds(tmp_path):

@@ -153,7 +153,7 @@ def train_lookup(
     return finished(out, result)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--direction", choices=("reverse", "forward"), default="reverse")
     parser.add_argument("--steps", type=int, default=2000)
@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help=f"default: {OUT}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if min(args.steps, args.batch) < 1 or args.lr <= 0:
         parser.error("--steps and --batch must be >= 1 and --lr > 0")

@@ -18,18 +18,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RUN = Path(__file__).parent / "run.py"
+LOOKUP = Path(__file__).parent / "lookup.py"
 LOGS = Path("outputs/synth/logs")
 CONTINUE_DATA_SEED = 100  # a continued run's clips: seed + 100, none of which any first run draws
 
 
 @dataclass
 class Stage:
-    """One command of the plan: `run.py ARGS`, finished once `done` exists, started after `after` finish."""
+    """One command of the plan: `SCRIPT ARGS` (default `run.py`), finished once `done` exists, started
+    after `after` finish."""
 
     name: str
     args: list[str]
     done: Path
     after: list[str] = field(default_factory=list)
+    script: Path | None = None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Every LLM starts from the text-only option lookup (`lookup.py`): per seed, `forward_steps` of the
+    forward exercise from scratch into `root/forward-s<seed>`, then `reverse_steps` of the reverse one
+    from it into `root/reverse-s<seed>`; stage 1 then asks both question forms from that LLM."""
+
+    forward_steps: int
+    reverse_steps: int
+    root: Path
+
+    def stages(self, seed: int) -> list[Stage]:
+        forward, reverse = self.root / f"forward-s{seed}", self.root / f"reverse-s{seed}"
+        common = ["--seed", str(seed)]
+        return [
+            Stage(f"lookup-forward-s{seed}", ["--direction", "forward", "--steps", str(self.forward_steps),
+                  *common, "--out", str(forward)], forward / "result.json", script=LOOKUP),
+            Stage(f"lookup-reverse-s{seed}", ["--direction", "reverse", "--steps", str(self.reverse_steps),
+                  *common, "--init", str(forward), "--out", str(reverse)], reverse / "result.json",
+                  [f"lookup-forward-s{seed}"], script=LOOKUP),
+        ]  # fmt: skip
 
 
 def stages(
@@ -43,34 +68,47 @@ def stages(
     stage1_dir,
     train_options: list[str] = (),
     continue_steps: int = 0,
+    lookup: Lookup | None = None,
 ) -> list[Stage]:
     """Every stage of the experiment for `seeds` x `models` (stage 2 with `steps` steps and
     `train_options`, e.g. its warm-up), in order. With `continue_steps`, each stage-2 run is then continued
     for that many steps on fresh clips (data seed `seed + CONTINUE_DATA_SEED`) into `<run>-more`.
 
-    `stage1_kind(model)` is the stage-1 kind a model starts from, `stage1_dir(kind, seed)` its checkpoint."""
+    `stage1_kind(model)` is the stage-1 kind a model starts from, `stage1_dir(kind, seed)` its checkpoint.
+    With `lookup`, each seed's LLMs start from its text-only lookup runs, and every stage-1 and stage-2
+    stage's name begins with "lookup-" (their logs apart from the plain recipe's)."""
     plan = [
         Stage("prepare", ["prepare"], data / "frame_pool.jsonl"),
         Stage("pretrain-vision", ["pretrain-vision"], vision / "result.json", ["prepare"]),
     ]
     kinds = sorted({stage1_kind(model) for model in models})
+    tag = "" if lookup is None else "lookup-"
     for seed in seeds:
+        stage1_args, stage1_after = [], ["pretrain-vision"]
+        if lookup is not None:
+            plan += lookup.stages(seed)
+            stage1_args = ["--both-forms", "--init", str(plan[-1].done.parent)]
+            stage1_after.append(plan[-1].name)
         for kind in kinds:
-            args = ["pretrain-llm", "--kind", kind, "--seed", str(seed)]
+            args = ["pretrain-llm", "--kind", kind, "--seed", str(seed), "--out", str(stage1_dir(kind, seed))]
             done = stage1_dir(kind, seed) / "result.json"
-            plan.append(Stage(f"stage1-{kind}-s{seed}", args, done, ["pretrain-vision"]))
+            plan.append(Stage(f"{tag}stage1-{kind}-s{seed}", args + stage1_args, done, stage1_after))
     for seed in seeds:
         for model in models:
-            args = ["train", "--model", model, "--seed", str(seed), "--steps", str(steps)]
+            run = runs / f"{model}-s{seed}"
+            args = ["train", "--model", model, "--seed", str(seed), "--steps", str(steps),
+                    "--stage1", str(stage1_dir(stage1_kind(model), seed)), "--out", str(run)]  # fmt: skip
             args += list(train_options)
-            done = runs / f"{model}-s{seed}" / "result.json"
-            plan.append(Stage(f"{model}-s{seed}", args, done, [f"stage1-{stage1_kind(model)}-s{seed}"]))
+            after = [f"{tag}stage1-{stage1_kind(model)}-s{seed}"]
+            plan.append(Stage(f"{tag}{model}-s{seed}", args, run / "result.json", after))
             if continue_steps:
                 more = runs / f"{model}-s{seed}-more"
                 args = ["train", "--model", model, "--seed", str(seed), "--steps", str(continue_steps),
-                        "--stage1", str(runs / f"{model}-s{seed}"), "--out", str(more),
+                        "--stage1", str(run), "--out", str(more),
                         "--data-seed", str(seed + CONTINUE_DATA_SEED)]  # fmt: skip
-                plan.append(Stage(f"{model}-s{seed}-more", args, more / "result.json", [f"{model}-s{seed}"]))
+                plan.append(
+                    Stage(f"{tag}{model}-s{seed}-more", args, more / "result.json", [f"{tag}{model}-s{seed}"])
+                )
     return plan
 
 
@@ -80,13 +118,13 @@ def pending(plan: list[Stage]) -> list[Stage]:
 
 
 def launch(stage: Stage) -> subprocess.Popen:
-    """Start `run.py` for a stage, one thread, output appended to its log, in its own session (the plan
-    alone receives a terminal's Ctrl-C, and passes it on as SIGTERM)."""
+    """Start a stage's script (`run.py` unless it names another), one thread, output appended to its
+    log, in its own session (the plan alone receives a terminal's Ctrl-C, and passes it on as SIGTERM)."""
     LOGS.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(LOGS / f"{stage.name}.log", "a") as log:
         return subprocess.Popen(
-            [sys.executable, str(RUN), *stage.args],
+            [sys.executable, str(stage.script or RUN), *stage.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -132,7 +170,8 @@ def run_plan(plan: list[Stage], parallel: int = 1, start=launch, poll_seconds: f
                     print(f"plan: {stage.name} skipped: {', '.join(stage.after)} failed", flush=True)
                 elif len(running) < parallel and not unfinished & set(stage.after):
                     print(
-                        f"plan: starting {stage.name}: run.py {' '.join(stage.args)} (log {LOGS / stage.name}.log)",
+                        f"plan: starting {stage.name}: {(stage.script or RUN).name} {' '.join(stage.args)} "
+                        f"(log {LOGS / stage.name}.log)",
                         flush=True,
                     )
                     running[stage.name] = start(stage)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn, one_per_square, without_digits
 from checkpoints import resumable_steps
-from plan import run_plan, stages
+from plan import Lookup, run_plan, stages
 from scoring import chooses_answer, chooses_letter, demo_question, score, test_accuracy
 from tqdm import tqdm
 
@@ -65,6 +65,8 @@ DATA = Path("outputs/synth/data")
 RUNS = Path("outputs/synth/runs")
 VISION = Path("outputs/synth/vision")
 STAGE1 = Path("outputs/synth/stage1")
+LOOKUP_RUNS = Path("outputs/synth/lookup")  # plan --lookup: the text-only lookup runs, per seed
+LOOKUP_RECIPE_RUNS = Path("outputs/synth/runs-lookup")  # plan --lookup: its stage-2 runs
 # Stage 1 trains each architecture on images: (a), (b), (d) share the plain LLM; (c) has its hybrid layer
 # from the start, so its cross-attention learns to read an image's slow tokens (16 of them, one with the
 # digit) before it must find 6 digit tokens among 64 frames' 1024. No gate: the published gate (w = 0)
@@ -311,6 +313,11 @@ def stage1_kind(model: str) -> str:
 
 def stage1_dir(kind: str, seed: int) -> Path:
     return Path(f"{STAGE1}-{kind}-s{seed}")
+
+
+def lookup_stage1_dir(kind: str, seed: int) -> Path:
+    """Stage 1 of the lookup recipe (`plan --lookup`): from the text-only lookup LLM, both forms."""
+    return Path(f"{STAGE1}-{kind}-lookup-s{seed}")
 
 
 def clipped_step(loss: torch.Tensor, parameters: list, optimizer, schedule) -> float:
@@ -785,6 +792,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--continue-steps", type=int, default=0, help="then continue each run this many steps into <run>-more"
     )
+    plan.add_argument(
+        "--lookup",
+        type=int,
+        nargs=2,
+        metavar=("FORWARD", "REVERSE"),
+        help="start every LLM from the text-only option lookup (lookup.py: these steps forward, then "
+        "reverse), stage 1 in both forms; into stage1-<kind>-lookup-s<seed> and runs-lookup/",
+    )
     plan.add_argument("--parallel", type=int, default=1, help="most processes at a time (one thread each)")
     return parser
 
@@ -825,6 +840,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "ship":
         ship(args.run_dir, args.seed, args.clips)
     elif args.command == "plan":
+        lookup, first_stage, runs = None, stage1_dir, RUNS
+        if args.lookup:
+            lookup = Lookup(*args.lookup, LOOKUP_RUNS)
+            first_stage, runs = lookup_stage1_dir, LOOKUP_RECIPE_RUNS
         return run_plan(
             stages(
                 args.seeds,
@@ -832,11 +851,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.steps,
                 DATA,
                 VISION,
-                RUNS,
+                runs,
                 stage1_kind,
-                stage1_dir,
+                first_stage,
                 curriculum_options(args),
                 args.continue_steps,
+                lookup,
             ),  # fmt: skip
             args.parallel,
         )
