@@ -9,8 +9,8 @@ Two comparisons, each on the named config "bench-scaled" ("bench-quick" with `--
 
 `torch.profiler` records `--steps` calls of each (after 3 unrecorded ones), the two alternating call by
 call; the table gives each operator's self CPU time per call for both and their difference, largest
-first, and the median wall time per call under the profiler (which adds a little per operator). Like the timing scripts it
-refuses to start above `--max-load` and prints the load average before and after.
+first, and the median wall time per call under the profiler (which adds a little per operator). Like
+the timing scripts it refuses to start above `--max-load` and prints the load average before and after.
 
     python -m benchmarks.profile_ops decoding --batch 16      # issue 18's batch-16 decoding step
     python -m benchmarks.profile_ops prefill                  # the equal-budget prefill pair

@@ -114,10 +114,10 @@ def test_tiny_cpu_config_trains_through_the_cli(tmp_path):
 
 LEAVING_WORKER = """
 import atexit, pathlib, sys
+import torch
 import torch.distributed as dist
 from slowfast_vlm.training.runner import leave_worker
 dist.init_process_group("gloo")
-import torch
 rank = dist.get_rank()
 tensor = torch.tensor([rank + 1.0])
 dist.all_reduce(tensor)  # the group works

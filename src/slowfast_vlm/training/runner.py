@@ -482,12 +482,17 @@ def leave_worker(code: int) -> NoReturn:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code = None
     try:
         train(load_train_config(args.config, args.overrides))
         code = 0
     except (OSError, ValueError, TooManyBadSamples) as error:  # a bad config or data, an engine refused
         print(f"slowfast-vlm train: {args.config}: {error}", file=sys.stderr)
         code = 2
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        leave_worker(code)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if code is None:  # an unexpected error, raised on with its traceback: leave no group behind
+                torch.distributed.destroy_process_group()
+            else:
+                leave_worker(code)
     return code
