@@ -35,7 +35,8 @@ from slowfast_vlm.processing.processor import SlowFastProcessor
 from slowfast_vlm.synth import LETTERS
 from slowfast_vlm.training.scratch import build_scratch_model
 
-OUT = Path("outputs/synth/lookup")
+# a run directory defaults to <this>-<direction>-lr<lr>-s<seed>...; `run.py plan --lookup` names its own
+RUN_PREFIX = "outputs/synth/lookup"
 HELD_OUT_SEED = 1_000_003  # the test lists: a seed no training run draws from
 
 
@@ -116,7 +117,9 @@ def train_lookup(
         settings["init"] = str(init)
     if any_letters:
         settings["any_letters"] = True
-    curve: dict[int, float] = {}
+    # kept beside the checkpoint, so that a resumed run keeps the points taken before it stopped
+    curve_file = out / "accuracy_curve.json"
+    curve = {int(k): v for k, v in json.loads(curve_file.read_text()).items()} if curve_file.exists() else {}
 
     def one_step(step: int) -> float:
         chats = [text_chat(q, a) for q, a, _ in (exercise(direction, rng, any_letters) for _ in range(batch))]
@@ -127,6 +130,8 @@ def train_lookup(
         if (step + 1) % 500 == 0:  # on the benchmark's letters A-D
             curve[step + 1] = accuracy(model, processor, direction)
             print(f"lookup {direction} step {step + 1}: held-out accuracy {curve[step + 1]:.3f}", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            curve_file.write_text(json.dumps(curve))
         return loss_value
 
     outcome = resumable_steps(
@@ -137,7 +142,6 @@ def train_lookup(
     log, seconds = outcome
     model.save_pretrained(out)  # a starting point for stage 1 (`run.py pretrain-llm --init`)
     processor.save_pretrained(out)
-    # (accuracies of steps before a resume are not in `curve`; the final one always is)
     result = settings | {
         "final_loss": float(np.mean(log[-50:])),
         "chance_loss": float(np.log(len(LETTERS)) / 2),  # the answer and <|im_end|>, the first at chance
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--any-letters", action="store_true", help="letter each list with 4 random capitals, not A-D"
     )
     parser.add_argument(
-        "--out", type=Path, help=f"default: {OUT}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]"
+        "--out", type=Path, help=f"default: {RUN_PREFIX}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]"
     )
     return parser
 
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps, args.batch) < 1 or args.lr <= 0:
         parser.error("--steps and --batch must be >= 1 and --lr > 0")
     out = args.out or Path(
-        f"{OUT}-{args.direction}-lr{args.lr:g}-s{args.seed}"
+        f"{RUN_PREFIX}-{args.direction}-lr{args.lr:g}-s{args.seed}"
         + ("-any-letters" if args.any_letters else "")
         + (f"-from-{args.init.name}" if args.init else "")
     )

@@ -45,8 +45,12 @@ class Lookup:
     reverse_steps: int
     root: Path
 
+    def reverse_dir(self, seed: int) -> Path:
+        """The LLM stage 1 starts from: the reverse run of `seed`."""
+        return self.root / f"reverse-s{seed}"
+
     def stages(self, seed: int) -> list[Stage]:
-        forward, reverse = self.root / f"forward-s{seed}", self.root / f"reverse-s{seed}"
+        forward, reverse = self.root / f"forward-s{seed}", self.reverse_dir(seed)
         common = ["--seed", str(seed)]
         return [
             Stage(f"lookup-forward-s{seed}", ["--direction", "forward", "--steps", str(self.forward_steps),
@@ -87,7 +91,7 @@ def stages(
         stage1_args, stage1_after = [], ["pretrain-vision"]
         if lookup is not None:
             plan += lookup.stages(seed)
-            stage1_args = ["--both-forms", "--init", str(plan[-1].done.parent)]
+            stage1_args = ["--both-forms", "--init", str(lookup.reverse_dir(seed))]
             stage1_after.append(plan[-1].name)
         for kind in kinds:
             args = ["pretrain-llm", "--kind", kind, "--seed", str(seed), "--out", str(stage1_dir(kind, seed))]
