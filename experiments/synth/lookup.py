@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--any-letters", action="store_true", help="letter each list with 4 random capitals, not A-D"
     )
     parser.add_argument(
-        "--out", type=Path, help=f"default: {RUN_PREFIX}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]"
+        "--out",
+        type=Path,
+        help=f"default: {RUN_PREFIX}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]",
     )
     return parser
 
