@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "experiments" / "synth"))
 import plan  # noqa: E402
 import run  # noqa: E402
 import scoring  # noqa: E402
-from benchmark import FPS, FRAMES, SIZE, one_per_square, without_digits  # noqa: E402
+from benchmark import FPS, FRAMES, SIZE, exercise, one_per_square, without_digits  # noqa: E402
 
 from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
 from slowfast_vlm.synth import CATEGORIES, CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
@@ -257,6 +257,35 @@ def test_warm_up_steps_come_first_with_their_questions_and_digits(workdir, monke
         run.train(
             "c", 0, 3, BATCH, 1e-3, Path("bad"), Path("stage1"), single_event_steps=2, one_per_square_steps=1
         )
+
+
+def test_lookup_rehearsal_adds_text_only_exercises_and_logs_the_video_loss(workdir, monkeypatch):
+    """With `lookup_rehearsal=4` every step also trains on 4 text-only lookup exercises in both directions,
+    labelled on their answers; the logged loss stays the video questions' (step 1, before any update,
+    equals the run without rehearsal)."""
+    batches = []
+    lookup_batch = run.lookup_batch
+
+    def recording_batch(processor, exercises):
+        inputs, labels = lookup_batch(processor, exercises)
+        batches.append((exercises, inputs, labels, processor.tokenizer))
+        return inputs, labels
+
+    monkeypatch.setattr(run, "lookup_batch", recording_batch)
+    run.train("c", 0, 2, BATCH, 1e-3, Path("rehearsed"), Path("stage1"), lookup_rehearsal=4)
+    assert [len(exercises) for exercises, *_ in batches] == [4, 4]
+    questions = [question for exercises, *_ in batches for question, _, _ in exercises]
+    assert {q.startswith("Options:") for q in questions} == {True, False}  # forward and reverse
+    for exercises, inputs, labels, tokenizer in batches:
+        assert "pixel_values_videos" not in inputs
+        for (question, answer, _), ids, row_labels in zip(exercises, inputs["input_ids"], labels):
+            assert question in tokenizer.decode(ids)
+            assert tokenizer.decode(row_labels[row_labels != -100]) == answer + "<|im_end|>"
+    log = json.loads((workdir / "rehearsed" / "loss_log.json").read_text())
+    plain = json.loads((workdir / "uninterrupted" / "loss_log.json").read_text())
+    assert log[0] == pytest.approx(plain[0], rel=1e-6)
+    result = json.loads((workdir / "rehearsed" / "result.json").read_text())
+    assert result["lookup_rehearsal"] == 4 and run.recipe(result) == "2 steps (2 with lookup rehearsal)"
 
 
 def test_round_trip_gives_the_test_sets_frames(tmp_path):
@@ -500,7 +529,7 @@ def test_launch_runs_the_stage_with_one_thread_into_its_log(tmp_path, monkeypatc
     assert (tmp_path / plan.LOGS / "table.log").read_text() == "args ['summarize', '--x'] threads 1\n"
 
 
-# ----- the text-only option lookup exercise (lookup.py) -----
+# ----- the text-only option lookup exercise (benchmark.exercise, lookup.py) -----
 def parse_exercise(question: str) -> tuple[str | None, dict[str, str], str | None]:
     """(the digit asked about, letter -> option, the letter asked about), read back from the text."""
     listed = dict(re.findall(r"^([A-Z])\. (\d)$", question, flags=re.M))
@@ -512,12 +541,10 @@ def parse_exercise(question: str) -> tuple[str | None, dict[str, str], str | Non
 @pytest.mark.parametrize("any_letters", [False, True])
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 def test_lookup_exercise_answers_from_its_own_list(direction, any_letters):
-    import lookup
-
     rng = np.random.default_rng(3)
     seen_letters = set()
     for _ in range(50):
-        question, answer, candidates = lookup.exercise(direction, rng, any_letters)
+        question, answer, candidates = exercise(direction, rng, any_letters)
         digit, listed, letter = parse_exercise(question)
         assert len(listed) == 4 and len(set(listed.values())) == 4
         seen_letters |= set(listed)

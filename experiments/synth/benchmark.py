@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from slowfast_vlm.synth import choice_question, open_question
+from slowfast_vlm.synth import LETTERS, choice_question, open_question
 
 SIZE, FRAMES, FPS = 32, 64, 8  # every clip: 64 frames of 32 x 32 px at 8 fps
 
@@ -26,6 +26,34 @@ def conversation(questions: list[str], answers: list[str] | None = None, visual:
         if answers is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
     return messages
+
+
+def exercise(
+    direction: str, rng: np.random.Generator, any_letters: bool = False
+) -> tuple[str, str, list[str]]:
+    """One question, its answer, and the 4 answers it is scored among (its letters, or the option digits).
+    The options are lettered A-D as in the benchmark or, with `any_letters`, by 4 distinct capitals drawn
+    at random: then naming any letter of the list beats guessing among all 26, a first step towards
+    the lookup that A-D (always the same 4) never rewards."""
+    options = [str(d) for d in rng.choice(10, len(LETTERS), replace=False)]
+    letters = (
+        [chr(65 + i) for i in rng.choice(26, len(LETTERS), replace=False)] if any_letters else list(LETTERS)
+    )
+    k = int(rng.integers(len(LETTERS)))
+    listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
+    if direction == "forward":
+        return f"Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
+    question = (
+        f"Which option is the digit {options[k]}?\nOptions:\n{listed}\nAnswer with the option's letter."
+    )
+    return question, letters[k], letters
+
+
+def text_chat(question: str, answer: str | None = None) -> list[dict]:
+    """A one-turn chat without any image or video."""
+    chat = conversation([question], None if answer is None else [answer], visual="image")
+    chat[0]["content"] = chat[0]["content"][1:]  # (no image)
+    return chat
 
 
 def mixed_turn(record: dict, rng: np.random.Generator) -> tuple[str, str]:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmark import conversation
+from benchmark import exercise, text_chat
 from checkpoints import resumable_steps
-from run import STAGE1_KNOBS, answer_labels, clipped_step, finished, scratch_texts
+from run import STAGE1_KNOBS, clipped_step, finished, lookup_batch, scratch_texts
 from scoring import token_ids
 
 from slowfast_vlm.modeling.model import SlowFastForConditionalGeneration
@@ -38,34 +38,6 @@ from slowfast_vlm.training.scratch import build_scratch_model
 # a run directory defaults to <this>-<direction>-lr<lr>-s<seed>...; `run.py plan --lookup` names its own
 RUN_PREFIX = "outputs/synth/lookup"
 HELD_OUT_SEED = 1_000_003  # the test lists: a seed no training run draws from
-
-
-def exercise(
-    direction: str, rng: np.random.Generator, any_letters: bool = False
-) -> tuple[str, str, list[str]]:
-    """One question, its answer, and the 4 answers it is scored among (its letters, or the option digits).
-    The options are lettered A-D as in the benchmark or, with `any_letters`, by 4 distinct capitals drawn
-    at random: then naming any letter of the list beats guessing among all 26, a first step towards
-    the lookup that A-D (always the same 4) never rewards."""
-    options = [str(d) for d in rng.choice(10, len(LETTERS), replace=False)]
-    letters = (
-        [chr(65 + i) for i in rng.choice(26, len(LETTERS), replace=False)] if any_letters else list(LETTERS)
-    )
-    k = int(rng.integers(len(LETTERS)))
-    listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
-    if direction == "forward":
-        return f"Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
-    question = (
-        f"Which option is the digit {options[k]}?\nOptions:\n{listed}\nAnswer with the option's letter."
-    )
-    return question, letters[k], letters
-
-
-def text_chat(question: str, answer: str | None = None) -> list[dict]:
-    """A one-turn chat without any image or video."""
-    chat = conversation([question], None if answer is None else [answer], visual="image")
-    chat[0]["content"] = chat[0]["content"][1:]  # (no image)
-    return chat
 
 
 @torch.no_grad()
@@ -106,7 +78,6 @@ def train_lookup(
     else:
         model = SlowFastForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
         processor = SlowFastProcessor.from_pretrained(init)
-    tokenizer = processor.tokenizer
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -122,11 +93,10 @@ def train_lookup(
     curve = {int(k): v for k, v in json.loads(curve_file.read_text()).items()} if curve_file.exists() else {}
 
     def one_step(step: int) -> float:
-        chats = [text_chat(q, a) for q, a, _ in (exercise(direction, rng, any_letters) for _ in range(batch))]
-        texts = [processor.apply_chat_template(chat) for chat in chats]
-        inputs = tokenizer(texts, padding=True, return_tensors="pt")
-        loss = model(**inputs, labels=answer_labels(inputs["input_ids"], tokenizer)).loss
-        loss_value = clipped_step(loss, trainable, optimizer, schedule)
+        inputs, labels = lookup_batch(
+            processor, [exercise(direction, rng, any_letters) for _ in range(batch)]
+        )
+        loss_value = clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule)
         if (step + 1) % 500 == 0:  # on the benchmark's letters A-D
             curve[step + 1] = accuracy(model, processor, direction)
             print(f"lookup {direction} step {step + 1}: held-out accuracy {curve[step + 1]:.3f}", flush=True)

@@ -36,7 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchmark import FPS, FRAMES, SIZE, conversation, mixed_turn, one_per_square, without_digits
+from benchmark import (
+    FPS,
+    FRAMES,
+    SIZE,
+    conversation,
+    exercise,
+    mixed_turn,
+    one_per_square,
+    text_chat,
+    without_digits,
+)
 from checkpoints import resumable_steps
 from plan import Lookup, run_plan, stages
 from scoring import chooses_answer, chooses_letter, demo_question, score, test_accuracy
@@ -420,6 +430,13 @@ def training_batch(processor, clips: list[list[dict]], videos: list[np.ndarray],
     return inputs, answer_labels(inputs["input_ids"], processor.tokenizer)
 
 
+def lookup_batch(processor, exercises: list[tuple[str, str, list[str]]]):
+    """Inputs and labels for text-only option-lookup exercises (`benchmark.exercise`), one chat each."""
+    texts = [processor.apply_chat_template(text_chat(question, answer)) for question, answer, _ in exercises]
+    inputs = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    return inputs, answer_labels(inputs["input_ids"], processor.tokenizer)
+
+
 def answer_labels(ids: torch.Tensor, tokenizer) -> torch.Tensor:
     """Labels of a padded batch of conversations: every assistant answer and its `<|im_end|>`, -100 elsewhere."""
     answer_start = tokenizer.encode("<|im_start|>assistant\n")
@@ -503,6 +520,7 @@ def train(
     stop_after: int | None = None,
     single_event_steps: int = 0,
     one_per_square_steps: int = 0,
+    lookup_rehearsal: int = 0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -513,6 +531,12 @@ def train(
     clip's only digit; the model learns to find and read a digit before telling six apart. The next
     `one_per_square_steps` keep one digit per square (`one_per_square`: three questions, told apart by
     the square's colour), then whole clips follow.
+
+    With `lookup_rehearsal`, every step also trains on that many text-only option-lookup exercises
+    (`benchmark.exercise`, forward or reverse with probability 1/2 each, drawn from the data RNG), their
+    loss added to the video questions': the lookup the multiple-choice form needs, learnt before stage 2
+    (`plan --lookup`), otherwise fades while the video loss sits on its plateau. The logged loss is the
+    video questions' alone, comparable with runs without it.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -552,8 +576,11 @@ def train(
         )
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
     settings |= {"stage1": str(stage1), "data_seed": data_seed, "single_event_steps": single_event_steps}
-    if one_per_square_steps:  # (absent when 0: the checkpoints of runs from before it still resume)
+    # (absent when 0: the checkpoints of runs from before them still resume)
+    if one_per_square_steps:
         settings["one_per_square_steps"] = one_per_square_steps
+    if lookup_rehearsal:
+        settings["lookup_rehearsal"] = lookup_rehearsal
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -571,7 +598,16 @@ def train(
             conversations = [clips[i] for i in picked]
         videos = [select_frames(clip_frames, defaults) for clip_frames in frames]
         inputs, labels = training_batch(processor, conversations, videos, data_rng)
-        return clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule)
+        video_loss = model(**inputs, labels=labels).loss
+        loss = video_loss
+        if lookup_rehearsal:
+            directions = [
+                "forward" if data_rng.random() < 0.5 else "reverse" for _ in range(lookup_rehearsal)
+            ]
+            text_inputs, text_labels = lookup_batch(processor, [exercise(d, data_rng) for d in directions])
+            loss = loss + model(**text_inputs, labels=text_labels).loss
+        clipped_step(loss, trainable, optimizer, schedule)
+        return video_loss.item()
 
     outcome = resumable_steps(
         out, settings, model, optimizer, schedule, data_rng, steps, one_step, f"{name} s{seed}",
@@ -611,12 +647,15 @@ def recipe(result: dict) -> str:
     table groups seeds by and the verdict compares models at."""
     chain = stage2_chain(result)
     steps = sum(run["steps"] for run in chain)
-    warm_ups = [
+    details = [
         f"{total} {label}"
         for key, label in (("single_event_steps", "single-event"), ("one_per_square_steps", "one per square"))
         if (total := sum(run.get(key, 0) for run in chain))
     ]
-    return f"{steps} steps" + (f" ({', '.join(warm_ups)})" if warm_ups else "")
+    rehearsed = sum(run["steps"] for run in chain if run.get("lookup_rehearsal"))
+    if rehearsed:
+        details.append(f"{rehearsed} with lookup rehearsal")
+    return f"{steps} steps" + (f" ({', '.join(details)})" if details else "")
 
 
 def spread(values: list[float]) -> str:
@@ -783,6 +822,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help=f"default: {RUNS}/<model>-s<seed>")
     run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     run.add_argument("--stop-after-steps", type=int, help="save the checkpoint after this step and exit")
+    run.add_argument(
+        "--lookup-rehearsal",
+        type=int,
+        default=0,
+        help="text-only option-lookup exercises added to every step",
+    )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -866,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train(args.model, args.seed, args.steps, args.batch, args.lr, out, stage1, args.data_seed,
                   args.save_every, args.stop_after_steps, args.single_event_steps,
-                  args.one_per_square_steps)  # fmt: skip
+                  args.one_per_square_steps, args.lookup_rehearsal)  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)
             return 2
