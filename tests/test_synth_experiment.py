@@ -604,3 +604,20 @@ def test_stage1_can_start_from_a_text_only_llm(tmp_path):
     _, other = build_scratch_model(texts[:2], **run.STAGE1_KNOBS["slow"])
     with pytest.raises(ValueError, match="its tokenizer is not the experiment's"):
         run.start_from_text_only(slow, other, tmp_path / "lookup")
+
+
+def test_lookup_score_loads_each_saved_model_and_rejects_a_missing_one(tmp_path, capsys):
+    import lookup
+
+    texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
+    model, processor = build_scratch_model(texts, seed=2, **run.STAGE1_KNOBS["plain"])
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    expected = {
+        d: lookup.accuracy(model, processor, d) for d in ("reverse", "forward")
+    }  # the model in memory
+    assert lookup.main(["--score", str(tmp_path / "saved")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {str(tmp_path / "saved"): expected}
+    with pytest.raises(SystemExit) as exit_info:
+        lookup.main(["--score", str(tmp_path / "saved"), str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2 and "nothing" in capsys.readouterr().err

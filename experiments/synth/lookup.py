@@ -14,6 +14,7 @@ the 4 option digits, the best logit at the answer position; chance 25%). With `-
 training lists are lettered by 4 random capitals instead (see `exercise`). Resumable like every stage (`checkpoints.resumable_steps`).
 
     python experiments/synth/lookup.py --direction reverse --steps 2000 --lr 5e-4
+    python experiments/synth/lookup.py --score outputs/synth/runs/c-s0   # does a later model still know it?
 """
 
 from __future__ import annotations
@@ -127,6 +128,19 @@ def train_lookup(
     return finished(out, result)
 
 
+def score(checkpoints: list[Path]) -> dict[str, dict[str, float]]:
+    """Held-out accuracy of each saved model (a lookup run, a stage-1 or a stage-2 run) on the text-only
+    lookup in both directions: whether an LLM still knows the lookup after later stages."""
+    torch.set_num_threads(1)
+    scores = {}
+    for checkpoint in checkpoints:
+        model = SlowFastForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        processor = SlowFastProcessor.from_pretrained(checkpoint)
+        scores[str(checkpoint)] = {d: accuracy(model, processor, d) for d in ("reverse", "forward")}
+        print(json.dumps({str(checkpoint): scores[str(checkpoint)]}), flush=True)
+    return scores
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--direction", choices=("reverse", "forward"), default="reverse")
@@ -145,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"default: {RUN_PREFIX}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]",
     )
+    parser.add_argument(
+        "--score", type=Path, nargs="+", metavar="CHECKPOINT", help="train nothing: score saved models"
+    )
     return parser
 
 
@@ -153,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.steps, args.batch) < 1 or args.lr <= 0:
         parser.error("--steps and --batch must be >= 1 and --lr > 0")
+    if args.score:
+        missing = [str(c) for c in args.score if not (c / "config.json").exists()]
+        if missing:
+            parser.error(f"--score: no saved model (config.json) in {', '.join(missing)}")
+        score(args.score)
+        return 0
     out = args.out or Path(
         f"{RUN_PREFIX}-{args.direction}-lr{args.lr:g}-s{args.seed}"
         + ("-any-letters" if args.any_letters else "")
