@@ -4,6 +4,7 @@ question-restricted attention peak, the verdict; on a tiny data set written to a
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -621,3 +622,35 @@ def test_lookup_score_loads_each_saved_model_and_rejects_a_missing_one(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         lookup.main(["--score", str(tmp_path / "saved"), str(tmp_path / "nothing")])
     assert exit_info.value.code == 2 and "nothing" in capsys.readouterr().err
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every `python experiments/synth/<script>.py ...` command in a code block of the docs, as (script,
+    arguments): continuation lines joined, `&&` chains split, comments dropped."""
+    root = Path(__file__).parents[1]
+    commands = []
+    docs = [root / "README.md", root / "BENCHMARKS.md", root / "experiments/synth/README.md"]
+    for path in docs + sorted((root / "docs").glob("*.md")):
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if "python experiments/synth/" not in line:
+                    continue
+                command = []
+                for word in [*shlex.split(line, comments=True), "&&"]:
+                    if word != "&&":
+                        command.append(word)
+                        continue
+                    if command[:1] == ["python"] and command[1].startswith("experiments/synth/"):
+                        commands.append((Path(command[1]).stem, command[2:]))
+                    command = []
+    return commands
+
+
+def test_every_documented_experiment_command_parses():
+    import lookup
+
+    parsers = {"run": run.build_parser(), "lookup": lookup.build_parser()}
+    commands = documented_commands()
+    assert {script for script, _ in commands} == {"run", "lookup"} and len(commands) > 15
+    for script, arguments in commands:
+        parsers[script].parse_args(arguments)  # exits (status 2) on an unknown or malformed option
