@@ -625,25 +625,17 @@ def test_lookup_score_loads_each_saved_model_and_rejects_a_missing_one(tmp_path,
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
-    """Every `python experiments/synth/<script>.py ...` command in a code block of the docs, as (script,
-    arguments): continuation lines joined, `&&` chains split, comments dropped."""
+    """Every `python experiments/synth/<script>.py ...` command in a bash block of the docs, as (script,
+    arguments): continuation lines joined, each command up to a `&&`, a comment or the line's end."""
     root = Path(__file__).parents[1]
-    commands = []
     docs = [root / "README.md", root / "BENCHMARKS.md", root / "experiments/synth/README.md"]
-    for path in docs + sorted((root / "docs").glob("*.md")):
-        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
-            for line in block.replace("\\\n", " ").splitlines():
-                if "python experiments/synth/" not in line:
-                    continue
-                command = []
-                for word in [*shlex.split(line, comments=True), "&&"]:
-                    if word != "&&":
-                        command.append(word)
-                        continue
-                    if command[:1] == ["python"] and command[1].startswith("experiments/synth/"):
-                        commands.append((Path(command[1]).stem, command[2:]))
-                    command = []
-    return commands
+    blocks = [
+        b
+        for path in docs + sorted((root / "docs").glob("*.md"))
+        for b in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S)
+    ]
+    command = r"python experiments/synth/(\w+)\.py([^&#\n]*)"
+    return [(m[1], shlex.split(m[2])) for b in blocks for m in re.finditer(command, b.replace("\\\n", " "))]
 
 
 def test_every_documented_experiment_command_parses():
