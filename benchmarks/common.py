@@ -139,10 +139,28 @@ def _numeric(cell: object) -> bool:
     return True
 
 
+def cpu_model() -> list[str]:
+    """The CPU's model name and its bf16 matrix units, where Linux reports them: ratios move between CPUs
+    (a bf16 GEMM on AMX tiles is several times one on AVX512-BF16, which the hybrid branch's share follows)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    name = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), ""
+    )
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    )
+    units = [unit for flag, unit in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return [name] + (["bf16 units: " + " + ".join(units)] if units else []) if name else []
+
+
 def machine_note(threads: int | None = None, dtype: str | None = None) -> str:
     """One line saying where and how the numbers were taken."""
     parts = [
         platform.processor() or platform.machine(),
+        *cpu_model(),
         f"{os.cpu_count()} cores",
         f"torch {torch.__version__}",
     ]

@@ -177,14 +177,18 @@ def test_memory_ask_reports_a_peak_per_size(capsys):
 
 @pytest.mark.parametrize("comparison", ["decoding", "prefill"])
 def test_profile_ops_attributes_each_hybrid_layers_attention(comparison, capsys):
-    """The slow-fast call runs one more SDPA call per hybrid layer than its baseline (the cross-attention
-    over the slow tokens): the profile's per-call counts must say so."""
+    """The slow-fast call runs one more attention call per hybrid layer than its baseline (the cross-attention
+    over the slow tokens; in a bf16 decoding step on a CPU with AVX512-BF16, the CPU decoding kernel's):
+    the profile's per-call counts must say so."""
     args = ["--quick", "--allow-load", "--rows", "1000"]
     importlib.import_module("benchmarks.profile_ops").main([comparison, *args])
     rows = {row[0]: row for row in table_rows(capsys.readouterr().out, "operator")}
     hybrid = len(SlowFastConfig.from_name("bench-quick").hybrid_layer_indices)
     sdpa = rows["aten::scaled_dot_product_attention"]
-    assert float(sdpa[4]) == float(sdpa[5]) + hybrid
+    kernel = rows.get("slowfast_vlm::cpu_decode_attention", [0] * 6)
+    expected_kernel = hybrid if comparison == "decoding" and torch.cpu._is_avx512_bf16_supported() else 0
+    assert (float(kernel[4]), float(kernel[5])) == (expected_kernel, 0)
+    assert float(sdpa[4]) == float(sdpa[5]) + hybrid - expected_kernel
 
 
 @pytest.mark.parametrize("interleave", ["step", "request"])
@@ -221,3 +225,17 @@ def test_decoding_schedule(interleave):
         assert [c[1] for c in first_request[:3]] == ["start"] * 3
         for i in range(3, 12, 3):  # each round: one step of every decoder
             assert sorted(c[0] for c in first_request[i : i + 3]) == ["a", "b", "c"]
+
+
+def test_machine_note_names_the_cpu_and_its_bf16_units(tmp_path, monkeypatch):
+    from benchmarks import common
+
+    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n"
+    real_read_text = Path.read_text
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: cpuinfo if str(self) == "/proc/cpuinfo" else real_read_text(self, *a, **k),
+    )
+    assert common.cpu_model() == ["Some CPU 9000", "bf16 units: AMX + AVX512-BF16"]
+    assert "Some CPU 9000, bf16 units: AMX + AVX512-BF16, " in common.machine_note(1, "bfloat16")

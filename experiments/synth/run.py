@@ -81,7 +81,11 @@ LOOKUP_RECIPE_RUNS = Path("outputs/synth/runs-lookup")  # plan --lookup: its sta
 # from the start, so its cross-attention learns to read an image's slow tokens (16 of them, one with the
 # digit) before it must find 6 digit tokens among 64 frames' 1024. No gate: the published gate (w = 0)
 # keeps a closed branch closed when nothing has trained it yet.
-STAGE1_KNOBS = {"plain": {"hybrid_layers": []}, "slow": {"hybrid_layers": [2], "gate_type": "none"}}
+STAGE1_KNOBS = {
+    "plain": {"hybrid_layers": []},
+    "slow": {"hybrid_layers": [2], "gate_type": "none"},
+    "slow-early": {"hybrid_layers": [1], "gate_type": "none"},
+}
 SPLITS = {"train": 6000, "test": 300}  # questions (6 per clip)
 POOL_CLIPS = 4000  # further train-split clips whose frames the pre-training stages see
 
@@ -94,6 +98,9 @@ MODELS = {
     "b": ({"hybrid_layers": []}, {"num_frames": 64, "fps": FPS, "sampling": "fps"}),
     # the published gate: tanh(w) * tanh(gate_proj(x)), w = 0, so (c) starts as exactly the stage-1 LLM
     "c": ({"hybrid_layers": [2]}, {"num_frames": 64, "fps": FPS, "sampling": "fps"}),
+    # (c) with its hybrid layer one earlier: two decoder layers, not one, follow the cross-attention,
+    # room to map the digit it read onto the letter of the option that lists it (multiple-choice form)
+    "c-early": ({"hybrid_layers": [1]}, {"num_frames": 64, "fps": FPS, "sampling": "fps"}),
     "c-nogate": (
         {"hybrid_layers": [2], "gate_type": "none"},
         {"num_frames": 64, "fps": FPS, "sampling": "fps"},
@@ -318,7 +325,7 @@ def start_from_text_only(model: SlowFastForConditionalGeneration, processor, ini
 
 
 def stage1_kind(model: str) -> str:
-    return "slow" if model == "c" else "plain"
+    return {"c": "slow", "c-early": "slow-early"}.get(model, "plain")
 
 
 def stage1_dir(kind: str, seed: int) -> Path:
@@ -780,7 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain-llm", help="stage 1: image QA on single frames, shared by every model"
     )
     stage1.add_argument(
-        "--kind", choices=sorted(STAGE1_KNOBS), default="plain", help="plain: for a, b, d; slow: for c"
+        "--kind",
+        choices=sorted(STAGE1_KNOBS),
+        default="plain",
+        help="plain: for a, b, d; slow: for c; slow-early: for c-early",
     )
     stage1.add_argument("--steps", type=int, default=1200)
     stage1.add_argument("--batch", type=int, default=30, help="images per step (6 per rendered clip)")

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 
 from ..config import SlowBranchConfig
 from ..transformers_compat import compose_multimodal_rotary, pop_cache
+from . import cpu_decode_attention
 from .slow_tokens import SlowCache
 
 CROSS_ATTN_PARAM_PREFIXES = ("cross_attn_kv_proj", "cross_attn_gate_proj", "cross_attn_warm_up_gate")
@@ -270,6 +271,16 @@ class HybridAttention(nn.Module):
         cross = self.gated_slow_attention(queries, gate_input, slow_cache, valid)
         return torch.where(valid[..., None], cross, 0.0)
 
+    def _kernel_reads(self, slow_cache: SlowCache, grouped: torch.Tensor) -> bool:
+        """Whether the CPU decoding kernel answers these `(B, kv_heads, R, hd)` queries: their layer's keys/values
+        are packed for it, R is within its registers, and nothing asks for a gradient."""
+        return (
+            self.layer_idx in slow_cache.packed
+            and grouped.shape[2] <= cpu_decode_attention.MAX_ROWS
+            and grouped.dtype == torch.bfloat16
+            and not torch.is_grad_enabled()
+        )
+
     def gated_slow_attention(
         self, queries: torch.Tensor, gate_input: torch.Tensor, slow_cache: SlowCache, valid: torch.Tensor
     ) -> torch.Tensor:
@@ -289,6 +300,8 @@ class HybridAttention(nn.Module):
             cross = probs.to(value.dtype) @ value
             probs = probs.view(batch, num_heads, num_queries, -1)
             slow_cache.record(self.layer_idx, (probs * valid[:, None, :, None]).sum(dim=2), valid.sum(dim=1))
+        elif self._kernel_reads(slow_cache, grouped):  # a decoding step on a CPU (cpu_decode_attention.py)
+            cross = cpu_decode_attention.attend(grouped, slow_cache.packed[self.layer_idx], self.scaling)
         else:
             cross = F.scaled_dot_product_attention(grouped, key, value, attn_mask=bias, scale=self.scaling)
         cross = (

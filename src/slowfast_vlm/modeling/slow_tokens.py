@@ -9,7 +9,8 @@ native model (`model.py`) and the host plug-ins (`slowfast_vlm.hosts`):
     SlowCacheGenerationMixin: `generate` carries the SlowCache from the prefill to every later step
 
 The cache also keeps each hybrid layer's projected keys/values after their first use, so a generation
-projects the slow tokens once, and can record the cross-attention probabilities (attention maps).
+projects the slow tokens once (on a CPU, in bf16, also in the layouts of `cpu_decode_attention`'s kernel),
+and can record the cross-attention probabilities (attention maps).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from ..config import SlowBranchConfig
+from . import cpu_decode_attention
 
 
 def pool_frames(grids: torch.Tensor, stride: int) -> torch.Tensor:
@@ -46,6 +48,7 @@ class SlowCache:
         tokens: `(B, N, D)` slow tokens, zero-padded to the longest sample.
         mask: `(B, N)` bool, True at real slow tokens.
         cache_kv: keep each layer's keys/values after their first computation (generation).
+        packed: the cached keys/values also in `cpu_decode_attention`'s layouts, where it can read them.
         record_attention: accumulate the cross-attention probabilities per layer (attention maps).
     """
 
@@ -54,6 +57,7 @@ class SlowCache:
     cache_kv: bool = True
     record_attention: bool = False
     key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    packed: dict[int, cpu_decode_attention.PackedKeyValue] = field(default_factory=dict)
     normalized: dict[float, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -92,7 +96,8 @@ class SlowCache:
     def get(self, layer_idx: int, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
         """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once.
 
-        Cached keys/values are stored contiguous: every later step reads them in SDPA's own layout."""
+        Cached keys/values are stored contiguous: every later step reads them in SDPA's own layout; where
+        the CPU decoding kernel can read them, also in its layouts (twice the memory, bf16 on a CPU only)."""
         if layer_idx in self.key_values:
             self.normalized.clear()  # every layer has projected: a decoding step needs only the cache
             return self.key_values[layer_idx]
@@ -100,6 +105,8 @@ class SlowCache:
         if self.cache_kv:
             key_value = tuple(tensor.contiguous() for tensor in key_value)
             self.key_values[layer_idx] = key_value
+            if cpu_decode_attention.usable(key_value[0]):
+                self.packed[layer_idx] = cpu_decode_attention.pack(*key_value, self.attn_bias)
         return key_value
 
     def rms_normalized(self, eps: float) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""A decoding step's cross-attention to cached slow keys/values on a CPU, reading each key and value once.
+
+In a decoding step each sample and kv head asks a few query rows (the kv head's group of query heads, one
+new token) of N slow keys. SDPA's CPU kernel splits the keys into blocks and runs two small GEMMs per block,
+sample and kv head, at a fraction of the rate at which the keys and values can be read (BENCHMARKS.md,
+"Decoding"). `cpu_decode_attention.cpp` streams them once with the query rows in registers, using
+AVX512-BF16 dot products over keys and values stored pair-interleaved (`pack`, once per request, when the
+hybrid layer's keys/values are cached). Its arithmetic is SDPA's: bf16 products summed in fp32, softmax in
+fp32, probabilities rounded to bf16 before they weight the values.
+
+Used for bf16 keys/values on a CPU with AVX512-BF16, without autograd, for at most 8 query rows per kv head;
+everything else goes through SDPA. The extension is compiled on first use (about 40 s; torch caches it
+under ~/.cache/torch_extensions) and needs a C++ compiler and ninja; where it cannot be built a warning
+says so and SDPA is used. `SLOWFAST_VLM_CPU_DECODE_KERNEL=0` keeps SDPA everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "SLOWFAST_VLM_CPU_DECODE_KERNEL"
+MAX_ROWS = 8  # query rows per kv head the kernel keeps in registers
+KEY_BLOCK = 16  # keys per packed block: one AVX-512 vector of fp32 scores
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+
+
+class PackedKeyValue(NamedTuple):
+    """One hybrid layer's slow keys/values in the kernel's layouts (`pack`)."""
+
+    keys: torch.Tensor  # (B, kv_heads, ceil(N/16), hd/2, 16, 2)
+    values: torch.Tensor  # (B, kv_heads, ceil(N/16)*8, hd, 2)
+    num_keys: int  # N
+    bias: torch.Tensor | None  # (B, N) fp32 additive key mask (0 / -inf), None when nothing is padded
+
+
+@functools.cache
+def _extension():
+    """The compiled kernel, or None (with a warning) where it cannot be built."""
+    from torch.utils.cpp_extension import load
+
+    logger.warning(
+        "loading the CPU decoding kernel of the slow cross-attention (built on first use, about 40 s)"
+    )
+    try:
+        return load(
+            name="slowfast_vlm_cpu_decode_attention",
+            sources=[str(Path(__file__).with_suffix(".cpp"))],
+            extra_cflags=_FLAGS,
+        )
+    except Exception as error:  # no compiler, no ninja, ...: the model still runs, through SDPA
+        logger.warning("the CPU decoding kernel could not be built (%s): decoding uses SDPA", error)
+        return None
+
+
+def usable(key: torch.Tensor) -> bool:
+    """Whether the decoding steps can read these `(B, kv_heads, N, hd)` keys (and their values) through
+    the kernel: bf16 on a CPU with AVX512-BF16, hd a multiple of 32, no autograd, not switched off."""
+    return (
+        key.device.type == "cpu"
+        and key.dtype == torch.bfloat16
+        and key.shape[-1] % 32 == 0
+        and not torch.is_grad_enabled()
+        and os.environ.get(ENV_SWITCH, "1") != "0"
+        and torch.cpu._is_avx512_bf16_supported()
+        and _extension() is not None
+    )
+
+
+def pack(key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None) -> PackedKeyValue:
+    """`(B, kv_heads, N, hd)` keys and values (and SDPA's `(B, 1, 1, N)` additive mask) -> the kernel's layouts:
+    keys of 16 consecutive positions interleaved by dimension pairs, values by position pairs; zero-padded
+    to a multiple of 16 positions (the kernel masks the padding)."""
+    batch, heads, num_keys, head_dim = key.shape
+    pad = -num_keys % KEY_BLOCK
+    padded = num_keys + pad
+    key, value = F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
+    # keys[b, h, block, j, l, t] = key[b, h, 16 * block + l, 2 * j + t]
+    keys = key.view(batch, heads, padded // KEY_BLOCK, KEY_BLOCK, head_dim // 2, 2).transpose(3, 4)
+    # values[b, h, i, d, t] = value[b, h, 2 * i + t, d]
+    values = value.view(batch, heads, padded // 2, 2, head_dim).transpose(3, 4)
+    key_bias = None if bias is None else bias[:, 0, 0, :].float().contiguous()
+    return PackedKeyValue(keys.contiguous(), values.contiguous(), num_keys, key_bias)
+
+
+@torch.library.custom_op("slowfast_vlm::cpu_decode_attention", mutates_args=())
+def _decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    num_keys: int,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    empty = torch.empty(0, dtype=torch.float32)
+    return _extension().decode_attention(
+        query, keys, values, num_keys, empty if bias is None else bias, scale
+    )
+
+
+@_decode_attention.register_fake
+def _(query, keys, values, num_keys, bias, scale):
+    return torch.empty_like(query)
+
+
+def attend(queries: torch.Tensor, packed: PackedKeyValue, scale: float) -> torch.Tensor:
+    """`(B, kv_heads, R, hd)` bf16 queries (R <= 8) -> `(B, kv_heads, R, hd)`: softmax(q k^T * scale + bias) v,
+    as SDPA computes it. A registered op, so a compiled decoding step keeps it in its graph."""
+    return _decode_attention(
+        queries.contiguous(), packed.keys, packed.values, packed.num_keys, packed.bias, scale
+    )

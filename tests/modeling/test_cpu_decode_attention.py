@@ -1,0 +1,112 @@
+"""The CPU decoding kernel of the slow cross-attention: SDPA's arithmetic, one read of the keys/values."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import VIDEO_TOKEN_ID, open_gates, tiny_model
+
+from slowfast_vlm import fast_token_count
+from slowfast_vlm.modeling import cpu_decode_attention
+from slowfast_vlm.modeling.cpu_decode_attention import attend, pack, usable
+
+pytestmark = pytest.mark.skipif(
+    not torch.cpu._is_avx512_bf16_supported(), reason="the kernel needs a CPU with AVX512-BF16"
+)
+
+
+def reference(query, key, value, bias, scale):
+    """SDPA's CPU arithmetic spelt out: fp32 scores of the bf16 inputs, fp32 softmax numerators rounded to
+    bf16 before they weight the values, divided by the fp32 sum."""
+    scores = query.float() @ key.float().transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias[:, None, None, :]
+    numerators = (scores - scores.amax(-1, keepdim=True)).exp()
+    out = numerators.to(torch.bfloat16).float() @ value.float() / numerators.sum(-1, keepdim=True)
+    return out.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, rows, head_dim, num_keys",
+    [(2, 2, 4, 64, 37), (1, 4, 7, 128, 2053), (3, 1, 1, 32, 16), (2, 2, 8, 64, 100), (1, 1, 5, 96, 1)],
+)
+@pytest.mark.parametrize("padded", [False, True])
+def test_kernel_computes_sdpas_attention(batch, heads, rows, head_dim, num_keys, padded):
+    torch.manual_seed(0)
+    query = torch.randn(batch, heads, rows, head_dim).bfloat16()
+    key, value = (torch.randn(batch, heads, num_keys, head_dim).bfloat16() for _ in range(2))
+    bias = None
+    if padded:  # sample 0 keeps only its first half of the keys
+        bias = torch.zeros(batch, num_keys)
+        bias[0, (num_keys + 1) // 2 :] = float("-inf")
+    with torch.no_grad():
+        out = attend(query, pack(key, value, None if bias is None else bias[:, None, None, :]), 0.125)
+    expected = reference(query, key, value, bias, 0.125)
+    # the same arithmetic up to the order of fp32 sums and exp's last bits: at most one bf16 step apart
+    torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-5)
+    mask = None if bias is None else bias[:, None, None, :].bfloat16()
+    sdpa = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.125)
+    torch.testing.assert_close(out, sdpa, rtol=2**-6, atol=2e-3)
+
+
+def test_pack_lays_keys_and_values_out_by_pairs():
+    key, value = torch.randn(2, 3, 21, 64).bfloat16(), torch.randn(2, 3, 21, 64).bfloat16()
+    packed = pack(key, value, None)
+    assert packed.keys.shape == (2, 3, 2, 32, 16, 2) and packed.values.shape == (2, 3, 16, 64, 2)
+    assert packed.num_keys == 21 and packed.bias is None
+    for b, h, n, d in [(0, 0, 0, 0), (1, 2, 17, 63), (0, 1, 20, 5), (1, 0, 15, 32)]:
+        assert packed.keys[b, h, n // 16, d // 2, n % 16, d % 2] == key[b, h, n, d]
+        assert packed.values[b, h, n // 2, d, n % 2] == value[b, h, n, d]
+    assert not packed.keys[:, :, 1, :, 5:].any() and not packed.values[:, :, 11:].any()  # zero padding
+
+
+def test_kernel_only_without_autograd_for_bf16_cpu_tensors(monkeypatch):
+    key = torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert usable(key)
+        assert not usable(key.float()) and not usable(torch.zeros(1, 1, 4, 16, dtype=torch.bfloat16))
+        monkeypatch.setenv(cpu_decode_attention.ENV_SWITCH, "0")
+        assert not usable(key)
+    monkeypatch.delenv(cpu_decode_attention.ENV_SWITCH)
+    assert not usable(key)  # autograd on
+
+
+def test_compiled_graph_keeps_the_kernel_whole():
+    """A registered op with a shape function: a compiled decoding step captures it in one graph."""
+    query = torch.randn(2, 2, 4, 64).bfloat16()
+    packed = pack(torch.randn(2, 2, 40, 64).bfloat16(), torch.randn(2, 2, 40, 64).bfloat16(), None)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda q: attend(q, packed, 0.125), backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            assert torch.equal(compiled(query), attend(query, packed, 0.125))
+    finally:
+        torch._dynamo.reset()
+
+
+def generate_bf16(model, monkeypatch, kernel: bool):
+    monkeypatch.setenv(cpu_decode_attention.ENV_SWITCH, "1" if kernel else "0")
+    count = fast_token_count(8, model.model.visual_grid(8), model.config)
+    ids = torch.tensor([[3, 4] + [VIDEO_TOKEN_ID] * count + [5, 6, 7]] * 2)
+    torch.manual_seed(1)
+    video = torch.randn(2, 8, 3, 32, 32).bfloat16()
+    calls = []
+    original = cpu_decode_attention.attend
+    monkeypatch.setattr(cpu_decode_attention, "attend", lambda *a: calls.append(1) or original(*a))
+    out = model.generate(
+        input_ids=ids, pixel_values_videos=video, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    return out, len(calls)
+
+
+def test_bf16_generation_on_cpu_reads_the_cache_through_the_kernel(monkeypatch):
+    """hd 32 (128 wide, 4 heads, 2 kv heads): every decoding step of each hybrid layer goes through the
+    kernel, and the tokens and logits are SDPA's."""
+    model = tiny_model(seed=21, text_config={"hidden_size": 128}).to(torch.bfloat16)
+    open_gates(model)
+    with_kernel, kernel_calls = generate_bf16(model, monkeypatch, kernel=True)
+    with_sdpa, sdpa_calls = generate_bf16(model, monkeypatch, kernel=False)
+    assert kernel_calls == 5 * len(model.hybrid_attentions) and sdpa_calls == 0  # 5 steps after the prefill
+    assert torch.equal(with_kernel.sequences, with_sdpa.sequences)
+    for a, b in zip(with_kernel.logits, with_sdpa.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.05)
