@@ -622,6 +622,9 @@ def test_lookup_score_loads_each_saved_model_and_rejects_a_missing_one(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         lookup.main(["--score", str(tmp_path / "saved"), str(tmp_path / "nothing")])
     assert exit_info.value.code == 2 and "nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # training options beside --score would be ignored
+        lookup.main(["--score", str(tmp_path / "saved"), "--steps", "5"])
+    assert exit_info.value.code == 2 and "--steps would be ignored" in capsys.readouterr().err
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
@@ -646,3 +649,13 @@ def test_every_documented_experiment_command_parses():
     assert {script for script, _ in commands} == {"run", "lookup"} and len(commands) > 15
     for script, arguments in commands:
         parsers[script].parse_args(arguments)  # exits (status 2) on an unknown or malformed option
+
+
+@pytest.mark.parametrize("model", sorted(run.MODELS))
+def test_each_model_starts_from_a_stage_1_llm_with_its_own_hybrid_layers(model):
+    """A model's stage-1 LLM has exactly its hybrid layers: (c) at layer 2, c-early at layer 1, the
+    others none (c-nogate starts from the plain LLM: its branch is new in stage 2)."""
+    hybrid = run.MODELS[model][0]["hybrid_layers"]
+    stage1 = run.STAGE1_KNOBS[run.stage1_kind(model)]["hybrid_layers"]
+    expected = {"c": [2], "c-early": [1]}.get(model, [])
+    assert stage1 == expected and (hybrid == stage1 or model == "c-nogate")

@@ -171,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps, args.batch) < 1 or args.lr <= 0:
         parser.error("--steps and --batch must be >= 1 and --lr > 0")
     if args.score:
+        training = [
+            f"--{k.replace('_', '-')}"
+            for k, v in vars(args).items()
+            if k != "score" and v != parser.get_default(k)
+        ]
+        if training:
+            parser.error(f"--score trains nothing: {', '.join(training)} would be ignored")
         missing = [str(c) for c in args.score if not (c / "config.json").exists()]
         if missing:
             parser.error(f"--score: no saved model (config.json) in {', '.join(missing)}")
