@@ -110,3 +110,21 @@ def test_bf16_generation_on_cpu_reads_the_cache_through_the_kernel(monkeypatch):
     assert torch.equal(with_kernel.sequences, with_sdpa.sequences)
     for a, b in zip(with_kernel.logits, with_sdpa.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=0.05)
+
+
+def test_a_kernel_that_cannot_be_built_warns_and_leaves_sdpa(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    cpu_decode_attention._extension.cache_clear()
+    try:
+        with torch.no_grad():
+            assert not usable(torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16))
+        assert (
+            "could not be built (Ninja is required to load C++ extensions): decoding uses SDPA" in caplog.text
+        )
+    finally:
+        cpu_decode_attention._extension.cache_clear()  # the next use loads the real one again
