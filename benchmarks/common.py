@@ -143,17 +143,16 @@ def cpu_model() -> list[str]:
     """The CPU's model name and its bf16 matrix units, where Linux reports them: ratios move between CPUs
     (a bf16 GEMM on AMX tiles is several times one on AVX512-BF16, which the hybrid branch's share follows)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return []
-    name = next(
-        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), ""
-    )
-    flags = set(
-        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    )
+    fields = dict(line.split(":", 1) for line in reversed(lines) if ":" in line)  # the first CPU's values
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    if not fields.get("model name"):
+        return []
+    flags = set(fields.get("flags", "").split())
     units = [unit for flag, unit in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
-    return [name] + (["bf16 units: " + " + ".join(units)] if units else []) if name else []
+    return [fields["model name"]] + (["bf16 units: " + " + ".join(units)] if units else [])
 
 
 def machine_note(threads: int | None = None, dtype: str | None = None) -> str:
