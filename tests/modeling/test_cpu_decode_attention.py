@@ -52,7 +52,7 @@ def test_pack_lays_keys_and_values_out_by_pairs():
     key, value = torch.randn(2, 3, 21, 64).bfloat16(), torch.randn(2, 3, 21, 64).bfloat16()
     packed = pack(key, value, None)
     assert packed.keys.shape == (2, 3, 2, 32, 16, 2) and packed.values.shape == (2, 3, 16, 64, 2)
-    assert packed.num_keys == 21 and packed.bias is None
+    assert packed.num_keys == 21 and packed.bias.numel() == 0
     for b, h, n, d in [(0, 0, 0, 0), (1, 2, 17, 63), (0, 1, 20, 5), (1, 0, 15, 32)]:
         assert packed.keys[b, h, n // 16, d // 2, n % 16, d % 2] == key[b, h, n, d]
         assert packed.values[b, h, n // 2, d, n % 2] == value[b, h, n, d]

@@ -39,7 +39,7 @@ class PackedKeyValue(NamedTuple):
     keys: torch.Tensor  # (B, kv_heads, ceil(N/16), hd/2, 16, 2)
     values: torch.Tensor  # (B, kv_heads, ceil(N/16)*8, hd, 2)
     num_keys: int  # N
-    bias: torch.Tensor | None  # (B, N) fp32 additive key mask (0 / -inf), None when nothing is padded
+    bias: torch.Tensor  # (B, N) fp32 additive key mask (0 / -inf); empty (0,) when nothing is padded
 
 
 @functools.cache
@@ -91,7 +91,11 @@ def pack(key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None) -> P
     keys = pairs.transpose(3, 4).contiguous().view(torch.bfloat16)
     # values[b, h, i, d, t] = value[b, h, 2 * i + t, d]
     values = value.view(batch, heads, padded // 2, 2, head_dim).transpose(3, 4)
-    key_bias = None if bias is None else bias[:, 0, 0, :].float().contiguous()
+    # an empty tensor, not None, for "no mask": the op's schema then has no optional, and a decoding step
+    # allocates nothing to stand in for it
+    key_bias = (
+        key.new_empty(0, dtype=torch.float32) if bias is None else bias[:, 0, 0, :].float().contiguous()
+    )
     return PackedKeyValue(keys.view(*keys.shape[:-1], KEY_BLOCK, 2), values.contiguous(), num_keys, key_bias)
 
 
@@ -101,13 +105,10 @@ def _decode_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     num_keys: int,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    empty = torch.empty(0, dtype=torch.float32)
-    return _extension().decode_attention(
-        query, keys, values, num_keys, empty if bias is None else bias, scale
-    )
+    return _extension().decode_attention(query, keys, values, num_keys, bias, scale)
 
 
 @_decode_attention.register_fake
