@@ -33,3 +33,15 @@ def test_the_oldest_pins_hold_deepspeed_at_its_lower_bound():
     result = subprocess.run([sys.executable, str(script), "--oldest"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "deepspeed==0.19.8" in result.stdout.split()
+
+
+def test_the_readme_table_states_every_tested_range_as_declared():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Tested dependency ranges", 1)[1].split("\n\n`.ci/run`", 1)[0]
+    rows = {}  # package -> its range cell; the first cell names it bare or as "PyAV (`av`)"
+    for line in [line for line in table.splitlines() if line.startswith("| ")][1:]:
+        package, declared = (cell.strip() for cell in line.split("|")[1:3])
+        rows[package.split("`")[1] if package.startswith("PyAV") else package.split()[0]] = declared
+    assert rows == {
+        name: f"`>={lower},<{upper}`" for name, (lower, upper) in dependency_bounds.tested_ranges().items()
+    }
