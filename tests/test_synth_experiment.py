@@ -587,6 +587,21 @@ def test_lookup_accuracy_reads_the_answer_position():
         assert lookup.accuracy(model, processor, "reverse", count=60) == expected
 
 
+def test_a_resumed_lookup_run_keeps_the_accuracy_curve_taken_before_it_stopped(tmp_path, monkeypatch):
+    import lookup
+
+    texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
+    monkeypatch.setattr(lookup, "scratch_texts", lambda: texts)
+    measured = iter([0.25, 0.5, 0.75])  # what each held-out evaluation "finds", in call order
+    monkeypatch.setattr(lookup, "accuracy", lambda *args, **kwargs: next(measured))
+    out = tmp_path / "forward"
+    stopped = lookup.train_lookup("forward", 4, 2, 1e-3, 0, out, eval_every=2, stop_after=2)
+    assert stopped is None and json.loads((out / "accuracy_curve.json").read_text()) == {"2": 0.25}
+    result = lookup.train_lookup("forward", 4, 2, 1e-3, 0, out, eval_every=2)
+    # step 2's point, taken before the stop, is still there beside step 4's; the end's is the third call
+    assert result["accuracy_curve"] == {2: 0.25, 4: 0.5} and result["held_out_accuracy"] == 0.75
+
+
 def test_stage1_can_start_from_a_text_only_llm(tmp_path):
     texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
     text_only, processor = build_scratch_model(texts, seed=1, **run.STAGE1_KNOBS["plain"])

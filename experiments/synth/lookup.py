@@ -68,9 +68,12 @@ def train_lookup(
     out: Path,
     init: Path | None = None,
     any_letters: bool = False,
+    eval_every: int = 500,
+    stop_after: int | None = None,
 ) -> dict | None:
     """Train a fresh scratch LLM (or, given `init`, the model of an earlier run) on the exercise; its
-    held-out accuracy every 500 steps and at the end."""
+    held-out accuracy every `eval_every` steps and at the end. None when stopped (`stop_after`, a signal)
+    with its checkpoint saved; the same call resumes it."""
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     torch.set_num_threads(1)
@@ -98,7 +101,7 @@ def train_lookup(
             processor, [exercise(direction, rng, any_letters) for _ in range(batch)]
         )
         loss_value = clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule)
-        if (step + 1) % 500 == 0:  # on the benchmark's letters A-D
+        if (step + 1) % eval_every == 0:  # on the benchmark's letters A-D
             curve[step + 1] = accuracy(model, processor, direction)
             print(f"lookup {direction} step {step + 1}: held-out accuracy {curve[step + 1]:.3f}", flush=True)
             out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,17 @@ def train_lookup(
         return loss_value
 
     outcome = resumable_steps(
-        out, settings, model, optimizer, schedule, rng, steps, one_step, f"lookup {direction}", print_every=50
+        out,
+        settings,
+        model,
+        optimizer,
+        schedule,
+        rng,
+        steps,
+        one_step,
+        f"lookup {direction}",
+        print_every=50,
+        stop_after=stop_after,
     )
     if outcome is None:
         return None
@@ -117,7 +130,7 @@ def train_lookup(
         "final_loss": float(np.mean(log[-50:])),
         "chance_loss": float(np.log(len(LETTERS)) / 2),  # the answer and <|im_end|>, the first at chance
         "held_out_accuracy": accuracy(model, processor, direction),  # A-D
-        "accuracy_every_500_steps": curve,
+        "accuracy_curve": curve,  # {step: held-out accuracy}, every `eval_every` steps
         **(
             {"held_out_accuracy_any_letters": accuracy(model, processor, direction, any_letters=True)}
             if any_letters
@@ -154,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--any-letters", action="store_true", help="letter each list with 4 random capitals, not A-D"
     )
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between held-out accuracies")
     parser.add_argument(
         "--out",
         type=Path,
@@ -168,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if min(args.steps, args.batch) < 1 or args.lr <= 0:
-        parser.error("--steps and --batch must be >= 1 and --lr > 0")
+    if min(args.steps, args.batch, args.eval_every) < 1 or args.lr <= 0:
+        parser.error("--steps, --batch and --eval-every must be >= 1 and --lr > 0")
     if args.score:
         training = [
             f"--{k.replace('_', '-')}"
@@ -188,7 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         + ("-any-letters" if args.any_letters else "")
         + (f"-from-{args.init.name}" if args.init else "")
     )
-    train_lookup(args.direction, args.steps, args.batch, args.lr, args.seed, out, args.init, args.any_letters)
+    train_lookup(
+        args.direction,
+        args.steps,
+        args.batch,
+        args.lr,
+        args.seed,
+        out,
+        args.init,
+        args.any_letters,
+        args.eval_every,
+    )
     return 0
 
 
