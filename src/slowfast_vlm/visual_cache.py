@@ -42,7 +42,7 @@ def frames_key(frames: np.ndarray, settings: str) -> str:
 
 def tensor_bytes(*objects: Any) -> int:
     """Bytes held by the tensors in `objects`, looked for in tensors, sequences, dicts, a transformers
-    KV cache's `layers` (their `keys` / `values`) and a `SlowCache`."""
+    KV cache's `layers` (their `keys` / `values`) and a `SlowCache` (its keys/values in either layout)."""
     total = 0
     for obj in objects:
         if isinstance(obj, torch.Tensor):
@@ -52,7 +52,7 @@ def tensor_bytes(*objects: Any) -> int:
         elif isinstance(obj, dict):
             total += tensor_bytes(*obj.values())
         elif isinstance(obj, SlowCache):
-            total += tensor_bytes(obj.tokens, obj.key_values)
+            total += tensor_bytes(obj.tokens, obj.key_values, obj.packed)
         elif hasattr(obj, "layers"):
             total += sum(
                 tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))

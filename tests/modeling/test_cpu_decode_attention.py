@@ -128,3 +128,54 @@ def test_a_kernel_that_cannot_be_built_warns_and_leaves_sdpa(monkeypatch, caplog
         )
     finally:
         cpu_decode_attention._extension.cache_clear()  # the next use loads the real one again
+
+
+def test_unpack_gives_back_the_keys_and_values_pack_was_given():
+    for num_keys in (21, 32, 37):
+        key, value = torch.randn(2, 3, num_keys, 64).bfloat16(), torch.randn(2, 3, num_keys, 64).bfloat16()
+        keys, values = cpu_decode_attention.unpack(pack(key, value, None))
+        assert torch.equal(keys, key) and torch.equal(values, value)
+
+
+def continue_bf16(model, monkeypatch, kernel: bool):
+    """A prompt, then 5 more tokens on its caches (a follow-up turn): 10 query rows per kv head, more than
+    the kernel keeps in registers, so that step reads the cached slow keys/values through SDPA."""
+    from slowfast_vlm.transformers_compat import cache_field, cache_of
+
+    monkeypatch.setenv(cpu_decode_attention.ENV_SWITCH, "1" if kernel else "0")
+    count = fast_token_count(8, model.model.visual_grid(8), model.config)
+    ids = torch.tensor([[3, 4] + [VIDEO_TOKEN_ID] * count + [5, 6, 7]] * 2)
+    torch.manual_seed(1)
+    video = torch.randn(2, 8, 3, 32, 32).bfloat16()
+    with torch.no_grad():
+        first = model(input_ids=ids, pixel_values_videos=video, use_cache=True)
+        more = torch.tensor([[8, 9, 10, 11, 12]] * 2)
+        mask = torch.ones(2, ids.shape[1] + 5, dtype=torch.long)
+        carried = {"slow_cache": first.slow_cache, **cache_field(cache_of(first))}
+        second = model(input_ids=more, attention_mask=mask, use_cache=True, **carried)
+    return first.slow_cache, second.logits
+
+
+def test_the_cache_keeps_one_layout_and_a_longer_step_unpacks_it(monkeypatch):
+    model = tiny_model(seed=21, text_config={"hidden_size": 128}).to(torch.bfloat16)
+    open_gates(model)
+    packed_cache, with_kernel = continue_bf16(model, monkeypatch, kernel=True)
+    sdpa_cache, with_sdpa = continue_bf16(model, monkeypatch, kernel=False)
+    hybrid = {layer.layer_idx for layer in model.hybrid_attentions}
+    assert set(packed_cache.packed) == hybrid and not packed_cache.key_values  # no second copy
+    assert set(sdpa_cache.key_values) == hybrid and not sdpa_cache.packed
+    assert torch.equal(with_kernel, with_sdpa)  # the same keys/values, read by the same SDPA
+
+
+def test_the_visual_cache_counts_the_packed_layouts():
+    from slowfast_vlm.modeling.slow_tokens import build_slow_cache
+    from slowfast_vlm.visual_cache import tensor_bytes
+
+    tokens = torch.randn(21, 64).bfloat16()
+    slow_cache = build_slow_cache([tokens], like=tokens)
+    projected = torch.randn(1, 2, 21, 32).bfloat16(), torch.randn(1, 2, 21, 32).bfloat16()
+    with torch.no_grad():
+        slow_cache.get(0, lambda _: projected)
+    assert 0 in slow_cache.packed
+    # tokens + keys and values padded to 32 positions, all bf16 (no padding mask: an empty fp32 bias)
+    assert tensor_bytes(slow_cache) == 2 * (21 * 64 + 2 * (2 * 32 * 32))

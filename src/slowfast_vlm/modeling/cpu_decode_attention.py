@@ -5,8 +5,9 @@ new token) of N slow keys. SDPA's CPU kernel splits the keys into blocks and run
 sample and kv head, at a fraction of the rate at which the keys and values can be read (BENCHMARKS.md,
 "Decoding"). `cpu_decode_attention.cpp` streams them once with the query rows in registers, using
 AVX512-BF16 dot products over keys and values stored pair-interleaved (`pack`, once per request, when the
-hybrid layer's keys/values are cached). Its arithmetic is SDPA's: bf16 products summed in fp32, softmax in
-fp32, probabilities rounded to bf16 before they weight the values.
+hybrid layer's keys/values are cached; the cache then keeps only these layouts, and `unpack` gives SDPA's
+back to the steps the kernel does not answer). Its arithmetic is SDPA's: bf16 products summed in fp32,
+softmax in fp32, probabilities rounded to bf16 before they weight the values.
 
 Used for bf16 keys/values on a CPU with AVX512-BF16, without autograd, for at most 8 query rows per kv head;
 everything else goes through SDPA. The extension is compiled on first use (about 40 s; torch caches it
@@ -97,6 +98,17 @@ def pack(key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None) -> P
         key.new_empty(0, dtype=torch.float32) if bias is None else bias[:, 0, 0, :].float().contiguous()
     )
     return PackedKeyValue(keys.view(*keys.shape[:-1], KEY_BLOCK, 2), values.contiguous(), num_keys, key_bias)
+
+
+def unpack(packed: PackedKeyValue) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack`'s inverse: the `(B, kv_heads, N, hd)` keys and values in SDPA's layout, for the steps the
+    kernel does not answer (the cache keeps the packed layouts only)."""
+    batch, heads, blocks, half_dim, _, _ = packed.keys.shape
+    # keys[b, h, 16 * block + l, 2 * j + t] = packed.keys[b, h, block, j, l, t], moved as 32-bit pairs
+    pairs = packed.keys.view(torch.int32).view(batch, heads, blocks, half_dim, KEY_BLOCK)
+    keys = pairs.transpose(3, 4).contiguous().view(torch.bfloat16).view(batch, heads, blocks * KEY_BLOCK, -1)
+    values = packed.values.transpose(3, 4).reshape(batch, heads, blocks * KEY_BLOCK, -1)
+    return keys[:, :, : packed.num_keys], values[:, :, : packed.num_keys]
 
 
 @torch.library.custom_op("slowfast_vlm::cpu_decode_attention", mutates_args=())

@@ -273,9 +273,11 @@ class HybridAttention(nn.Module):
 
     def _kernel_reads(self, slow_cache: SlowCache, grouped: torch.Tensor) -> bool:
         """Whether the CPU decoding kernel answers these `(B, kv_heads, R, hd)` queries: their layer's keys/values
-        are packed for it, R is within its registers, and nothing asks for a gradient."""
+        are packed for it, R is within its registers, nothing asks for a gradient and no attention map is
+        recorded (it returns no probabilities)."""
         return (
-            self.layer_idx in slow_cache.packed
+            not slow_cache.record_attention
+            and self.layer_idx in slow_cache.packed
             and grouped.shape[2] <= cpu_decode_attention.MAX_ROWS
             and grouped.dtype == torch.bfloat16
             and not torch.is_grad_enabled()
@@ -292,18 +294,24 @@ class HybridAttention(nn.Module):
         # Query heads are kv-head-major (as `repeat_kv` lays them out): each kv head's group of heads reads
         # it as one longer non-causal query block, (B, kv_heads, groups*Q, hd), with no copy of the keys.
         grouped = queries.reshape(batch, self.num_kv_heads, -1, head_dim)
-        key, value = self.slow_keys_values(slow_cache)  # (B, kv_heads, N, hd)
-        bias = slow_cache.bias(grouped.dtype)  # (B, 1, 1, N), or None when no slow token is padding
-        if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities
-            scores = (grouped @ key.transpose(-1, -2)) * self.scaling  # (B, kv_heads, groups*Q, N)
-            probs = (scores if bias is None else scores + bias).float().softmax(dim=-1)
-            cross = probs.to(value.dtype) @ value
-            probs = probs.view(batch, num_heads, num_queries, -1)
-            slow_cache.record(self.layer_idx, (probs * valid[:, None, :, None]).sum(dim=2), valid.sum(dim=1))
-        elif self._kernel_reads(slow_cache, grouped):  # a decoding step on a CPU (cpu_decode_attention.py)
-            cross = cpu_decode_attention.attend(grouped, slow_cache.packed[self.layer_idx], self.scaling)
+        if self._kernel_reads(slow_cache, grouped):  # a decoding step on a CPU (cpu_decode_attention.py)
+            packed = slow_cache.read_packed(self.layer_idx)
+            cross = cpu_decode_attention.attend(grouped, packed, self.scaling)
         else:
-            cross = F.scaled_dot_product_attention(grouped, key, value, attn_mask=bias, scale=self.scaling)
+            key, value = self.slow_keys_values(slow_cache)  # (B, kv_heads, N, hd)
+            bias = slow_cache.bias(grouped.dtype)  # (B, 1, 1, N), or None when no slow token is padding
+            if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities
+                scores = (grouped @ key.transpose(-1, -2)) * self.scaling  # (B, kv_heads, groups*Q, N)
+                probs = (scores if bias is None else scores + bias).float().softmax(dim=-1)
+                cross = probs.to(value.dtype) @ value
+                probs = probs.view(batch, num_heads, num_queries, -1)
+                slow_cache.record(
+                    self.layer_idx, (probs * valid[:, None, :, None]).sum(dim=2), valid.sum(dim=1)
+                )
+            else:
+                cross = F.scaled_dot_product_attention(
+                    grouped, key, value, attn_mask=bias, scale=self.scaling
+                )
         cross = (
             cross.reshape(batch, num_heads, num_queries, head_dim)
             .transpose(1, 2)

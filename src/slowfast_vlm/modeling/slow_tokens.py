@@ -9,8 +9,8 @@ native model (`model.py`) and the host plug-ins (`slowfast_vlm.hosts`):
     SlowCacheGenerationMixin: `generate` carries the SlowCache from the prefill to every later step
 
 The cache also keeps each hybrid layer's projected keys/values after their first use, so a generation
-projects the slow tokens once (on a CPU, in bf16, also in the layouts of `cpu_decode_attention`'s kernel),
-and can record the cross-attention probabilities (attention maps).
+projects the slow tokens once (on a CPU, in bf16, kept in the layouts of `cpu_decode_attention`'s kernel
+instead of SDPA's), and can record the cross-attention probabilities (attention maps).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class SlowCache:
         tokens: `(B, N, D)` slow tokens, zero-padded to the longest sample.
         mask: `(B, N)` bool, True at real slow tokens.
         cache_kv: keep each layer's keys/values after their first computation (generation).
-        packed: the cached keys/values also in `cpu_decode_attention`'s layouts, where it can read them.
+        key_values: the cached keys/values in SDPA's layout, per layer;
+        packed: or, where the CPU decoding kernel reads them, in its layouts only (`cpu_decode_attention`).
         record_attention: accumulate the cross-attention probabilities per layer (attention maps).
     """
 
@@ -96,18 +97,28 @@ class SlowCache:
     def get(self, layer_idx: int, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
         """`(key, value)` of layer `layer_idx`, each `(B, kv_heads, N, head_dim)`, projecting at most once.
 
-        Cached keys/values are stored contiguous: every later step reads them in SDPA's own layout; where
-        the CPU decoding kernel can read them, also in its layouts (twice the memory, bf16 on a CPU only)."""
+        Cached keys/values are stored once: contiguous in SDPA's own layout, or, where the CPU decoding
+        kernel reads them (bf16 on a CPU with AVX512-BF16), in its layouts only (`read_packed`); the steps
+        that need SDPA's layout there (attention maps, more than 8 query rows per kv head) unpack them."""
+        if layer_idx in self.packed:
+            self.normalized.clear()
+            return cpu_decode_attention.unpack(self.packed[layer_idx])
         if layer_idx in self.key_values:
             self.normalized.clear()  # every layer has projected: a decoding step needs only the cache
             return self.key_values[layer_idx]
         key_value = project(self.tokens)
         if self.cache_kv:
             key_value = tuple(tensor.contiguous() for tensor in key_value)
-            self.key_values[layer_idx] = key_value
             if cpu_decode_attention.usable(key_value[0]):
                 self.packed[layer_idx] = cpu_decode_attention.pack(*key_value, self.attn_bias)
+            else:
+                self.key_values[layer_idx] = key_value
         return key_value
+
+    def read_packed(self, layer_idx: int) -> cpu_decode_attention.PackedKeyValue:
+        """Layer `layer_idx`'s cached keys/values in the CPU decoding kernel's layouts (a decoding step)."""
+        self.normalized.clear()  # as `get`: every layer has projected
+        return self.packed[layer_idx]
 
     def rms_normalized(self, eps: float) -> torch.Tensor:
         """`(B, N, D)` tokens divided by their root mean square (in fp32, back in their dtype): the
