@@ -147,21 +147,25 @@ def continue_bf16(model, monkeypatch, kernel: bool):
     ids = torch.tensor([[3, 4] + [VIDEO_TOKEN_ID] * count + [5, 6, 7]] * 2)
     torch.manual_seed(1)
     video = torch.randn(2, 8, 3, 32, 32).bfloat16()
+    unpacked = []
+    original = cpu_decode_attention.unpack
+    monkeypatch.setattr(cpu_decode_attention, "unpack", lambda packed: unpacked.append(1) or original(packed))
     with torch.no_grad():
         first = model(input_ids=ids, pixel_values_videos=video, use_cache=True)
         more = torch.tensor([[8, 9, 10, 11, 12]] * 2)
         mask = torch.ones(2, ids.shape[1] + 5, dtype=torch.long)
         carried = {"slow_cache": first.slow_cache, **cache_field(cache_of(first))}
         second = model(input_ids=more, attention_mask=mask, use_cache=True, **carried)
-    return first.slow_cache, second.logits
+    return first.slow_cache, second.logits, len(unpacked)
 
 
 def test_the_cache_keeps_one_layout_and_a_longer_step_unpacks_it(monkeypatch):
     model = tiny_model(seed=21, text_config={"hidden_size": 128}).to(torch.bfloat16)
     open_gates(model)
-    packed_cache, with_kernel = continue_bf16(model, monkeypatch, kernel=True)
-    sdpa_cache, with_sdpa = continue_bf16(model, monkeypatch, kernel=False)
+    packed_cache, with_kernel, unpacked = continue_bf16(model, monkeypatch, kernel=True)
+    sdpa_cache, with_sdpa, _ = continue_bf16(model, monkeypatch, kernel=False)
     hybrid = {layer.layer_idx for layer in model.hybrid_attentions}
+    assert unpacked == len(hybrid)  # the follow-up step, once per hybrid layer
     assert set(packed_cache.packed) == hybrid and not packed_cache.key_values  # no second copy
     assert set(sdpa_cache.key_values) == hybrid and not sdpa_cache.packed
     assert torch.equal(with_kernel, with_sdpa)  # the same keys/values, read by the same SDPA

@@ -283,6 +283,22 @@ class HybridAttention(nn.Module):
             and not torch.is_grad_enabled()
         )
 
+    def _sdpa_layout_attention(
+        self, grouped: torch.Tensor, slow_cache: SlowCache, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """`(B, kv_heads, R, hd)` grouped queries -> `(B, kv_heads, R, hd)` over the keys/values in SDPA's
+        layout: SDPA, or an explicit softmax whose probabilities go into the attention map."""
+        key, value = self.slow_keys_values(slow_cache)  # (B, kv_heads, N, hd)
+        bias = slow_cache.bias(grouped.dtype)  # (B, 1, 1, N), or None when no slow token is padding
+        if not slow_cache.record_attention:
+            return F.scaled_dot_product_attention(grouped, key, value, attn_mask=bias, scale=self.scaling)
+        scores = (grouped @ key.transpose(-1, -2)) * self.scaling  # (B, kv_heads, groups*Q, N)
+        probs = (scores if bias is None else scores + bias).float().softmax(dim=-1)
+        batch, num_queries = valid.shape
+        per_head = probs.view(batch, -1, num_queries, probs.shape[-1])  # (B, H, Q, N)
+        slow_cache.record(self.layer_idx, (per_head * valid[:, None, :, None]).sum(dim=2), valid.sum(dim=1))
+        return probs.to(value.dtype) @ value
+
     def gated_slow_attention(
         self, queries: torch.Tensor, gate_input: torch.Tensor, slow_cache: SlowCache, valid: torch.Tensor
     ) -> torch.Tensor:
@@ -295,23 +311,9 @@ class HybridAttention(nn.Module):
         # it as one longer non-causal query block, (B, kv_heads, groups*Q, hd), with no copy of the keys.
         grouped = queries.reshape(batch, self.num_kv_heads, -1, head_dim)
         if self._kernel_reads(slow_cache, grouped):  # a decoding step on a CPU (cpu_decode_attention.py)
-            packed = slow_cache.read_packed(self.layer_idx)
-            cross = cpu_decode_attention.attend(grouped, packed, self.scaling)
+            cross = cpu_decode_attention.attend(grouped, slow_cache.read_packed(self.layer_idx), self.scaling)
         else:
-            key, value = self.slow_keys_values(slow_cache)  # (B, kv_heads, N, hd)
-            bias = slow_cache.bias(grouped.dtype)  # (B, 1, 1, N), or None when no slow token is padding
-            if slow_cache.record_attention:  # explicit softmax: SDPA does not return its probabilities
-                scores = (grouped @ key.transpose(-1, -2)) * self.scaling  # (B, kv_heads, groups*Q, N)
-                probs = (scores if bias is None else scores + bias).float().softmax(dim=-1)
-                cross = probs.to(value.dtype) @ value
-                probs = probs.view(batch, num_heads, num_queries, -1)
-                slow_cache.record(
-                    self.layer_idx, (probs * valid[:, None, :, None]).sum(dim=2), valid.sum(dim=1)
-                )
-            else:
-                cross = F.scaled_dot_product_attention(
-                    grouped, key, value, attn_mask=bias, scale=self.scaling
-                )
+            cross = self._sdpa_layout_attention(grouped, slow_cache, valid)
         cross = (
             cross.reshape(batch, num_heads, num_queries, head_dim)
             .transpose(1, 2)

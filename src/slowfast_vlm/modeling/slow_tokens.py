@@ -100,12 +100,11 @@ class SlowCache:
         Cached keys/values are stored once: contiguous in SDPA's own layout, or, where the CPU decoding
         kernel reads them (bf16 on a CPU with AVX512-BF16), in its layouts only (`read_packed`); the steps
         that need SDPA's layout there (attention maps, more than 8 query rows per kv head) unpack them."""
-        if layer_idx in self.packed:
-            self.normalized.clear()
-            return cpu_decode_attention.unpack(self.packed[layer_idx])
-        if layer_idx in self.key_values:
+        if layer_idx in self.key_values or layer_idx in self.packed:
             self.normalized.clear()  # every layer has projected: a decoding step needs only the cache
-            return self.key_values[layer_idx]
+            if layer_idx in self.key_values:
+                return self.key_values[layer_idx]
+            return cpu_decode_attention.unpack(self.packed[layer_idx])
         key_value = project(self.tokens)
         if self.cache_kv:
             key_value = tuple(tensor.contiguous() for tensor in key_value)
