@@ -65,7 +65,8 @@ def workdir(tmp_path_factory):
         os.chdir(cwd)
 
 
-def test_training_batch_mixes_both_forms():
+@pytest.mark.parametrize("choice_answers", ["letter", "reasoned"])
+def test_training_batch_mixes_both_forms(choice_answers):
     clips = [generate_clip(clip, 0, "train", FRAMES, SIZE, FPS) for clip in range(2)]
     texts = [open_question(r) for _, records in clips for r in records] + list("0123456789")
     _, processor = build_scratch_model(texts)
@@ -74,6 +75,7 @@ def test_training_batch_mixes_both_forms():
         [records for _, records in clips],
         [frames for frames, _ in clips],
         np.random.default_rng(0),
+        choice_answers,
     )
     tokenizer = processor.tokenizer
     forms = []
@@ -90,7 +92,11 @@ def test_training_batch_mixes_both_forms():
             record = next(r for r in records if open_question(r).split("\n")[0] in question)
             form = "choice" if question == choice_question(record) else "open"
             assert question == (choice_question(record) if form == "choice" else open_question(record))
-            assert answer == (record["answer"] if form == "choice" else record["answer_text"])
+            choice_answer = {
+                "letter": record["answer"],
+                "reasoned": f"{record['answer_text']} ({record['answer']})",
+            }
+            assert answer == (choice_answer[choice_answers] if form == "choice" else record["answer_text"])
             forms.append(form)
             expected.append(answer + "<|im_end|>")
         # the labelled tokens: exactly each answer and its <|im_end|>, turn by turn
@@ -237,9 +243,9 @@ def test_warm_up_steps_come_first_with_their_questions_and_digits(workdir, monke
     calls = []
     training_batch = run.training_batch
 
-    def recording_batch(processor, conversations, videos, rng):
+    def recording_batch(processor, conversations, videos, rng, choice_answers):
         calls.append((conversations, videos))
-        return training_batch(processor, conversations, videos, rng)
+        return training_batch(processor, conversations, videos, rng, choice_answers)
 
     monkeypatch.setattr(run, "training_batch", recording_batch)
     run.train("c", 0, 4, BATCH, 1e-3, Path("single-event"), Path("stage1"), None, 50, None, 2, 1)
@@ -258,6 +264,24 @@ def test_warm_up_steps_come_first_with_their_questions_and_digits(workdir, monke
         run.train(
             "c", 0, 3, BATCH, 1e-3, Path("bad"), Path("stage1"), single_event_steps=2, one_per_square_steps=1
         )
+
+
+def test_digit_first_answers_are_trained_and_named_in_the_recipe(workdir, monkeypatch):
+    trained_answers = []
+    training_batch = run.training_batch
+
+    def recording_batch(processor, conversations, videos, rng, choice_answers):
+        inputs, labels = training_batch(processor, conversations, videos, rng, choice_answers)
+        trained_answers.extend(processor.tokenizer.decode(row[row != -100]) for row in labels)
+        return inputs, labels
+
+    monkeypatch.setattr(run, "training_batch", recording_batch)
+    run.train("c", 0, 2, BATCH, 1e-3, Path("digit-first"), Path("stage1"), choice_answers="reasoned")
+    # some multiple-choice turn of the 2 steps was answered "<digit> (<letter>)"
+    assert any(re.search(r"\d \([A-D]\)<\|im_end\|>", answers) for answers in trained_answers)
+    result = json.loads((workdir / "digit-first" / "result.json").read_text())
+    assert result["choice_answers"] == "reasoned" and run.recipe(result) == "2 steps (2 digit-first)"
+    assert 0 <= result["reasoned_choice_accuracy"] <= 1 and result["questions"] == 6
 
 
 def test_lookup_rehearsal_adds_text_only_exercises_and_logs_the_video_loss(workdir, monkeypatch):
@@ -312,14 +336,56 @@ def test_choice_scoring_picks_the_best_letter():
 
 
 def test_accuracy_report_counts_the_letters_named():
+    lookups = [True, None, False, True]  # question 1 named a digit that is no option
     results = [
         {"category": CATEGORIES[i % 2], "open": i < 3, "choice": i == 0, "choice_letter": letter}
+        | {"reasoned_digit": i != 1, "reasoned_choice": i in (0, 3), "reasoned_lookup": lookups[i]}
         for i, letter in enumerate("CCCA")
     ]
     report = scoring.accuracy_report(results)
     assert report["choice_letters"] == {"A": 0.25, "B": 0.0, "C": 0.75, "D": 0.0}
     assert (report["accuracy"], report["choice_accuracy"], report["questions"]) == (0.75, 0.25, 4)
     assert report[f"choice_{CATEGORIES[0]}"] == 0.5  # questions 0 and 2: one right
+    assert (report["reasoned_choice_accuracy"], report["reasoned_digit_accuracy"]) == (0.5, 0.75)
+    assert report["reasoned_lookup_accuracy"] == 2 / 3  # of the 3 answers naming an option's digit
+
+
+class ReasonedOracle(torch.nn.Module):
+    """Reads each prompt back from its tokens; at its last real position the letter of the option holding
+    the digit the prompt ends with ("... 7 (") gets the best logit, at every other position "A" does."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, input_ids, attention_mask, **visual_inputs):
+        logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
+        logits[..., self.tokenizer.convert_tokens_to_ids("A")] = 1.0
+        for b, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            text = self.tokenizer.decode(ids[mask.bool()])
+            named = re.fullmatch(r"(?s).*assistant\n(\d) \(", text)[1]
+            letter = re.search(rf"^([A-D])\. {named}$", text, re.M)[1]
+            logits[b, int(mask.sum()) - 1, self.tokenizer.convert_tokens_to_ids(letter)] = 2.0
+        return type("Output", (), {"logits": logits})
+
+
+def test_reasoned_letters_read_the_position_after_the_models_own_digit():
+    frames, records = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)
+    texts = [choice_question(r) for r in records] + [*"0123456789"]
+    _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1])
+    prompts = [
+        processor.apply_chat_template(run.conversation([choice_question(r)]), add_generation_prompt=True)
+        for r in records
+    ]
+    # per question an option digit other than option A's: an oracle that read a wrong position names A
+    named = [record["options"][1 + b % 3] for b, record in enumerate(records)]
+    letters = scoring.reasoned_letters(ReasonedOracle(processor.tokenizer), processor, frames, prompts, named)
+    assert letters == ["ABCD"[1 + b % 3] for b in range(len(records))]
+    # the text scored is what training puts before the letter: its tokens start the trained answer's
+    tokenizer = processor.tokenizer
+    trained = tokenizer(prompts[0] + f"{named[0]} ({records[0]['answer']})<|im_end|>")["input_ids"]
+    start = tokenizer(prompts[0] + f"{named[0]} (")["input_ids"]
+    assert trained[: len(start)] == start
 
 
 def test_question_prefixes_cut_around_the_question_words():

@@ -203,16 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         + (f"-from-{args.init.name}" if args.init else "")
     )
     train_lookup(
-        args.direction,
-        args.steps,
-        args.batch,
-        args.lr,
-        args.seed,
-        out,
-        args.init,
-        args.any_letters,
-        args.eval_every,
-    )
+        args.direction, args.steps, args.batch, args.lr, args.seed, out,
+        init=args.init,
+        any_letters=args.any_letters,
+        eval_every=args.eval_every,
+    )  # fmt: skip
     return 0
 
 

@@ -15,9 +15,11 @@ Models (the same stage 0 and stage 1, then the same stage-2 steps / batch / clip
 Stage 2 packs the 6 questions of a clip into one multi-turn conversation (the video once, then the
 question/answer turns in random order), so the video is encoded and prefilled once for 6 answers. Each
 turn is asked, with probability 1/2, in the benchmark's open form (`open_question`: answered with the
-digit) or in its multiple-choice form (`choice_question`: answered with the letter). The test scores
-both forms (`scoring.py`): of the four option digits, resp. the letters A-D, the one with the largest
-logit at the answer position is the prediction (chance 25%).
+digit) or in its multiple-choice form (`choice_question`: answered with the letter, or with
+`--choice-answers reasoned` with the digit and then the letter, "7 (B)"). The test scores both forms
+(`scoring.py`): of the four option digits, resp. the letters A-D, the one with the largest logit at the
+answer position is the prediction (chance 25%); the digit-first answer is scored by the best letter after
+the model's own best digit.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from benchmark import (
+    CHOICE_ANSWERS,
     FPS,
     FRAMES,
     SIZE,
@@ -424,13 +427,19 @@ def pretrain_llm(
     return finished(out, result)
 
 
-def training_batch(processor, clips: list[list[dict]], videos: list[np.ndarray], rng: np.random.Generator):
+def training_batch(
+    processor,
+    clips: list[list[dict]],
+    videos: list[np.ndarray],
+    rng: np.random.Generator,
+    choice_answers: str = "letter",
+):
     """Inputs and labels for one step: per clip one conversation of its questions (6, or the one of a
-    single-event clip) in random order, each in the open or the multiple-choice form (`mixed_turn`); the
-    loss is on each answer and its `<|im_end|>`."""
+    single-event clip) in random order, each in the open or the multiple-choice form (`mixed_turn`, the
+    latter answered as `choice_answers` says); the loss is on each answer and its `<|im_end|>`."""
     texts = []
     for clip in clips:
-        turns = [mixed_turn(clip[i], rng) for i in rng.permutation(len(clip))]
+        turns = [mixed_turn(clip[i], rng, choice_answers) for i in rng.permutation(len(clip))]
         questions, answers = zip(*turns)
         texts.append(processor.apply_chat_template(conversation(list(questions), list(answers))))
     inputs = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
@@ -528,6 +537,7 @@ def train(
     single_event_steps: int = 0,
     one_per_square_steps: int = 0,
     lookup_rehearsal: int = 0,
+    choice_answers: str = "letter",
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -544,6 +554,9 @@ def train(
     loss added to the video questions': the lookup the multiple-choice form needs, learnt before stage 2
     (`plan --lookup`), otherwise fades while the video loss sits on its plateau. The logged loss is the
     video questions' alone, comparable with runs without it.
+
+    `choice_answers` "reasoned" trains the multiple-choice form answered digit first, "7 (B)"
+    (`benchmark.reasoned_choice_answer`), instead of the letter alone.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -588,6 +601,8 @@ def train(
         settings["one_per_square_steps"] = one_per_square_steps
     if lookup_rehearsal:
         settings["lookup_rehearsal"] = lookup_rehearsal
+    if choice_answers != "letter":
+        settings["choice_answers"] = choice_answers
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -604,7 +619,7 @@ def train(
             frames = [np.asarray(all_frames[i]) for i in picked]
             conversations = [clips[i] for i in picked]
         videos = [select_frames(clip_frames, defaults) for clip_frames in frames]
-        inputs, labels = training_batch(processor, conversations, videos, data_rng)
+        inputs, labels = training_batch(processor, conversations, videos, data_rng, choice_answers)
         video_loss = model(**inputs, labels=labels).loss
         loss = video_loss
         if lookup_rehearsal:
@@ -662,6 +677,9 @@ def recipe(result: dict) -> str:
     rehearsed = sum(run["steps"] for run in chain if run.get("lookup_rehearsal"))
     if rehearsed:
         details.append(f"{rehearsed} with lookup rehearsal")
+    digit_first = sum(run["steps"] for run in chain if run.get("choice_answers") == "reasoned")
+    if digit_first:
+        details.append(f"{digit_first} digit-first")
     return f"{steps} steps" + (f" ({', '.join(details)})" if details else "")
 
 
@@ -742,7 +760,8 @@ def ship(run_dir: Path, seed: int = 7, clips: int = 20) -> None:
         SlowFastForConditionalGeneration.from_pretrained(run_dir, dtype=torch.bfloat16).save_pretrained(tmp)
         SlowFastProcessor.from_pretrained(run_dir).save_pretrained(tmp)
         model, processor = load_model(tmp, "cpu", "float32")  # as `ask` loads it
-        record = demo_question(model, processor, DATA, read_clips("test"))
+        choice_answers = json.loads((run_dir / "result.json").read_text()).get("choice_answers", "letter")
+        record = demo_question(model, processor, DATA, read_clips("test"), choice_answers)
         if record is None:
             raise RuntimeError(f"{run_dir} answers no test question in both forms while looking at its digit")
         shutil.copytree(tmp, DEMO_MODEL_DIR, dirs_exist_ok=True)
@@ -838,6 +857,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="text-only option-lookup exercises added to every step",
     )
+    run.add_argument(
+        "--choice-answers",
+        choices=sorted(CHOICE_ANSWERS),
+        default="letter",
+        help='train the multiple-choice form answered with the letter, or with the digit and then the letter ("7 (B)")',
+    )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -919,9 +944,16 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or RUNS / f"{args.model}-s{args.seed}"
         stage1 = args.stage1 or stage1_dir(stage1_kind(args.model), args.seed)
         try:
-            train(args.model, args.seed, args.steps, args.batch, args.lr, out, stage1, args.data_seed,
-                  args.save_every, args.stop_after_steps, args.single_event_steps,
-                  args.one_per_square_steps, args.lookup_rehearsal)  # fmt: skip
+            train(
+                args.model, args.seed, args.steps, args.batch, args.lr, out, stage1,
+                data_seed=args.data_seed,
+                save_every=args.save_every,
+                stop_after=args.stop_after_steps,
+                single_event_steps=args.single_event_steps,
+                one_per_square_steps=args.one_per_square_steps,
+                lookup_rehearsal=args.lookup_rehearsal,
+                choice_answers=args.choice_answers,
+            )  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)
             return 2

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmark import FORMS, FPS, FRAMES, SIZE, conversation, question_words, without_digits
+from benchmark import (
+    CHOICE_ANSWERS,
+    FORMS,
+    FPS,
+    FRAMES,
+    SIZE,
+    conversation,
+    question_words,
+    reasoned_answer_start,
+    without_digits,
+)
 
 from slowfast_vlm.attention_maps import span_attention_map, video_attention_map
 from slowfast_vlm.inference import answer, load_model
@@ -48,9 +58,11 @@ def token_ids(tokenizer, symbols: str) -> list[int]:
 @torch.no_grad()
 def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[dict]:
     """Per question of a clip (`frames` `(T, H, W, 3)` as the model samples them): is it answered in the
-    open and in the multiple-choice form (the best option at the answer position), and, for a slow-fast
-    model, does the cross-attention peak on the asked-about digit's frame, averaged over every query token
-    of the open-form prompt (`peak_all`) and over the question's own words only (`peak_question`)."""
+    open and in the multiple-choice form (the best option at the answer position), and in the
+    multiple-choice form answered digit first, "7 (B)" (`reasoned_*`: the best of the 10 digits at the
+    answer position, then the best letter after "<that digit> ("), and, for a slow-fast model, does the
+    cross-attention peak on the asked-about digit's frame, averaged over every query token of the
+    open-form prompt (`peak_all`) and over the question's own words only (`peak_question`)."""
     has_slow = bool(model.config.hybrid_layer_indices)
     prompts = {
         form: [
@@ -72,6 +84,8 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
     scores = outputs.logits[torch.arange(len(texts)), lengths - 1]  # (rows, vocab): the answer position
     digits, letters = token_ids(processor.tokenizer, "0123456789"), token_ids(processor.tokenizer, LETTERS)
     grid = (len(frames), *model.model.visual_grid(len(frames)))
+    named = [str(int(scores[len(clip) + b, digits].argmax())) for b in range(len(clip))]
+    reasoned = reasoned_letters(model, processor, frames, prompts["choice"], named)
     results = []
     for b, record in enumerate(clip):
         letter = best_letter(scores[len(clip) + b, letters])
@@ -80,6 +94,14 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
             "open": chooses_answer(scores[b, digits], record),
             "choice": letter == record["answer"],
             "choice_letter": letter,
+            "reasoned_digit": named[b] == record["answer_text"],
+            "reasoned_choice": reasoned[b] == record["answer"],
+            # did the letter name the option holding the digit named? (None: that digit is no option)
+            "reasoned_lookup": (
+                LETTERS[record["options"].index(named[b])] == reasoned[b]
+                if named[b] in record["options"]
+                else None
+            ),
         }
         if has_slow:
             start, end = 2 * len(clip) + 2 * b, 2 * len(clip) + 2 * b + 1
@@ -97,12 +119,29 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
     return results
 
 
+@torch.no_grad()
+def reasoned_letters(
+    model, processor, frames: np.ndarray, prompts: list[str], digits: list[str]
+) -> list[str]:
+    """Per multiple-choice prompt (a chat ending in the assistant's turn), the best letter (A-D) after the
+    answer's start "<digit> (" (`benchmark.reasoned_choice_answer`), the digit being the model's own."""
+    texts = [prompt + reasoned_answer_start(digit) for prompt, digit in zip(prompts, digits)]
+    inputs = processor(
+        text=texts, videos=[frames] * len(texts), padding=True, padding_side="right", return_tensors="pt"
+    )
+    lengths = inputs["attention_mask"].sum(1)
+    scores = model(**inputs).logits[torch.arange(len(texts)), lengths - 1]
+    return [best_letter(row[token_ids(processor.tokenizer, LETTERS)]) for row in scores]
+
+
 def accuracy_report(results: list[dict]) -> dict:
     """Accuracy in both forms, overall and per category, and the attention-peak rates, of `score_clip` results.
 
     Keys: `accuracy` and `<category>` (open form), `choice_accuracy` and `choice_<category>`,
     `choice_letters` (the share of the multiple-choice answers naming each letter: a model that has not
-    learnt the form names one letter), and for a slow-fast model `attention_peak_on_detail_frame` (every query token) and
+    learnt the form names one letter), for the digit-first answer `reasoned_choice_accuracy` (the letter),
+    `reasoned_digit_accuracy` (the digit, of 10) and `reasoned_lookup_accuracy` (the letter is the one
+    of the option holding the digit named, over answers naming an option's digit; None if none did), and for a slow-fast model `attention_peak_on_detail_frame` (every query token) and
     `question_attention_peak_on_detail_frame` (the question's words)."""
     report = {"questions": len(results)}
     for form, prefix in (("open", ""), ("choice", "choice_")):
@@ -113,6 +152,10 @@ def accuracy_report(results: list[dict]) -> dict:
             )
     letters = [r["choice_letter"] for r in results]
     report["choice_letters"] = {letter: letters.count(letter) / len(letters) for letter in LETTERS}
+    report["reasoned_choice_accuracy"] = float(np.mean([r["reasoned_choice"] for r in results]))
+    report["reasoned_digit_accuracy"] = float(np.mean([r["reasoned_digit"] for r in results]))
+    looked_up = [r["reasoned_lookup"] for r in results if r["reasoned_lookup"] is not None]
+    report["reasoned_lookup_accuracy"] = float(np.mean(looked_up)) if looked_up else None
     if "peak_all" in results[0]:
         report["attention_peak_on_detail_frame"] = float(np.mean([r["peak_all"] for r in results]))
         report["question_attention_peak_on_detail_frame"] = float(
@@ -152,7 +195,7 @@ def no_digit_answers(model, processor, seed: int) -> dict:
     for name, video in videos.items():
         frames = round_trip(video, processor)
         findings[name] = {
-            form: [answer(model, processor, frames, ask(r), max_new_tokens=4).text for r in records]
+            form: [answer(model, processor, frames, ask(r), max_new_tokens=6).text for r in records]
             for form, (ask, _) in FORMS.items()
         }
     return findings
@@ -170,17 +213,20 @@ def score(checkpoint: Path, seed: int = 7, clips: int = 20) -> dict:
     return report | {"no_digit": no_digit_answers(model, processor, seed)}
 
 
-def demo_question(model, processor, data: Path, clips: list[list[dict]]) -> dict | None:
+def demo_question(
+    model, processor, data: Path, clips: list[list[dict]], choice_answers: str = "letter"
+) -> dict | None:
     """The first test question the model answers correctly in both forms through `ask`'s code path (greedy
-    `answer`) while its question-restricted cross-attention peaks on the digit's frame (None if none)."""
+    `answer`; the multiple-choice form answered as `CHOICE_ANSWERS[choice_answers]`) while its
+    question-restricted cross-attention peaks on the digit's frame (None if none)."""
     for clip in clips:
         frames, _ = load_video(data / clip[0]["video"], **processor.sampling_defaults())
         for record in clip:
-            replies = {
-                form: answer(model, processor, frames, ask(record), max_new_tokens=4).text
+            expected = {"open": record["answer_text"], "choice": CHOICE_ANSWERS[choice_answers](record)}
+            right = all(
+                answer(model, processor, frames, ask(record), max_new_tokens=6).text == expected[form]
                 for form, (ask, _) in FORMS.items()
-            }
-            right = all(replies[form] == expected(record) for form, (_, expected) in FORMS.items())
+            )
             if right and score_clip(model, processor, frames, [record])[0]["peak_question"]:
                 return record
     return None
