@@ -275,12 +275,36 @@ def test_digit_first_answers_are_trained_and_named_in_the_recipe(workdir, monkey
         trained_answers.extend(processor.tokenizer.decode(row[row != -100]) for row in labels)
         return inputs, labels
 
+    rehearsed = []
+    lookup_batch = run.lookup_batch
+
+    def recording_lookup_batch(processor, exercises):
+        rehearsed.extend(exercises)
+        return lookup_batch(processor, exercises)
+
     monkeypatch.setattr(run, "training_batch", recording_batch)
-    run.train("c", 0, 2, BATCH, 1e-3, Path("digit-first"), Path("stage1"), choice_answers="reasoned")
+    monkeypatch.setattr(run, "lookup_batch", recording_lookup_batch)
+    run.train(
+        "c",
+        0,
+        2,
+        BATCH,
+        1e-3,
+        Path("digit-first"),
+        Path("stage1"),
+        lookup_rehearsal=3,
+        choice_answers="reasoned",
+    )
     # some multiple-choice turn of the 2 steps was answered "<digit> (<letter>)"
     assert any(re.search(r"\d \([A-D]\)<\|im_end\|>", answers) for answers in trained_answers)
+    # and every rehearsed exercise is the lookup that answer needs: the listed letter of the digit named
+    assert len(rehearsed) == 6
+    for question, answer, _ in rehearsed:
+        named, letter = re.fullmatch(r"(\d) \(([A-D])\)", answer).groups()
+        assert parse_exercise(question)[1][letter] == named
     result = json.loads((workdir / "digit-first" / "result.json").read_text())
-    assert result["choice_answers"] == "reasoned" and run.recipe(result) == "2 steps (2 digit-first)"
+    assert result["choice_answers"] == "reasoned"
+    assert run.recipe(result) == "2 steps (2 with lookup rehearsal, 2 digit-first)"
     assert 0 <= result["reasoned_choice_accuracy"] <= 1 and result["questions"] == 6
 
 
@@ -606,7 +630,7 @@ def parse_exercise(question: str) -> tuple[str | None, dict[str, str], str | Non
 
 
 @pytest.mark.parametrize("any_letters", [False, True])
-@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("direction", ["reverse", "forward", "digit-first"])
 def test_lookup_exercise_answers_from_its_own_list(direction, any_letters):
     rng = np.random.default_rng(3)
     seen_letters = set()
@@ -618,6 +642,10 @@ def test_lookup_exercise_answers_from_its_own_list(direction, any_letters):
         if direction == "reverse":
             assert question.endswith("Answer with the option's letter.") and letter is None
             assert listed[answer] == digit and candidates == list(listed)
+        elif direction == "digit-first":  # "7 (B)": some option's digit, then that option's letter
+            named, named_letter = re.fullmatch(r"(\d) \(([A-Z])\)", answer).groups()
+            assert digit is None and letter is None and listed[named_letter] == named
+            assert candidates == [f"{named} ({option_letter})" for option_letter in listed]
         else:
             assert digit is None and answer == listed[letter] and candidates == list(listed.values())
     assert (seen_letters == set("ABCD")) != any_letters  # random capitals: more than A-D over 50 lists
@@ -651,6 +679,15 @@ def test_lookup_accuracy_reads_the_answer_position():
     for wrong, expected in ((False, 1.0), (True, 0.0)):
         model = LookupOracle(processor.tokenizer, wrong)
         assert lookup.accuracy(model, processor, "reverse", count=60) == expected
+
+
+def test_digit_first_lookup_accuracy_reads_the_letter_after_the_given_digit():
+    import lookup
+
+    texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
+    _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["plain"])
+    # the oracle names, after "7 (", the letter listed for 7, and "A" at every other position
+    assert lookup.accuracy(ReasonedOracle(processor.tokenizer), processor, "digit-first", count=60) == 1.0
 
 
 def test_a_resumed_lookup_run_keeps_the_accuracy_curve_taken_before_it_stopped(tmp_path, monkeypatch):
@@ -696,7 +733,7 @@ def test_lookup_score_loads_each_saved_model_and_rejects_a_missing_one(tmp_path,
     model.save_pretrained(tmp_path / "saved")
     processor.save_pretrained(tmp_path / "saved")
     expected = {
-        d: lookup.accuracy(model, processor, d) for d in ("reverse", "forward")
+        d: lookup.accuracy(model, processor, d) for d in ("reverse", "forward", "digit-first")
     }  # the model in memory
     assert lookup.main(["--score", str(tmp_path / "saved")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {str(tmp_path / "saved"): expected}

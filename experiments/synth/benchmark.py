@@ -31,10 +31,16 @@ def conversation(questions: list[str], answers: list[str] | None = None, visual:
 def exercise(
     direction: str, rng: np.random.Generator, any_letters: bool = False
 ) -> tuple[str, str, list[str]]:
-    """One question, its answer, and the 4 answers it is scored among (its letters, or the option digits).
-    The options are lettered A-D as in the benchmark or, with `any_letters`, by 4 distinct capitals drawn
-    at random: then naming any letter of the list beats guessing among all 26, a first step towards
-    the lookup that A-D (always the same 4) never rewards."""
+    """One question, its answer, and the 4 answers it is scored among (its letters, the option digits, or
+    the 4 digit-first answers). The options are lettered A-D as in the benchmark or, with `any_letters`,
+    by 4 distinct capitals drawn at random: then naming any letter of the list beats guessing among all
+    26, a first step towards the lookup that A-D (always the same 4) never rewards.
+
+    forward      "Options: ...\nWhich digit is option B?" -> "7"
+    reverse      "Which option is the digit 7?\nOptions: ...\nAnswer with the option's letter." -> "B"
+    digit-first  "Options: ...\nAnswer with an option's digit, then its letter." -> "7 (B)", the option
+                 drawn at random: the digit is a guess, the letter after it the lookup that the
+                 multiple-choice form answered digit first needs (`reasoned_choice_answer`)."""
     options = [str(d) for d in rng.choice(10, len(LETTERS), replace=False)]
     letters = (
         [chr(65 + i) for i in rng.choice(26, len(LETTERS), replace=False)] if any_letters else list(LETTERS)
@@ -43,6 +49,10 @@ def exercise(
     listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
     if direction == "forward":
         return f"Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
+    if direction == "digit-first":
+        start = reasoned_answer_start(options[k])
+        question = f"Options:\n{listed}\nAnswer with an option's digit, then its letter."
+        return question, f"{start}{letters[k]})", [f"{start}{letter})" for letter in letters]
     question = (
         f"Which option is the digit {options[k]}?\nOptions:\n{listed}\nAnswer with the option's letter."
     )

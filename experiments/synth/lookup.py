@@ -4,13 +4,16 @@ The multiple-choice form asks for the letter of the option that holds the digit 
 ..."): on top of reading the digit, the model must find it in the list and name the letter 3 tokens
 before it. No video model of the experiment learnt that (each names one letter). This trains a fresh
 scratch LLM (the experiment's tokenizer and config, `run.STAGE1_KNOBS["plain"]`) on that step alone,
-with the digit given in the text, in either direction:
+with the digit given in the text, in one of three directions:
 
-    reverse  "Which option is the digit 7?\\nOptions: ...\\nAnswer with the option's letter." -> "B"
-    forward  "Options: ...\\nWhich digit is option B?" -> "7"  (the induction pattern: letter -> next item)
+    reverse      "Which option is the digit 7?\\nOptions: ...\\nAnswer with the option's letter." -> "B"
+    forward      "Options: ...\\nWhich digit is option B?" -> "7"  (the induction pattern: letter -> next item)
+    digit-first  "Options: ...\\nAnswer with an option's digit, then its letter." -> "7 (B)" (a random
+                 option: the letter after the digit is what the digit-first multiple-choice answer needs)
 
 and reports its accuracy on held-out lists lettered A-D as in the benchmark (of the 4 letters, resp.
-the 4 option digits, the best logit at the answer position; chance 25%). With `--any-letters` the
+the 4 option digits, the best logit at the answer position, for digit-first the best letter after the
+given "7 ("; chance 25%). With `--any-letters` the
 training lists are lettered by 4 random capitals instead (see `exercise`). Resumable like every stage (`checkpoints.resumable_steps`).
 
     python experiments/synth/lookup.py --direction reverse --steps 2000 --lr 5e-4
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,17 +47,23 @@ HELD_OUT_SEED = 1_000_003  # the test lists: a seed no training run draws from
 
 @torch.no_grad()
 def accuracy(model, processor, direction: str, count: int = 400, any_letters: bool = False) -> float:
-    """Share of `count` held-out exercises whose answer has the best logit among its 4 candidates."""
+    """Share of `count` held-out exercises whose answer has the best logit among its 4 candidates: at the
+    answer position, or after the candidates' shared start (digit-first: "7 (", then the letters)."""
     rng = np.random.default_rng(HELD_OUT_SEED)
     model.eval()
     hits = []
     for start in range(0, count, 50):
         items = [exercise(direction, rng, any_letters) for _ in range(min(50, count - start))]
-        texts = [processor.apply_chat_template(text_chat(q), add_generation_prompt=True) for q, _, _ in items]
+        shared = [os.path.commonprefix(candidates) for _, _, candidates in items]
+        texts = [
+            processor.apply_chat_template(text_chat(question), add_generation_prompt=True) + given
+            for (question, _, _), given in zip(items, shared)
+        ]
         inputs = processor.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
         logits = model(**inputs).logits[torch.arange(len(items)), inputs["attention_mask"].sum(1) - 1]
-        for row, (_, answer, candidates) in zip(logits, items):
-            best = candidates[int(row[token_ids(processor.tokenizer, candidates)].argmax())]
+        for row, (_, answer, candidates), given in zip(logits, items, shared):
+            differing = [candidate[len(given)] for candidate in candidates]
+            best = candidates[int(row[token_ids(processor.tokenizer, differing)].argmax())]
             hits.append(best == answer)
     model.train()
     return float(np.mean(hits))
@@ -128,7 +138,9 @@ def train_lookup(
     processor.save_pretrained(out)
     result = settings | {
         "final_loss": float(np.mean(log[-50:])),
-        "chance_loss": float(np.log(len(LETTERS)) / 2),  # the answer and <|im_end|>, the first at chance
+        # per labelled token: the answer's (its letter or digit, and for digit-first the digit and the
+        # letter) at chance among 4, its other tokens and <|im_end|> free
+        "chance_loss": float(np.log(len(LETTERS)) * (2 / 6 if direction == "digit-first" else 1 / 2)),
         "held_out_accuracy": accuracy(model, processor, direction),  # A-D
         "accuracy_curve": curve,  # {step: held-out accuracy}, every `eval_every` steps
         **(
@@ -143,20 +155,22 @@ def train_lookup(
 
 def score(checkpoints: list[Path]) -> dict[str, dict[str, float]]:
     """Held-out accuracy of each saved model (a lookup run, a stage-1 or a stage-2 run) on the text-only
-    lookup in both directions: whether an LLM still knows the lookup after later stages."""
+    lookup in each direction: whether an LLM still knows the lookup after later stages."""
     torch.set_num_threads(1)
     scores = {}
     for checkpoint in checkpoints:
         model = SlowFastForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
         processor = SlowFastProcessor.from_pretrained(checkpoint)
-        scores[str(checkpoint)] = {d: accuracy(model, processor, d) for d in ("reverse", "forward")}
+        scores[str(checkpoint)] = {
+            d: accuracy(model, processor, d) for d in ("reverse", "forward", "digit-first")
+        }
         print(json.dumps({str(checkpoint): scores[str(checkpoint)]}), flush=True)
     return scores
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--direction", choices=("reverse", "forward"), default="reverse")
+    parser.add_argument("--direction", choices=("reverse", "forward", "digit-first"), default="reverse")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32, help="exercises per step")
     parser.add_argument("--lr", type=float, default=5e-4)

@@ -556,7 +556,8 @@ def train(
     video questions' alone, comparable with runs without it.
 
     `choice_answers` "reasoned" trains the multiple-choice form answered digit first, "7 (B)"
-    (`benchmark.reasoned_choice_answer`), instead of the letter alone.
+    (`benchmark.reasoned_choice_answer`), instead of the letter alone; its rehearsed exercises are then
+    all digit-first ones (the letter after a given digit).
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -623,9 +624,11 @@ def train(
         video_loss = model(**inputs, labels=labels).loss
         loss = video_loss
         if lookup_rehearsal:
-            directions = [
-                "forward" if data_rng.random() < 0.5 else "reverse" for _ in range(lookup_rehearsal)
-            ]
+            directions = (
+                ["digit-first"] * lookup_rehearsal  # the lookup digit-first answers need
+                if choice_answers == "reasoned"
+                else ["forward" if data_rng.random() < 0.5 else "reverse" for _ in range(lookup_rehearsal)]
+            )
             text_inputs, text_labels = lookup_batch(processor, [exercise(d, data_rng) for d in directions])
             loss = loss + model(**text_inputs, labels=text_labels).loss
         clipped_step(loss, trainable, optimizer, schedule)
