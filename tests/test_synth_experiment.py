@@ -94,7 +94,9 @@ def test_training_batch_mixes_both_forms(choice_answers):
             assert question == (choice_question(record) if form == "choice" else open_question(record))
             choice_answer = {
                 "letter": record["answer"],
-                "reasoned": f"{record['answer_text']} ({record['answer']})",
+                "reasoned": f"{record['answer_text']}; "
+                + " ".join(f"{letter}. {option}" for letter, option in zip("ABCD", record["options"]))
+                + f"; ({record['answer']})",
             }
             assert answer == (choice_answer[choice_answers] if form == "choice" else record["answer_text"])
             forms.append(form)
@@ -295,13 +297,15 @@ def test_digit_first_answers_are_trained_and_named_in_the_recipe(workdir, monkey
         lookup_rehearsal=3,
         choice_answers="reasoned",
     )
-    # some multiple-choice turn of the 2 steps was answered "<digit> (<letter>)"
-    assert any(re.search(r"\d \([A-D]\)<\|im_end\|>", answers) for answers in trained_answers)
+    # some multiple-choice turn of the 2 steps was answered "<digit>; A. x B. y C. z D. w; (<letter>)"
+    listed_again = r"\d; A\. \d B\. \d C\. \d D\. \d; \([A-D]\)<\|im_end\|>"
+    assert any(re.search(listed_again, answers) for answers in trained_answers)
     # and every rehearsed exercise is the lookup that answer needs: the listed letter of the digit named
     assert len(rehearsed) == 6
     for question, answer, _ in rehearsed:
-        named, letter = re.fullmatch(r"(\d) \(([A-D])\)", answer).groups()
-        assert parse_exercise(question)[1][letter] == named
+        named, listing, letter = re.fullmatch(r"(\d); (.*); \(([A-D])\)", answer).groups()
+        listed = parse_exercise(question)[1]
+        assert listed[letter] == named and listing == " ".join(f"{k}. {v}" for k, v in listed.items())
     result = json.loads((workdir / "digit-first" / "result.json").read_text())
     assert result["choice_answers"] == "reasoned"
     assert run.recipe(result) == "2 steps (2 with lookup rehearsal, 2 digit-first)"
@@ -376,7 +380,8 @@ def test_accuracy_report_counts_the_letters_named():
 
 class ReasonedOracle(torch.nn.Module):
     """Reads each prompt back from its tokens; at its last real position the letter of the option holding
-    the digit the prompt ends with ("... 7 (") gets the best logit, at every other position "A" does."""
+    the digit the prompt's answer starts with ("7; A. 3 B. 7 C. 1 D. 0; (") gets the best logit, at every
+    other position "A" does."""
 
     def __init__(self, tokenizer):
         super().__init__()
@@ -387,7 +392,7 @@ class ReasonedOracle(torch.nn.Module):
         logits[..., self.tokenizer.convert_tokens_to_ids("A")] = 1.0
         for b, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             text = self.tokenizer.decode(ids[mask.bool()])
-            named = re.fullmatch(r"(?s).*assistant\n(\d) \(", text)[1]
+            named = re.fullmatch(r"(?s).*assistant\n(\d); A\. \d B\. \d C\. \d D\. \d; \(", text)[1]
             letter = re.search(rf"^([A-D])\. {named}$", text, re.M)[1]
             logits[b, int(mask.sum()) - 1, self.tokenizer.convert_tokens_to_ids(letter)] = 2.0
         return type("Output", (), {"logits": logits})
@@ -403,12 +408,17 @@ def test_reasoned_letters_read_the_position_after_the_models_own_digit():
     ]
     # per question an option digit other than option A's: an oracle that read a wrong position names A
     named = [record["options"][1 + b % 3] for b, record in enumerate(records)]
-    letters = scoring.reasoned_letters(ReasonedOracle(processor.tokenizer), processor, frames, prompts, named)
+    starts = [
+        f"{digit}; " + " ".join(f"{k}. {v}" for k, v in zip("ABCD", record["options"])) + "; ("
+        for digit, record in zip(named, records)
+    ]
+    oracle = ReasonedOracle(processor.tokenizer)
+    letters = scoring.reasoned_letters(oracle, processor, frames, prompts, starts)
     assert letters == ["ABCD"[1 + b % 3] for b in range(len(records))]
     # the text scored is what training puts before the letter: its tokens start the trained answer's
     tokenizer = processor.tokenizer
-    trained = tokenizer(prompts[0] + f"{named[0]} ({records[0]['answer']})<|im_end|>")["input_ids"]
-    start = tokenizer(prompts[0] + f"{named[0]} (")["input_ids"]
+    trained = tokenizer(prompts[0] + f"{starts[0]}{records[0]['answer']})<|im_end|>")["input_ids"]
+    start = tokenizer(prompts[0] + starts[0])["input_ids"]
     assert trained[: len(start)] == start
 
 
@@ -642,10 +652,11 @@ def test_lookup_exercise_answers_from_its_own_list(direction, any_letters):
         if direction == "reverse":
             assert question.endswith("Answer with the option's letter.") and letter is None
             assert listed[answer] == digit and candidates == list(listed)
-        elif direction == "digit-first":  # "7 (B)": some option's digit, then that option's letter
-            named, named_letter = re.fullmatch(r"(\d) \(([A-Z])\)", answer).groups()
+        elif direction == "digit-first":  # "7; A. 3 B. 7 ...; (B)": an option's digit, the list, its letter
+            named, listing, named_letter = re.fullmatch(r"(\d); (.*); \(([A-Z])\)", answer).groups()
             assert digit is None and letter is None and listed[named_letter] == named
-            assert candidates == [f"{named} ({option_letter})" for option_letter in listed]
+            assert listing == " ".join(f"{k}. {v}" for k, v in listed.items())
+            assert candidates == [f"{named}; {listing}; ({option_letter})" for option_letter in listed]
         else:
             assert digit is None and answer == listed[letter] and candidates == list(listed.values())
     assert (seen_letters == set("ABCD")) != any_letters  # random capitals: more than A-D over 50 lists
@@ -686,7 +697,7 @@ def test_digit_first_lookup_accuracy_reads_the_letter_after_the_given_digit():
 
     texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
     _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["plain"])
-    # the oracle names, after "7 (", the letter listed for 7, and "A" at every other position
+    # the oracle names, after "7; <the options>; (", the letter listed for 7, and "A" at every other position
     assert lookup.accuracy(ReasonedOracle(processor.tokenizer), processor, "digit-first", count=60) == 1.0
 
 

@@ -59,8 +59,9 @@ def token_ids(tokenizer, symbols: str) -> list[int]:
 def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[dict]:
     """Per question of a clip (`frames` `(T, H, W, 3)` as the model samples them): is it answered in the
     open and in the multiple-choice form (the best option at the answer position), and in the
-    multiple-choice form answered digit first, "7 (B)" (`reasoned_*`: the best of the 10 digits at the
-    answer position, then the best letter after "<that digit> ("), and, for a slow-fast model, does the
+    multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; (B)" (`reasoned_*`: the best of
+    the 10 digits at the answer position, then the best letter after "<that digit>; <the options>; ("),
+    and, for a slow-fast model, does the
     cross-attention peak on the asked-about digit's frame, averaged over every query token of the
     open-form prompt (`peak_all`) and over the question's own words only (`peak_question`)."""
     has_slow = bool(model.config.hybrid_layer_indices)
@@ -85,7 +86,8 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
     digits, letters = token_ids(processor.tokenizer, "0123456789"), token_ids(processor.tokenizer, LETTERS)
     grid = (len(frames), *model.model.visual_grid(len(frames)))
     named = [str(int(scores[len(clip) + b, digits].argmax())) for b in range(len(clip))]
-    reasoned = reasoned_letters(model, processor, frames, prompts["choice"], named)
+    starts = [reasoned_answer_start(digit, list(zip(LETTERS, r["options"]))) for digit, r in zip(named, clip)]
+    reasoned = reasoned_letters(model, processor, frames, prompts["choice"], starts)
     results = []
     for b, record in enumerate(clip):
         letter = best_letter(scores[len(clip) + b, letters])
@@ -121,11 +123,11 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
 
 @torch.no_grad()
 def reasoned_letters(
-    model, processor, frames: np.ndarray, prompts: list[str], digits: list[str]
+    model, processor, frames: np.ndarray, prompts: list[str], starts: list[str]
 ) -> list[str]:
-    """Per multiple-choice prompt (a chat ending in the assistant's turn), the best letter (A-D) after the
-    answer's start "<digit> (" (`benchmark.reasoned_choice_answer`), the digit being the model's own."""
-    texts = [prompt + reasoned_answer_start(digit) for prompt, digit in zip(prompts, digits)]
+    """Per multiple-choice prompt (a chat ending in the assistant's turn), the best letter (A-D) after its
+    digit-first answer's start ("7; A. 3 B. 7 C. 1 D. 0; (", `benchmark.reasoned_answer_start`)."""
+    texts = [prompt + start for prompt, start in zip(prompts, starts)]
     inputs = processor(
         text=texts, videos=[frames] * len(texts), padding=True, padding_side="right", return_tensors="pt"
     )
@@ -195,7 +197,7 @@ def no_digit_answers(model, processor, seed: int) -> dict:
     for name, video in videos.items():
         frames = round_trip(video, processor)
         findings[name] = {
-            form: [answer(model, processor, frames, ask(r), max_new_tokens=6).text for r in records]
+            form: [answer(model, processor, frames, ask(r), max_new_tokens=32).text for r in records]
             for form, (ask, _) in FORMS.items()
         }
     return findings
@@ -224,7 +226,7 @@ def demo_question(
         for record in clip:
             expected = {"open": record["answer_text"], "choice": CHOICE_ANSWERS[choice_answers](record)}
             right = all(
-                answer(model, processor, frames, ask(record), max_new_tokens=6).text == expected[form]
+                answer(model, processor, frames, ask(record), max_new_tokens=32).text == expected[form]
                 for form, (ask, _) in FORMS.items()
             )
             if right and score_clip(model, processor, frames, [record])[0]["peak_question"]:
