@@ -701,6 +701,17 @@ def test_digit_first_lookup_accuracy_reads_the_letter_after_the_given_digit():
     assert lookup.accuracy(ReasonedOracle(processor.tokenizer), processor, "digit-first", count=60) == 1.0
 
 
+def test_chance_loss_counts_the_labelled_tokens_of_each_answer_form():
+    import lookup
+
+    texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
+    _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["plain"])
+    # "B" + <|im_end|>: one guess in 2 tokens; "7; A. 3 B. 7 C. 1 D. 0; (B)": 27 characters, one token
+    # each (the tokenizer learnt no merge of them), + <|im_end|>: two guesses in 28 tokens
+    assert lookup.chance_loss(processor, "reverse") == pytest.approx(np.log(4) / 2)
+    assert lookup.chance_loss(processor, "digit-first") == pytest.approx(2 * np.log(4) / 28)
+
+
 def test_a_resumed_lookup_run_keeps_the_accuracy_curve_taken_before_it_stopped(tmp_path, monkeypatch):
     import lookup
 

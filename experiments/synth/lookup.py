@@ -138,9 +138,7 @@ def train_lookup(
     processor.save_pretrained(out)
     result = settings | {
         "final_loss": float(np.mean(log[-50:])),
-        # per labelled token: the answer's (its letter or digit, and for digit-first the digit and the
-        # letter) at chance among 4, its other tokens and <|im_end|> free
-        "chance_loss": float(np.log(len(LETTERS)) * (2 / 6 if direction == "digit-first" else 1 / 2)),
+        "chance_loss": chance_loss(processor, direction),
         "held_out_accuracy": accuracy(model, processor, direction),  # A-D
         "accuracy_curve": curve,  # {step: held-out accuracy}, every `eval_every` steps
         **(
@@ -151,6 +149,16 @@ def train_lookup(
         "seconds": round(seconds),
     }
     return finished(out, result)
+
+
+def chance_loss(processor, direction: str) -> float:
+    """Loss per labelled token of a model that knows the format but guesses among 4 wherever the answer
+    is open (the letter or digit; for digit-first the digit and the letter), the rest of the answer and
+    its `<|im_end|>` free. Every exercise of a direction has answers of the same token count."""
+    _, answer, _ = exercise(direction, np.random.default_rng(0))
+    labelled = len(processor.tokenizer(answer)["input_ids"]) + 1  # + <|im_end|>
+    guesses = 2 if direction == "digit-first" else 1
+    return float(guesses * np.log(len(LETTERS)) / labelled)
 
 
 def score(checkpoints: list[Path]) -> dict[str, dict[str, float]]:

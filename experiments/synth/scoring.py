@@ -61,9 +61,9 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
     open and in the multiple-choice form (the best option at the answer position), and in the
     multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; (B)" (`reasoned_*`: the best of
     the 10 digits at the answer position, then the best letter after "<that digit>; <the options>; ("),
-    and, for a slow-fast model, does the
-    cross-attention peak on the asked-about digit's frame, averaged over every query token of the
-    open-form prompt (`peak_all`) and over the question's own words only (`peak_question`)."""
+    and, for a slow-fast model, does the cross-attention peak on the asked-about digit's frame, averaged
+    over every query token of the open-form prompt (`peak_all`) and over the question's own words only
+    (`peak_question`)."""
     has_slow = bool(model.config.hybrid_layer_indices)
     prompts = {
         form: [
