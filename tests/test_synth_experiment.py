@@ -96,7 +96,7 @@ def test_training_batch_mixes_both_forms(choice_answers):
                 "letter": record["answer"],
                 "reasoned": f"{record['answer_text']}; "
                 + " ".join(f"{letter}. {option}" for letter, option in zip("ABCD", record["options"]))
-                + f"; ({record['answer']})",
+                + f"; {record['answer']}",
             }
             assert answer == (choice_answer[choice_answers] if form == "choice" else record["answer_text"])
             forms.append(form)
@@ -297,13 +297,13 @@ def test_digit_first_answers_are_trained_and_named_in_the_recipe(workdir, monkey
         lookup_rehearsal=3,
         choice_answers="reasoned",
     )
-    # some multiple-choice turn of the 2 steps was answered "<digit>; A. x B. y C. z D. w; (<letter>)"
-    listed_again = r"\d; A\. \d B\. \d C\. \d D\. \d; \([A-D]\)<\|im_end\|>"
+    # some multiple-choice turn of the 2 steps was answered "<digit>; A. x B. y C. z D. w; <letter>"
+    listed_again = r"\d; A\. \d B\. \d C\. \d D\. \d; [A-D]<\|im_end\|>"
     assert any(re.search(listed_again, answers) for answers in trained_answers)
     # and every rehearsed exercise is the lookup that answer needs: the listed letter of the digit named
     assert len(rehearsed) == 6
     for question, answer, _ in rehearsed:
-        named, listing, letter = re.fullmatch(r"(\d); (.*); \(([A-D])\)", answer).groups()
+        named, listing, letter = re.fullmatch(r"(\d); (.*); ([A-D])", answer).groups()
         listed = parse_exercise(question)[1]
         assert listed[letter] == named and listing == " ".join(f"{k}. {v}" for k, v in listed.items())
     result = json.loads((workdir / "digit-first" / "result.json").read_text())
@@ -380,7 +380,7 @@ def test_accuracy_report_counts_the_letters_named():
 
 class ReasonedOracle(torch.nn.Module):
     """Reads each prompt back from its tokens; at its last real position the letter of the option holding
-    the digit the prompt's answer starts with ("7; A. 3 B. 7 C. 1 D. 0; (") gets the best logit, at every
+    the digit the prompt's answer starts with ("7; A. 3 B. 7 C. 1 D. 0; ") gets the best logit, at every
     other position "A" does."""
 
     def __init__(self, tokenizer):
@@ -392,7 +392,7 @@ class ReasonedOracle(torch.nn.Module):
         logits[..., self.tokenizer.convert_tokens_to_ids("A")] = 1.0
         for b, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             text = self.tokenizer.decode(ids[mask.bool()])
-            named = re.fullmatch(r"(?s).*assistant\n(\d); A\. \d B\. \d C\. \d D\. \d; \(", text)[1]
+            named = re.fullmatch(r"(?s).*assistant\n(\d); A\. \d B\. \d C\. \d D\. \d; ", text)[1]
             letter = re.search(rf"^([A-D])\. {named}$", text, re.M)[1]
             logits[b, int(mask.sum()) - 1, self.tokenizer.convert_tokens_to_ids(letter)] = 2.0
         return type("Output", (), {"logits": logits})
@@ -409,7 +409,7 @@ def test_reasoned_letters_read_the_position_after_the_models_own_digit():
     # per question an option digit other than option A's: an oracle that read a wrong position names A
     named = [record["options"][1 + b % 3] for b, record in enumerate(records)]
     starts = [
-        f"{digit}; " + " ".join(f"{k}. {v}" for k, v in zip("ABCD", record["options"])) + "; ("
+        f"{digit}; " + " ".join(f"{k}. {v}" for k, v in zip("ABCD", record["options"])) + "; "
         for digit, record in zip(named, records)
     ]
     oracle = ReasonedOracle(processor.tokenizer)
@@ -652,11 +652,11 @@ def test_lookup_exercise_answers_from_its_own_list(direction, any_letters):
         if direction == "reverse":
             assert question.endswith("Answer with the option's letter.") and letter is None
             assert listed[answer] == digit and candidates == list(listed)
-        elif direction == "digit-first":  # "7; A. 3 B. 7 ...; (B)": an option's digit, the list, its letter
-            named, listing, named_letter = re.fullmatch(r"(\d); (.*); \(([A-Z])\)", answer).groups()
+        elif direction == "digit-first":  # "7; A. 3 B. 7 ...; B": an option's digit, the list, its letter
+            named, listing, named_letter = re.fullmatch(r"(\d); (.*); ([A-Z])", answer).groups()
             assert digit is None and letter is None and listed[named_letter] == named
             assert listing == " ".join(f"{k}. {v}" for k, v in listed.items())
-            assert candidates == [f"{named}; {listing}; ({option_letter})" for option_letter in listed]
+            assert candidates == [f"{named}; {listing}; {option_letter}" for option_letter in listed]
         else:
             assert digit is None and answer == listed[letter] and candidates == list(listed.values())
     assert (seen_letters == set("ABCD")) != any_letters  # random capitals: more than A-D over 50 lists
@@ -697,7 +697,7 @@ def test_digit_first_lookup_accuracy_reads_the_letter_after_the_given_digit():
 
     texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
     _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["plain"])
-    # the oracle names, after "7; <the options>; (", the letter listed for 7, and "A" at every other position
+    # the oracle names, after "7; <the options>; ", the letter listed for 7, and "A" at every other position
     assert lookup.accuracy(ReasonedOracle(processor.tokenizer), processor, "digit-first", count=60) == 1.0
 
 
@@ -706,10 +706,10 @@ def test_chance_loss_counts_the_labelled_tokens_of_each_answer_form():
 
     texts = [open_question(r) for r in generate_clip(0, 0, "train", FRAMES, SIZE, FPS)[1]] + [*"0123456789"]
     _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["plain"])
-    # "B" + <|im_end|>: one guess in 2 tokens; "7; A. 3 B. 7 C. 1 D. 0; (B)": 27 characters, one token
-    # each (the tokenizer learnt no merge of them), + <|im_end|>: two guesses in 28 tokens
+    # "B" + <|im_end|>: one guess in 2 tokens; "7; A. 3 B. 7 C. 1 D. 0; B": 25 characters, one token
+    # each (the tokenizer learnt no merge of them), + <|im_end|>: two guesses in 26 tokens
     assert lookup.chance_loss(processor, "reverse") == pytest.approx(np.log(4) / 2)
-    assert lookup.chance_loss(processor, "digit-first") == pytest.approx(2 * np.log(4) / 28)
+    assert lookup.chance_loss(processor, "digit-first") == pytest.approx(2 * np.log(4) / 26)
 
 
 def test_a_resumed_lookup_run_keeps_the_accuracy_curve_taken_before_it_stopped(tmp_path, monkeypatch):

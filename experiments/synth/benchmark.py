@@ -38,7 +38,7 @@ def exercise(
 
     forward      "Options: ...\nWhich digit is option B?" -> "7"
     reverse      "Which option is the digit 7?\nOptions: ...\nAnswer with the option's letter." -> "B"
-    digit-first  "Options: ...\nAnswer with an option's digit, then its letter." -> "7; A. 3 B. 7 ...; (B)",
+    digit-first  "Options: ...\nAnswer with an option's digit, then its letter." -> "7; A. 3 B. 7 ...; B",
                  the option drawn at random: the digit is a guess, the letter after the list the
                  lookup that the multiple-choice form answered digit first needs
                  (`reasoned_choice_answer`)."""
@@ -53,7 +53,7 @@ def exercise(
     if direction == "digit-first":
         start = reasoned_answer_start(options[k], list(zip(letters, options)))
         question = f"Options:\n{listed}\nAnswer with an option's digit, then its letter."
-        return question, f"{start}{letters[k]})", [f"{start}{letter})" for letter in letters]
+        return question, f"{start}{letters[k]}", [f"{start}{letter}" for letter in letters]
     question = (
         f"Which option is the digit {options[k]}?\nOptions:\n{listed}\nAnswer with the option's letter."
     )
@@ -68,20 +68,21 @@ def text_chat(question: str, answer: str | None = None) -> list[dict]:
 
 
 def reasoned_choice_answer(record: dict) -> str:
-    """The multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; (B)": the digit read from the
+    """The multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; B": the digit read from the
     clip, the options listed again, then the letter of the option that holds it. With the digit named
     before a list, finding its letter is the lookup this LLM learns (a listed digit can attend back to
     an equal digit before it: BENCHMARKS.md items 7 and 11); named after the list ("7 (B)") or read
-    through the cross-attention (item 10), it is not learnt. `extract_choice` reads the bracketed letter."""
+    through the cross-attention (item 10), it is not learnt. `extract_choice` reads the closing letter; no bracket or "Answer:" before it: with
+    either, the lookup was not learnt in 1500 text steps (BENCHMARKS.md item 11)."""
     listed = list(zip(LETTERS, record["options"]))
-    return f"{reasoned_answer_start(record['answer_text'], listed)}{record['answer']})"
+    return f"{reasoned_answer_start(record['answer_text'], listed)}{record['answer']}"
 
 
 def reasoned_answer_start(digit: str, listed: list[tuple[str, str]]) -> str:
-    """A digit-first answer up to its letter, "7; A. 3 B. 7 C. 1 D. 0; (", from the digit named and the
+    """A digit-first answer up to its letter, "7; A. 3 B. 7 C. 1 D. 0; ", from the digit named and the
     (letter, option) pairs listed."""
     options = " ".join(f"{letter}. {option}" for letter, option in listed)
-    return f"{digit}; {options}; ("
+    return f"{digit}; {options}; "
 
 
 # how a multiple-choice question is answered in training: the letter alone, or the digit and then the letter

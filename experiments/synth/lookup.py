@@ -8,12 +8,12 @@ with the digit given in the text, in one of three directions:
 
     reverse      "Which option is the digit 7?\\nOptions: ...\\nAnswer with the option's letter." -> "B"
     forward      "Options: ...\\nWhich digit is option B?" -> "7"  (the induction pattern: letter -> next item)
-    digit-first  "Options: ...\\nAnswer with an option's digit, then its letter." -> "7; A. 3 B. 7 ...; (B)" (a random
+    digit-first  "Options: ...\\nAnswer with an option's digit, then its letter." -> "7; A. 3 B. 7 ...; B" (a random
                  option: the letter after the digit is what the digit-first multiple-choice answer needs)
 
 and reports its accuracy on held-out lists lettered A-D as in the benchmark (of the 4 letters, resp.
 the 4 option digits, the best logit at the answer position, for digit-first the best letter after the
-given "7; A. 3 B. 7 ...; ("; chance 25%). With `--any-letters` the
+given "7; A. 3 B. 7 ...; "; chance 25%). With `--any-letters` the
 training lists are lettered by 4 random capitals instead (see `exercise`). Resumable like every stage (`checkpoints.resumable_steps`).
 
     python experiments/synth/lookup.py --direction reverse --steps 2000 --lr 5e-4
@@ -48,7 +48,7 @@ HELD_OUT_SEED = 1_000_003  # the test lists: a seed no training run draws from
 @torch.no_grad()
 def accuracy(model, processor, direction: str, count: int = 400, any_letters: bool = False) -> float:
     """Share of `count` held-out exercises whose answer has the best logit among its 4 candidates: at the
-    answer position, or after the candidates' shared start (digit-first: "7; A. 3 ...; (", then the letters)."""
+    answer position, or after the candidates' shared start (digit-first: "7; A. 3 ...; ", then the letters)."""
     rng = np.random.default_rng(HELD_OUT_SEED)
     model.eval()
     hits = []

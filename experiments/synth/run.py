@@ -16,7 +16,7 @@ Stage 2 packs the 6 questions of a clip into one multi-turn conversation (the vi
 question/answer turns in random order), so the video is encoded and prefilled once for 6 answers. Each
 turn is asked, with probability 1/2, in the benchmark's open form (`open_question`: answered with the
 digit) or in its multiple-choice form (`choice_question`: answered with the letter, or with
-`--choice-answers reasoned` with the digit, the options again and the letter, "7; A. 3 B. 7 C. 1 D. 0; (B)"). The test scores both forms
+`--choice-answers reasoned` with the digit, the options again and the letter, "7; A. 3 B. 7 C. 1 D. 0; B"). The test scores both forms
 (`scoring.py`): of the four option digits, resp. the letters A-D, the one with the largest logit at the
 answer position is the prediction (chance 25%); the digit-first answer is scored by the best letter after
 the model's own best digit.
@@ -555,7 +555,7 @@ def train(
     (`plan --lookup`), otherwise fades while the video loss sits on its plateau. The logged loss is the
     video questions' alone, comparable with runs without it.
 
-    `choice_answers` "reasoned" trains the multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; (B)"
+    `choice_answers` "reasoned" trains the multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; B"
     (`benchmark.reasoned_choice_answer`), instead of the letter alone; its rehearsed exercises are then
     all digit-first ones (the letter after a given digit).
 
@@ -864,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--choice-answers",
         choices=sorted(CHOICE_ANSWERS),
         default="letter",
-        help='train the multiple-choice form answered with the letter, or digit first ("7; A. 3 B. 7 C. 1 D. 0; (B)")',
+        help='train the multiple-choice form answered with the letter, or digit first ("7; A. 3 B. 7 C. 1 D. 0; B")',
     )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")

@@ -59,8 +59,8 @@ def token_ids(tokenizer, symbols: str) -> list[int]:
 def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[dict]:
     """Per question of a clip (`frames` `(T, H, W, 3)` as the model samples them): is it answered in the
     open and in the multiple-choice form (the best option at the answer position), and in the
-    multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; (B)" (`reasoned_*`: the best of
-    the 10 digits at the answer position, then the best letter after "<that digit>; <the options>; ("),
+    multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; B" (`reasoned_*`: the best of
+    the 10 digits at the answer position, then the best letter after "<that digit>; <the options>; "),
     and, for a slow-fast model, does the cross-attention peak on the asked-about digit's frame, averaged
     over every query token of the open-form prompt (`peak_all`) and over the question's own words only
     (`peak_question`)."""
@@ -126,7 +126,7 @@ def reasoned_letters(
     model, processor, frames: np.ndarray, prompts: list[str], starts: list[str]
 ) -> list[str]:
     """Per multiple-choice prompt (a chat ending in the assistant's turn), the best letter (A-D) after its
-    digit-first answer's start ("7; A. 3 B. 7 C. 1 D. 0; (", `benchmark.reasoned_answer_start`)."""
+    digit-first answer's start ("7; A. 3 B. 7 C. 1 D. 0; ", `benchmark.reasoned_answer_start`)."""
     texts = [prompt + start for prompt, start in zip(prompts, starts)]
     inputs = processor(
         text=texts, videos=[frames] * len(texts), padding=True, padding_side="right", return_tensors="pt"

@@ -53,17 +53,28 @@ def test_parse_options_rejects_a_string():
         ("B. the dog sleeps", "B"),
         ("C) two cats", "C"),
         ("Looking closely, (D) fits.", "D"),
+        ("The dog sleeps on a mat; B", "B"),  # a reasoned answer's closing letter
+        ("Not a car, so D.", "D"),
         ("the dog sleeps", "B"),  # option text
         ("Two cats.", "C"),  # option text, any case and punctuation
         ("In the video, the dog sleeps on a mat.", "B"),  # exactly one option's text inside
         ("E", None),  # not an option
         ("A cat and a dog", None),  # the article "A" is not a letter answer
+        ("It looks like plan B", None),  # a closing capital without a separator is a word
+        ("Nothing of it; E", None),  # closing, but not an option
         ("I cannot tell.", None),
         ("", None),
     ],
 )
 def test_extract_choice(response, expected):
     assert extract_choice(response, OPTIONS) == expected
+
+
+def test_extract_choice_reads_the_letter_closing_a_digit_first_answer():
+    # the synthetic benchmark's reasoned answer: the digit, the options listed again, the letter
+    options = parse_options(["3", "7", "1", "0"])
+    assert extract_choice("7; A. 3 B. 7 C. 1 D. 0; B", options) == "B"
+    assert extract_choice("7; A. 3 B. 7 C. 1 D. 0; D", options) == "D"  # the letter named, right or not
 
 
 @pytest.mark.parametrize(

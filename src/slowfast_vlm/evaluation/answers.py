@@ -18,6 +18,8 @@ _LABELLED_OPTION = re.compile(r"^\s*[(\[]?([A-Z])[)\].:]\s*(.*)$", re.DOTALL)
 _ANSWER_PHRASE = re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:：]?\s*[(\[]?([A-Z])(?![A-Za-z])")
 _BRACKETED_LETTER = re.compile(r"[(\[]([A-Z])[)\]]")
 _LEADING_LETTER = re.compile(r"^([A-Z])(?:[.):]|$)")
+# "...; B", "..., so B." (a capital closing the response after a separator: the conclusion of a reasoned answer)
+_CLOSING_LETTER = re.compile(r"(?:[;,]|\bso)\s*([A-Z])\.?$")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
@@ -57,8 +59,8 @@ def extract_choice(response: str, options: Mapping[str, str]) -> str | None:
 
     Tried in order: the whole response is one letter in any case ("b", "B."); an answer phrase
     ("The answer is (B)", "Answer: B"); a bracketed capital ("(B)"); a leading capital followed by
-    ".", ")", ":" or the end ("B. a dog"); the text of exactly one option. Only letters of
-    ``options`` count.
+    ".", ")", ":" or the end ("B. a dog"); a capital closing the response after ";", "," or "so"
+    ("7; A. 3 B. 7; B"); the text of exactly one option. Only letters of ``options`` count.
     """
     text = response.strip()
     bare = text.strip(" \t\n\"'`*.:)(").upper()
@@ -68,9 +70,9 @@ def extract_choice(response: str, options: Mapping[str, str]) -> str | None:
         for match in pattern.finditer(text):
             if match.group(1) in options:
                 return match.group(1)
-    match = _LEADING_LETTER.match(text)
-    if match and match.group(1) in options:
-        return match.group(1)
+    for match in (_LEADING_LETTER.match(text), _CLOSING_LETTER.search(text)):
+        if match and match.group(1) in options:
+            return match.group(1)
     said = normalize_answer(text)
     texts = {letter: normalize_answer(option) for letter, option in options.items()}
     exact = [letter for letter, option in texts.items() if option and option == said]
