@@ -280,9 +280,10 @@ def test_digit_first_answers_are_trained_and_named_in_the_recipe(workdir, monkey
     rehearsed = []
     lookup_batch = run.lookup_batch
 
-    def recording_lookup_batch(processor, exercises):
+    def recording_lookup_batch(processor, exercises, videos):
+        assert videos is None  # text alone unless rehearse_after_clip
         rehearsed.extend(exercises)
-        return lookup_batch(processor, exercises)
+        return lookup_batch(processor, exercises, videos)
 
     monkeypatch.setattr(run, "training_batch", recording_batch)
     monkeypatch.setattr(run, "lookup_batch", recording_lookup_batch)
@@ -312,6 +313,45 @@ def test_digit_first_answers_are_trained_and_named_in_the_recipe(workdir, monkey
     assert 0 <= result["reasoned_choice_accuracy"] <= 1 and result["questions"] == 6
 
 
+def test_rehearsal_after_a_clip_asks_each_exercise_after_one_of_the_steps_clips(workdir, monkeypatch):
+    step_videos, rehearsal_calls = [], []
+    training_batch, lookup_batch = run.training_batch, run.lookup_batch
+
+    def recording_batch(processor, conversations, videos, rng, choice_answers):
+        step_videos.append(videos)
+        return training_batch(processor, conversations, videos, rng, choice_answers)
+
+    def recording_lookup_batch(processor, exercises, videos=None):
+        inputs, labels = lookup_batch(processor, exercises, videos)
+        rehearsal_calls.append((exercises, videos, inputs, labels))
+        return inputs, labels
+
+    monkeypatch.setattr(run, "training_batch", recording_batch)
+    monkeypatch.setattr(run, "lookup_batch", recording_lookup_batch)
+    with pytest.raises(ValueError, match="needs lookup_rehearsal"):
+        run.train("c", 0, 2, BATCH, 1e-3, Path("no-exercises"), Path("stage1"), rehearse_after_clip=True)
+    run.train(
+        "c", 0, 2, BATCH, 1e-3, Path("after-clip"), Path("stage1"),
+        lookup_rehearsal=3, choice_answers="reasoned", rehearse_after_clip=True,
+    )  # fmt: skip
+    assert len(rehearsal_calls) == 2
+    tokenizer = run.SlowFastProcessor.from_pretrained(Path("stage1")).tokenizer
+    for videos, (exercises, clips_in_front, inputs, labels) in zip(step_videos, rehearsal_calls):
+        # exercise i after clip i % BATCH of the same step, the very frames its questions were asked about
+        assert [id(clip) for clip in clips_in_front] == [id(videos[i % BATCH]) for i in range(3)]
+        video_token = tokenizer.convert_tokens_to_ids("<video>")
+        assert (
+            all(video_token in row for row in inputs["input_ids"].tolist())
+            and "pixel_values_videos" in inputs
+        )
+        # and only the exercise's answer is labelled
+        for (_, answer, _), row in zip(exercises, labels):
+            assert tokenizer.decode(row[row != -100]) == answer + "<|im_end|>"
+    result = json.loads((workdir / "after-clip" / "result.json").read_text())
+    assert result["rehearse_after_clip"] is True
+    assert run.recipe(result) == "2 steps (2 with lookup rehearsal, 2 of them after a clip, 2 digit-first)"
+
+
 def test_lookup_rehearsal_adds_text_only_exercises_and_logs_the_video_loss(workdir, monkeypatch):
     """With `lookup_rehearsal=4` every step also trains on 4 text-only lookup exercises in both directions,
     labelled on their answers; the logged loss stays the video questions' (step 1, before any update,
@@ -319,8 +359,9 @@ def test_lookup_rehearsal_adds_text_only_exercises_and_logs_the_video_loss(workd
     batches = []
     lookup_batch = run.lookup_batch
 
-    def recording_batch(processor, exercises):
-        inputs, labels = lookup_batch(processor, exercises)
+    def recording_batch(processor, exercises, videos):
+        assert videos is None  # text alone unless rehearse_after_clip
+        inputs, labels = lookup_batch(processor, exercises, videos)
         batches.append((exercises, inputs, labels, processor.tokenizer))
         return inputs, labels
 

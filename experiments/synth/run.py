@@ -446,10 +446,19 @@ def training_batch(
     return inputs, answer_labels(inputs["input_ids"], processor.tokenizer)
 
 
-def lookup_batch(processor, exercises: list[tuple[str, str, list[str]]]):
-    """Inputs and labels for text-only option-lookup exercises (`benchmark.exercise`), one chat each."""
-    texts = [processor.apply_chat_template(text_chat(question, answer)) for question, answer, _ in exercises]
-    inputs = processor.tokenizer(texts, padding=True, return_tensors="pt")
+def lookup_batch(
+    processor, exercises: list[tuple[str, str, list[str]]], videos: list[np.ndarray] | None = None
+):
+    """Inputs and labels for option-lookup exercises (`benchmark.exercise`), one chat each: text only,
+    or with `videos` (one `(T, H, W, 3)` clip per exercise) asked after a clip the answer does not need."""
+    if videos is None:
+        texts = [
+            processor.apply_chat_template(text_chat(question, answer)) for question, answer, _ in exercises
+        ]
+        inputs = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    else:
+        texts = [processor.apply_chat_template(conversation([q], [a])) for q, a, _ in exercises]
+        inputs = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
     return inputs, answer_labels(inputs["input_ids"], processor.tokenizer)
 
 
@@ -538,6 +547,7 @@ def train(
     one_per_square_steps: int = 0,
     lookup_rehearsal: int = 0,
     choice_answers: str = "letter",
+    rehearse_after_clip: bool = False,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -557,7 +567,9 @@ def train(
 
     `choice_answers` "reasoned" trains the multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; B"
     (`benchmark.reasoned_choice_answer`), instead of the letter alone; its rehearsed exercises are then
-    all digit-first ones (the letter after a given digit).
+    all digit-first ones (the letter after a given digit). With `rehearse_after_clip` each exercise is
+    asked after one of the step's clips (in turn), not as text alone: a lookup learnt in text alone is
+    not used after a clip (BENCHMARKS.md item 11), so it is rehearsed in the context that needs it.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -595,6 +607,8 @@ def train(
             f"single_event_steps + one_per_square_steps must be in [0, steps = {steps}), got "
             f"{single_event_steps} + {one_per_square_steps}"
         )
+    if rehearse_after_clip and lookup_rehearsal < 1:
+        raise ValueError("rehearse_after_clip needs lookup_rehearsal >= 1 exercises to rehearse")
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
     settings |= {"stage1": str(stage1), "data_seed": data_seed, "single_event_steps": single_event_steps}
     # (absent when 0: the checkpoints of runs from before them still resume)
@@ -604,6 +618,8 @@ def train(
         settings["lookup_rehearsal"] = lookup_rehearsal
     if choice_answers != "letter":
         settings["choice_answers"] = choice_answers
+    if rehearse_after_clip:
+        settings["rehearse_after_clip"] = True
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -629,8 +645,12 @@ def train(
                 if choice_answers == "reasoned"
                 else ["forward" if data_rng.random() < 0.5 else "reverse" for _ in range(lookup_rehearsal)]
             )
-            text_inputs, text_labels = lookup_batch(processor, [exercise(d, data_rng) for d in directions])
-            loss = loss + model(**text_inputs, labels=text_labels).loss
+            clips_in_front = (
+                [videos[i % batch] for i in range(lookup_rehearsal)] if rehearse_after_clip else None
+            )
+            exercises = [exercise(d, data_rng) for d in directions]
+            lookup_inputs, lookup_labels = lookup_batch(processor, exercises, clips_in_front)
+            loss = loss + model(**lookup_inputs, labels=lookup_labels).loss
         clipped_step(loss, trainable, optimizer, schedule)
         return video_loss.item()
 
@@ -680,6 +700,9 @@ def recipe(result: dict) -> str:
     rehearsed = sum(run["steps"] for run in chain if run.get("lookup_rehearsal"))
     if rehearsed:
         details.append(f"{rehearsed} with lookup rehearsal")
+    after_clip = sum(run["steps"] for run in chain if run.get("rehearse_after_clip"))
+    if after_clip:
+        details.append(f"{after_clip} of them after a clip")
     digit_first = sum(run["steps"] for run in chain if run.get("choice_answers") == "reasoned")
     if digit_first:
         details.append(f"{digit_first} digit-first")
@@ -866,6 +889,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="letter",
         help='train the multiple-choice form answered with the letter, or digit first ("7; A. 3 B. 7 C. 1 D. 0; B")',
     )
+    run.add_argument(
+        "--rehearse-after-clip",
+        action="store_true",
+        help="ask each rehearsed exercise after one of the step's clips, not as text alone",
+    )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -956,6 +984,7 @@ def main(argv: list[str] | None = None) -> int:
                 one_per_square_steps=args.one_per_square_steps,
                 lookup_rehearsal=args.lookup_rehearsal,
                 choice_answers=args.choice_answers,
+                rehearse_after_clip=args.rehearse_after_clip,
             )  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)
