@@ -72,8 +72,9 @@ def reasoned_choice_answer(record: dict) -> str:
     clip, the options listed again, then the letter of the option that holds it. With the digit named
     before a list, finding its letter is the lookup this LLM learns (a listed digit can attend back to
     an equal digit before it: BENCHMARKS.md items 7 and 11); named after the list ("7 (B)") or read
-    through the cross-attention (item 10), it is not learnt. `extract_choice` reads the closing letter; no bracket or "Answer:" before it: with
-    either, the lookup was not learnt in 1500 text steps (BENCHMARKS.md item 11)."""
+    through the cross-attention (item 10), it is not learnt. The letter closes the answer bare, as
+    `extract_choice` reads it: with a bracket or "Answer:" before it the lookup was not learnt in 1500
+    text steps (BENCHMARKS.md item 11)."""
     listed = list(zip(LETTERS, record["options"]))
     return f"{reasoned_answer_start(record['answer_text'], listed)}{record['answer']}"
 

@@ -19,7 +19,7 @@ _ANSWER_PHRASE = re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:：]?
 _BRACKETED_LETTER = re.compile(r"[(\[]([A-Z])[)\]]")
 _LEADING_LETTER = re.compile(r"^([A-Z])(?:[.):]|$)")
 # "...; B", "..., so B." (a capital closing the response after a separator: the conclusion of a reasoned answer)
-_CLOSING_LETTER = re.compile(r"(?:[;,]|\bso)\s*([A-Z])\.?$")
+_CLOSING_LETTER = re.compile(r"(?:[;,]\s*|\bso\s+)([A-Z])\.?$")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
