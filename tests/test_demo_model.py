@@ -70,8 +70,8 @@ def test_eval_on_the_benchmark_form_answers_as_the_model_does(tmp_path):
     assert predicted["response"] == expected
 
 
-# Clips of a seed that no training run of the experiment drew from (training: seeds 0-400; test split: 0),
-# rendered by the generator and sent through an mp4 as `slowfast-vlm ask` would read them.
+# Clips of a seed the experiment never renders (`run.py prepare` renders every split from seed 0; a run's
+# data seed only orders those clips), sent through an mp4 as `slowfast-vlm ask` would read them.
 FRESH_SEED, FRESH_CLIPS = 7, 16
 
 
