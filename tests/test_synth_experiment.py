@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "experiments" / "synth"))
 import plan  # noqa: E402
 import run  # noqa: E402
 import scoring  # noqa: E402
-from benchmark import FPS, FRAMES, SIZE, exercise, one_per_square, without_digits  # noqa: E402
+from benchmark import FILLER_WORDS, FPS, FRAMES, SIZE, exercise, one_per_square, without_digits  # noqa: E402
 
 from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
 from slowfast_vlm.synth import CATEGORIES, CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
@@ -328,7 +328,7 @@ def test_rehearsal_after_a_clip_asks_each_exercise_after_one_of_the_steps_clips(
 
     monkeypatch.setattr(run, "training_batch", recording_batch)
     monkeypatch.setattr(run, "lookup_batch", recording_lookup_batch)
-    with pytest.raises(ValueError, match="needs lookup_rehearsal"):
+    with pytest.raises(ValueError, match="need lookup_rehearsal >= 1"):
         run.train("c", 0, 2, BATCH, 1e-3, Path("no-exercises"), Path("stage1"), rehearse_after_clip=True)
     run.train(
         "c", 0, 2, BATCH, 1e-3, Path("after-clip"), Path("stage1"),
@@ -350,6 +350,34 @@ def test_rehearsal_after_a_clip_asks_each_exercise_after_one_of_the_steps_clips(
     result = json.loads((workdir / "after-clip" / "result.json").read_text())
     assert result["rehearse_after_clip"] is True
     assert run.recipe(result) == "2 steps (2 with lookup rehearsal, 2 of them after a clip, 2 digit-first)"
+
+
+def test_rehearsed_exercises_start_with_a_preamble_when_asked(workdir, monkeypatch):
+    rehearsed = []
+    lookup_batch = run.lookup_batch
+
+    def recording_lookup_batch(processor, exercises, videos=None):
+        rehearsed.extend(exercises)
+        return lookup_batch(processor, exercises, videos)
+
+    monkeypatch.setattr(run, "lookup_batch", recording_lookup_batch)
+    with pytest.raises(ValueError, match="need lookup_rehearsal >= 1"):
+        run.train("c", 0, 2, BATCH, 1e-3, Path("no-exercises"), Path("stage1"), lookup_preamble=4)
+    run.train(
+        "c", 0, 2, BATCH, 1e-3, Path("preamble"), Path("stage1"),
+        lookup_rehearsal=3, choice_answers="reasoned", lookup_preamble=4,
+    )  # fmt: skip
+    assert len(rehearsed) == 6
+    for question, answer, _ in rehearsed:  # up to 4 filler words, a benchmark question, the exercise
+        filler, sentence, rest = question.split("\n", 2)
+        assert len(filler.split()) <= 4 and re.fullmatch(BENCHMARK_SENTENCE, sentence)
+        named, _, letter = re.fullmatch(r"(\d); (.*); ([A-D])", answer).groups()
+        assert parse_exercise(rest)[1][letter] == named
+    result = json.loads((workdir / "preamble" / "result.json").read_text())
+    assert result["lookup_preamble"] == 4
+    assert (
+        run.recipe(result) == "2 steps (2 with lookup rehearsal, 2 of them after a preamble, 2 digit-first)"
+    )
 
 
 def test_lookup_rehearsal_adds_text_only_exercises_and_logs_the_video_loss(workdir, monkeypatch):
@@ -701,6 +729,36 @@ def test_lookup_exercise_answers_from_its_own_list(direction, any_letters):
         else:
             assert digit is None and answer == listed[letter] and candidates == list(listed.values())
     assert (seen_letters == set("ABCD")) != any_letters  # random capitals: more than A-D over 50 lists
+
+
+BENCHMARK_SENTENCE = (
+    r"The (red|green|blue|orange|purple) square showed two digits near a wall\. "
+    r"Which digit did it show while (not )?touching the wall\?"
+)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward", "digit-first"])
+def test_a_preamble_puts_filler_words_and_a_benchmark_question_before_the_exercise(direction):
+    counts = set()
+    rng = np.random.default_rng(5)
+    for _ in range(80):
+        question, answer, _ = exercise(direction, rng, preamble_words=6)
+        filler, sentence, rest = question.split("\n", 2)
+        counts.add(len(filler.split()))
+        assert set(filler.split()) <= set(FILLER_WORDS) and re.fullmatch(BENCHMARK_SENTENCE, sentence)
+        digit, listed, letter = parse_exercise(rest)
+        # the rest is the exercise as without a preamble, answered from its own list
+        assert (
+            rest.startswith("Which option" if direction == "reverse" else "Options:\n") and len(listed) == 4
+        )
+        if direction == "digit-first":
+            named, _, named_letter = re.fullmatch(r"(\d); (.*); ([A-D])", answer).groups()
+            assert listed[named_letter] == named
+        elif direction == "reverse":
+            assert listed[answer] == digit
+        else:
+            assert answer == listed[letter]
+    assert counts == set(range(7))  # 0 to 6 filler words
 
 
 class LookupOracle(torch.nn.Module):

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from slowfast_vlm.synth import LETTERS, choice_question, open_question
+from slowfast_vlm.synth import COLOURS, LETTERS, choice_question, open_question, question_sentence
+from slowfast_vlm.synth_spec import CATEGORIES
 
 SIZE, FRAMES, FPS = 32, 64, 8  # every clip: 64 frames of 32 x 32 px at 8 fps
 
@@ -29,7 +30,7 @@ def conversation(questions: list[str], answers: list[str] | None = None, visual:
 
 
 def exercise(
-    direction: str, rng: np.random.Generator, any_letters: bool = False
+    direction: str, rng: np.random.Generator, any_letters: bool = False, preamble_words: int = 0
 ) -> tuple[str, str, list[str]]:
     """One question, its answer, and the 4 answers it is scored among (its letters, the option digits, or
     the 4 digit-first answers). The options are lettered A-D as in the benchmark or, with `any_letters`,
@@ -41,23 +42,43 @@ def exercise(
     digit-first  "Options: ...\nAnswer with an option's digit, then its letter." -> "7; A. 3 B. 7 ...; B",
                  the option drawn at random: the digit is a guess, the letter after the list the
                  lookup that the multiple-choice form answered digit first needs
-                 (`reasoned_choice_answer`)."""
+                 (`reasoned_choice_answer`).
+
+    With `preamble_words`, the question starts with a `preamble` of up to that many filler words."""
     options = [str(d) for d in rng.choice(10, len(LETTERS), replace=False)]
     letters = (
         [chr(65 + i) for i in rng.choice(26, len(LETTERS), replace=False)] if any_letters else list(LETTERS)
     )
     k = int(rng.integers(len(LETTERS)))
     listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
+    before = preamble(rng, preamble_words) if preamble_words else ""
     if direction == "forward":
-        return f"Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
+        return f"{before}Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
     if direction == "digit-first":
         start = reasoned_answer_start(options[k], list(zip(letters, options)))
-        question = f"Options:\n{listed}\nAnswer with an option's digit, then its letter."
+        question = f"{before}Options:\n{listed}\nAnswer with an option's digit, then its letter."
         return question, f"{start}{letters[k]}", [f"{start}{letter}" for letter in letters]
-    question = (
-        f"Which option is the digit {options[k]}?\nOptions:\n{listed}\nAnswer with the option's letter."
-    )
+    question = f"{before}Which option is the digit {options[k]}?\nOptions:\n{listed}\nAnswer with the option's letter."
     return question, letters[k], letters
+
+
+# words a preamble's filler is drawn from: digits, capitals and the benchmark question's words
+FILLER_WORDS = [
+    *"0123456789",
+    *LETTERS,
+    *COLOURS,
+    *question_sentence("red", CATEGORIES[0]).rstrip("?").split(),
+]
+
+
+def preamble(rng: np.random.Generator, max_words: int) -> str:
+    """Text put before an exercise: 0 to `max_words` filler words (`FILLER_WORDS`, uniform count) on one
+    line, then one of the benchmark's questions on the next. An LLM taught the lookup only with the option
+    list at the start of its turn loses it once anything comes first (5 filler words halve it; a clip's
+    fast tokens, or a question sentence, do too: BENCHMARKS.md item 11), as it does in the benchmark."""
+    filler = " ".join(rng.choice(FILLER_WORDS, int(rng.integers(max_words + 1))).tolist())
+    question = question_sentence(str(rng.choice(list(COLOURS))), str(rng.choice(CATEGORIES)))
+    return f"{filler}\n{question}\n"
 
 
 def text_chat(question: str, answer: str | None = None) -> list[dict]:

@@ -46,14 +46,16 @@ HELD_OUT_SEED = 1_000_003  # the test lists: a seed no training run draws from
 
 
 @torch.no_grad()
-def accuracy(model, processor, direction: str, count: int = 400, any_letters: bool = False) -> float:
+def accuracy(
+    model, processor, direction: str, count: int = 400, any_letters: bool = False, preamble_words: int = 0
+) -> float:
     """Share of `count` held-out exercises whose answer has the best logit among its 4 candidates: at the
     answer position, or after the candidates' shared start (digit-first: "7; A. 3 ...; ", then the letters)."""
     rng = np.random.default_rng(HELD_OUT_SEED)
     model.eval()
     hits = []
     for start in range(0, count, 50):
-        items = [exercise(direction, rng, any_letters) for _ in range(min(50, count - start))]
+        items = [exercise(direction, rng, any_letters, preamble_words) for _ in range(min(50, count - start))]
         shared = [os.path.commonprefix(candidates) for _, _, candidates in items]
         texts = [
             processor.apply_chat_template(text_chat(question), add_generation_prompt=True) + given
@@ -80,10 +82,12 @@ def train_lookup(
     any_letters: bool = False,
     eval_every: int = 500,
     stop_after: int | None = None,
+    preamble_words: int = 0,
 ) -> dict | None:
     """Train a fresh scratch LLM (or, given `init`, the model of an earlier run) on the exercise; its
     held-out accuracy every `eval_every` steps and at the end. None when stopped (`stop_after`, a signal)
-    with its checkpoint saved; the same call resumes it."""
+    with its checkpoint saved; the same call resumes it. With `preamble_words` every exercise, held-out
+    ones included, starts with a `benchmark.preamble` of up to that many filler words."""
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     torch.set_num_threads(1)
@@ -102,17 +106,19 @@ def train_lookup(
         settings["init"] = str(init)
     if any_letters:
         settings["any_letters"] = True
+    if preamble_words:
+        settings["preamble_words"] = preamble_words
     # kept beside the checkpoint, so that a resumed run keeps the points taken before it stopped
     curve_file = out / "accuracy_curve.json"
     curve = {int(k): v for k, v in json.loads(curve_file.read_text()).items()} if curve_file.exists() else {}
 
     def one_step(step: int) -> float:
         inputs, labels = lookup_batch(
-            processor, [exercise(direction, rng, any_letters) for _ in range(batch)]
+            processor, [exercise(direction, rng, any_letters, preamble_words) for _ in range(batch)]
         )
         loss_value = clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule)
         if (step + 1) % eval_every == 0:  # on the benchmark's letters A-D
-            curve[step + 1] = accuracy(model, processor, direction)
+            curve[step + 1] = accuracy(model, processor, direction, preamble_words=preamble_words)
             print(f"lookup {direction} step {step + 1}: held-out accuracy {curve[step + 1]:.3f}", flush=True)
             out.mkdir(parents=True, exist_ok=True)
             curve_file.write_text(json.dumps(curve))
@@ -139,7 +145,10 @@ def train_lookup(
     result = settings | {
         "final_loss": float(np.mean(log[-50:])),
         "chance_loss": chance_loss(processor, direction),
-        "held_out_accuracy": accuracy(model, processor, direction),  # A-D
+        "held_out_accuracy": accuracy(model, processor, direction, preamble_words=preamble_words),  # A-D
+        **(
+            {"held_out_accuracy_no_preamble": accuracy(model, processor, direction)} if preamble_words else {}
+        ),
         "accuracy_curve": curve,  # {step: held-out accuracy}, every `eval_every` steps
         **(
             {"held_out_accuracy_any_letters": accuracy(model, processor, direction, any_letters=True)}
@@ -191,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval-every", type=int, default=500, help="steps between held-out accuracies")
     parser.add_argument(
+        "--preamble-words",
+        type=int,
+        default=0,
+        help="start every exercise with up to this many filler words and a benchmark question",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help=f"default: {RUN_PREFIX}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]",
@@ -204,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if min(args.steps, args.batch, args.eval_every) < 1 or args.lr <= 0:
-        parser.error("--steps, --batch and --eval-every must be >= 1 and --lr > 0")
+    if min(args.steps, args.batch, args.eval_every) < 1 or args.lr <= 0 or args.preamble_words < 0:
+        parser.error("--steps, --batch and --eval-every must be >= 1, --lr > 0 and --preamble-words >= 0")
     if args.score:
         training = [
             f"--{k.replace('_', '-')}"
@@ -229,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         init=args.init,
         any_letters=args.any_letters,
         eval_every=args.eval_every,
+        preamble_words=args.preamble_words,
     )  # fmt: skip
     return 0
 

@@ -548,6 +548,7 @@ def train(
     lookup_rehearsal: int = 0,
     choice_answers: str = "letter",
     rehearse_after_clip: bool = False,
+    lookup_preamble: int = 0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -570,6 +571,8 @@ def train(
     all digit-first ones (the letter after a given digit). With `rehearse_after_clip` each exercise is
     asked after one of the step's clips (in turn), not as text alone: a lookup learnt in text alone is
     not used after a clip (BENCHMARKS.md item 11), so it is rehearsed in the context that needs it.
+    With `lookup_preamble` each exercise starts with a `benchmark.preamble` of up to that many filler
+    words: a lookup learnt only at the start of a turn is lost once anything comes first (item 11).
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -607,8 +610,10 @@ def train(
             f"single_event_steps + one_per_square_steps must be in [0, steps = {steps}), got "
             f"{single_event_steps} + {one_per_square_steps}"
         )
-    if rehearse_after_clip and lookup_rehearsal < 1:
-        raise ValueError("rehearse_after_clip needs lookup_rehearsal >= 1 exercises to rehearse")
+    if (rehearse_after_clip or lookup_preamble) and lookup_rehearsal < 1:
+        raise ValueError("rehearse_after_clip and lookup_preamble need lookup_rehearsal >= 1 exercises")
+    if lookup_preamble < 0:
+        raise ValueError(f"lookup_preamble must be >= 0 filler words, got {lookup_preamble}")
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
     settings |= {"stage1": str(stage1), "data_seed": data_seed, "single_event_steps": single_event_steps}
     # (absent when 0: the checkpoints of runs from before them still resume)
@@ -620,6 +625,8 @@ def train(
         settings["choice_answers"] = choice_answers
     if rehearse_after_clip:
         settings["rehearse_after_clip"] = True
+    if lookup_preamble:
+        settings["lookup_preamble"] = lookup_preamble
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -648,7 +655,7 @@ def train(
             clips_in_front = (
                 [videos[i % batch] for i in range(lookup_rehearsal)] if rehearse_after_clip else None
             )
-            exercises = [exercise(d, data_rng) for d in directions]
+            exercises = [exercise(d, data_rng, preamble_words=lookup_preamble) for d in directions]
             lookup_inputs, lookup_labels = lookup_batch(processor, exercises, clips_in_front)
             loss = loss + model(**lookup_inputs, labels=lookup_labels).loss
         clipped_step(loss, trainable, optimizer, schedule)
@@ -703,6 +710,9 @@ def recipe(result: dict) -> str:
     after_clip = sum(run["steps"] for run in chain if run.get("rehearse_after_clip"))
     if after_clip:
         details.append(f"{after_clip} of them after a clip")
+    preambled = sum(run["steps"] for run in chain if run.get("lookup_preamble"))
+    if preambled:
+        details.append(f"{preambled} of them after a preamble")
     digit_first = sum(run["steps"] for run in chain if run.get("choice_answers") == "reasoned")
     if digit_first:
         details.append(f"{digit_first} digit-first")
@@ -894,6 +904,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask each rehearsed exercise after one of the step's clips, not as text alone",
     )
+    run.add_argument(
+        "--lookup-preamble",
+        type=int,
+        default=0,
+        metavar="WORDS",
+        help="start each rehearsed exercise with up to this many filler words and a benchmark question",
+    )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -985,6 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
                 lookup_rehearsal=args.lookup_rehearsal,
                 choice_answers=args.choice_answers,
                 rehearse_after_clip=args.rehearse_after_clip,
+                lookup_preamble=args.lookup_preamble,
             )  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)

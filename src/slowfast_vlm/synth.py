@@ -126,7 +126,8 @@ def _object_track(
             return track
 
 
-def _question(colour: str, category: str) -> str:
+def question_sentence(colour: str, category: str) -> str:
+    """The question about one square's digit, without its options: "The red square showed ... wall?"."""
     condition = "touching" if category == "digit_touching_wall" else "not touching"
     return f"The {colour} square showed two digits near a wall. Which digit did it show while {condition} the wall?"
 
@@ -182,7 +183,7 @@ def generate_clip(
             frame, distractor = events[k] if c == 0 else events[k][::-1]
             x0, y0 = (tracks[k][frame] + offset).tolist()
             listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-            prompt = f"<video>\n{_question(colours[k], category)}\nOptions:\n{listed}\nAnswer with the option's letter."
+            prompt = f"<video>\n{question_sentence(colours[k], category)}\nOptions:\n{listed}\nAnswer with the option's letter."
             records.append(
                 {
                     "id": f"{clip_id}-q{len(records)}",
