@@ -751,9 +751,12 @@ def test_a_preamble_puts_filler_words_and_a_benchmark_question_before_the_exerci
         assert (
             rest.startswith("Which option" if direction == "reverse" else "Options:\n") and len(listed) == 4
         )
-        if direction == "digit-first":
+        if (
+            direction == "digit-first"
+        ):  # then the benchmark's multiple-choice question, as the benchmark closes it
             named, _, named_letter = re.fullmatch(r"(\d); (.*); ([A-D])", answer).groups()
-            assert listed[named_letter] == named
+            assert listed[named_letter] == named and rest.endswith("\nAnswer with the option's letter.")
+            assert exercise(direction, rng)[0].endswith("\nAnswer with an option's digit, then its letter.")
         elif direction == "reverse":
             assert listed[answer] == digit
         else:

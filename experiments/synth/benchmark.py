@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from slowfast_vlm.synth import COLOURS, LETTERS, choice_question, open_question, question_sentence
+from slowfast_vlm.synth import (
+    CHOICE_INSTRUCTION,
+    COLOURS,
+    LETTERS,
+    choice_question,
+    open_question,
+    question_sentence,
+)
 from slowfast_vlm.synth_spec import CATEGORIES
 
 SIZE, FRAMES, FPS = 32, 64, 8  # every clip: 64 frames of 32 x 32 px at 8 fps
@@ -44,7 +51,10 @@ def exercise(
                  lookup that the multiple-choice form answered digit first needs
                  (`reasoned_choice_answer`).
 
-    With `preamble_words`, the question starts with a `preamble` of up to that many filler words."""
+    With `preamble_words`, the question starts with a `preamble` of up to that many filler words and a
+    benchmark question; a digit-first one then closes with the benchmark's `CHOICE_INSTRUCTION`, so that
+    it is the multiple-choice question in text (a lookup learnt under the exercise's own instruction is
+    not used under the benchmark's: BENCHMARKS.md item 11)."""
     options = [str(d) for d in rng.choice(10, len(LETTERS), replace=False)]
     letters = (
         [chr(65 + i) for i in rng.choice(26, len(LETTERS), replace=False)] if any_letters else list(LETTERS)
@@ -56,9 +66,12 @@ def exercise(
         return f"{before}Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
     if direction == "digit-first":
         start = reasoned_answer_start(options[k], list(zip(letters, options)))
-        question = f"{before}Options:\n{listed}\nAnswer with an option's digit, then its letter."
+        instruction = (
+            CHOICE_INSTRUCTION if preamble_words else "Answer with an option's digit, then its letter."
+        )
+        question = f"{before}Options:\n{listed}\n{instruction}"
         return question, f"{start}{letters[k]}", [f"{start}{letter}" for letter in letters]
-    question = f"{before}Which option is the digit {options[k]}?\nOptions:\n{listed}\nAnswer with the option's letter."
+    question = f"{before}Which option is the digit {options[k]}?\nOptions:\n{listed}\n{CHOICE_INSTRUCTION}"
     return question, letters[k], letters
 
 

@@ -32,6 +32,7 @@ COLOURS = {
     "orange": (220, 120, 20),
     "purple": (160, 60, 200),
 }  # luma 88-138: white digits (luma 255) stay the only bright pixels
+CHOICE_INSTRUCTION = "Answer with the option's letter."  # closes every multiple-choice question
 INK_LUMA = 170  # a pixel brighter than this is digit ink
 CRF = 12  # h264 quality: the digits survive compression with no lost ink pixel
 FONT_5X7 = {
@@ -183,7 +184,7 @@ def generate_clip(
             frame, distractor = events[k] if c == 0 else events[k][::-1]
             x0, y0 = (tracks[k][frame] + offset).tolist()
             listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-            prompt = f"<video>\n{question_sentence(colours[k], category)}\nOptions:\n{listed}\nAnswer with the option's letter."
+            prompt = f"<video>\n{question_sentence(colours[k], category)}\nOptions:\n{listed}\n{CHOICE_INSTRUCTION}"
             records.append(
                 {
                     "id": f"{clip_id}-q{len(records)}",
