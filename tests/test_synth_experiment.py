@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments" / "synth"))
 
+import benchmark  # noqa: E402
 import plan  # noqa: E402
 import run  # noqa: E402
 import scoring  # noqa: E402
-from benchmark import FILLER_WORDS, FPS, FRAMES, SIZE, exercise, one_per_square, without_digits  # noqa: E402
+from benchmark import FILLER_WORDS, FPS, FRAMES, SIZE, exercise, one_per_square, question_cue, without_digits  # noqa: E402
 
 from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
 from slowfast_vlm.synth import CATEGORIES, CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
@@ -352,29 +353,40 @@ def test_rehearsal_after_a_clip_asks_each_exercise_after_one_of_the_steps_clips(
     assert run.recipe(result) == "2 steps (2 with lookup rehearsal, 2 of them after a clip, 2 digit-first)"
 
 
-def test_rehearsed_exercises_start_with_a_preamble_when_asked(workdir, monkeypatch):
-    rehearsed = []
-    lookup_batch = run.lookup_batch
+def test_rehearsed_exercises_start_with_a_preamble_and_a_cued_run_answers_cued(workdir, monkeypatch):
+    rehearsed, trained_answers = [], []
+    lookup_batch, training_batch = run.lookup_batch, run.training_batch
+
+    def recording_batch(processor, conversations, videos, rng, choice_answers):
+        inputs, labels = training_batch(processor, conversations, videos, rng, choice_answers)
+        trained_answers.extend(processor.tokenizer.decode(row[row != -100]) for row in labels)
+        return inputs, labels
 
     def recording_lookup_batch(processor, exercises, videos=None):
         rehearsed.extend(exercises)
         return lookup_batch(processor, exercises, videos)
 
     monkeypatch.setattr(run, "lookup_batch", recording_lookup_batch)
+    monkeypatch.setattr(run, "training_batch", recording_batch)
     with pytest.raises(ValueError, match="need lookup_rehearsal >= 1"):
         run.train("c", 0, 2, BATCH, 1e-3, Path("no-exercises"), Path("stage1"), lookup_preamble=4)
     run.train(
         "c", 0, 2, BATCH, 1e-3, Path("preamble"), Path("stage1"),
-        lookup_rehearsal=3, choice_answers="reasoned", lookup_preamble=4,
+        lookup_rehearsal=3, choice_answers="cued", lookup_preamble=4,
     )  # fmt: skip
     assert len(rehearsed) == 6
     for question, answer, _ in rehearsed:  # up to 4 filler words, a benchmark question, the exercise
         filler, sentence, rest = question.split("\n", 2)
         assert len(filler.split()) <= 4 and re.fullmatch(BENCHMARK_SENTENCE, sentence)
-        named, _, letter = re.fullmatch(r"(\d); (.*); ([A-D])", answer).groups()
+        # answered cued, as the run's multiple-choice turns are: "green, touching: 7; A. 3 ...; B"
+        named, _, letter = re.fullmatch(
+            r"(\d); (.*); ([A-D])", answer.removeprefix(question_cue(sentence))
+        ).groups()
         assert parse_exercise(rest)[1][letter] == named
+    cued_turn = r"[a-z]+, (not )?touching: \d; A\. \d B\. \d C\. \d D\. \d; [A-D]<\|im_end\|>"
+    assert any(re.search(cued_turn, answers) for answers in trained_answers)
     result = json.loads((workdir / "preamble" / "result.json").read_text())
-    assert result["lookup_preamble"] == 4
+    assert result["lookup_preamble"] == 4 and 0 <= result["reasoned_digit_accuracy"] <= 1
     assert (
         run.recipe(result) == "2 steps (2 with lookup rehearsal, 2 of them after a preamble, 2 digit-first)"
     )
@@ -461,10 +473,48 @@ class ReasonedOracle(torch.nn.Module):
         logits[..., self.tokenizer.convert_tokens_to_ids("A")] = 1.0
         for b, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             text = self.tokenizer.decode(ids[mask.bool()])
-            named = re.fullmatch(r"(?s).*assistant\n(\d); A\. \d B\. \d C\. \d D\. \d; ", text)[1]
-            letter = re.search(rf"^([A-D])\. {named}$", text, re.M)[1]
-            logits[b, int(mask.sum()) - 1, self.tokenizer.convert_tokens_to_ids(letter)] = 2.0
+            started = re.fullmatch(
+                r"(?s).*assistant\n(?:\w+, [a-z ]+: )?(\d); A\. \d B\. \d C\. \d D\. \d; ", text
+            )
+            if started:  # (a digit that no option holds leaves "A")
+                if listed := re.search(rf"^([A-D])\. {started[1]}$", text, re.M):
+                    logits[b, int(mask.sum()) - 1, self.tokenizer.convert_tokens_to_ids(listed[1])] = 2.0
+            else:
+                self.first_token(text, logits[b, int(mask.sum()) - 1])
         return type("Output", (), {"logits": logits})
+
+    def first_token(self, text: str, row: torch.Tensor) -> None:
+        """Logits `(vocab,)` of an answer's first token after `text` (none here: "A" stays best)."""
+
+
+class CuedOracle(ReasonedOracle):
+    """A `ReasonedOracle` that names, right after a multiple-choice prompt followed by its `question_cue`,
+    the record's answer digit, and right after one without the cue digit 9 (never an answer here)."""
+
+    def __init__(self, tokenizer, records):
+        super().__init__(tokenizer)
+        self.config = type("Config", (), {"hybrid_layer_indices": []})
+        self.model = type("Inner", (), {"visual_grid": staticmethod(lambda frames: (2, 2))})
+        self.answers = {choice_question(r): r["answer_text"] for r in records}
+
+    def first_token(self, text, row):
+        question = next((q for q in self.answers if q in text), None)
+        if question is None:  # an open-form prompt
+            return
+        cue = question_cue(question.split("\n")[0])
+        row[self.tokenizer.convert_tokens_to_ids(self.answers[question] if text.endswith(cue) else "9")] = 3.0
+
+
+def test_cued_scoring_reads_the_digit_after_the_cue_and_the_letter_after_the_list():
+    frames, records = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)
+    records = [r for r in records if "9" not in r["options"]]
+    texts = [choice_question(r) for r in records] + [*"0123456789"]
+    _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1])
+    oracle = CuedOracle(processor.tokenizer, records)
+    cued = scoring.score_clip(oracle, processor, frames, records, cued=True)
+    assert all(r["reasoned_digit"] and r["reasoned_choice"] for r in cued) and cued
+    plain = scoring.score_clip(oracle, processor, frames, records)  # digit read at the answer's start: 9
+    assert all(not r["reasoned_digit"] and r["reasoned_lookup"] is None for r in plain)
 
 
 def test_reasoned_letters_read_the_position_after_the_models_own_digit():
@@ -762,6 +812,25 @@ def test_a_preamble_puts_filler_words_and_a_benchmark_question_before_the_exerci
         else:
             assert answer == listed[letter]
     assert counts == set(range(7))  # 0 to 6 filler words
+
+
+def test_cued_answers_restate_the_square_and_the_wall_condition_asked_about():
+    # the colour is read from the question text, the condition from the record's category
+    for record in generate_clip(0, 0, "test", FRAMES, SIZE, FPS)[1]:
+        colour = re.search(r"The (\w+) square", record["conversations"][0]["value"])[1]
+        condition = "touching" if record["category"] == CATEGORIES[0] else "not touching"
+        listed = " ".join(f"{k}. {v}" for k, v in zip("ABCD", record["options"]))
+        expected = f"{colour}, {condition}: {record['answer_text']}; {listed}; {record['answer']}"
+        assert benchmark.cued_choice_answer(record) == expected
+    with pytest.raises(ValueError, match="not a benchmark question"):
+        question_cue("Which digit is option B?")
+    rng = np.random.default_rng(2)
+    for _ in range(20):  # an exercise's cue restates its preamble's question; without a preamble, none
+        question, answer, candidates = exercise("digit-first", rng, preamble_words=3, cued=True)
+        colour, negation = re.search(r"The (\w+) square .* while (not )?touching", question).groups()
+        cue = f"{colour}, {negation or ''}touching: "
+        assert answer.startswith(cue) and all(c.startswith(cue) for c in candidates)
+        assert re.fullmatch(r"\d; .*; [A-D]", exercise("digit-first", rng, cued=True)[1])
 
 
 class LookupOracle(torch.nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,7 +38,11 @@ def conversation(questions: list[str], answers: list[str] | None = None, visual:
 
 
 def exercise(
-    direction: str, rng: np.random.Generator, any_letters: bool = False, preamble_words: int = 0
+    direction: str,
+    rng: np.random.Generator,
+    any_letters: bool = False,
+    preamble_words: int = 0,
+    cued: bool = False,
 ) -> tuple[str, str, list[str]]:
     """One question, its answer, and the 4 answers it is scored among (its letters, the option digits, or
     the 4 digit-first answers). The options are lettered A-D as in the benchmark or, with `any_letters`,
@@ -54,7 +59,8 @@ def exercise(
     With `preamble_words`, the question starts with a `preamble` of up to that many filler words and a
     benchmark question; a digit-first one then closes with the benchmark's `CHOICE_INSTRUCTION`, so that
     it is the multiple-choice question in text (a lookup learnt under the exercise's own instruction is
-    not used under the benchmark's: BENCHMARKS.md item 11)."""
+    not used under the benchmark's: BENCHMARKS.md item 11) and, `cued`, its answer starts with the
+    `question_cue` of the preamble's question, as `cued_choice_answer` does."""
     options = [str(d) for d in rng.choice(10, len(LETTERS), replace=False)]
     letters = (
         [chr(65 + i) for i in rng.choice(26, len(LETTERS), replace=False)] if any_letters else list(LETTERS)
@@ -65,7 +71,8 @@ def exercise(
     if direction == "forward":
         return f"{before}Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
     if direction == "digit-first":
-        start = reasoned_answer_start(options[k], list(zip(letters, options)))
+        cue = question_cue(before.splitlines()[1]) if cued and before else ""
+        start = reasoned_answer_start(options[k], list(zip(letters, options)), cue)
         instruction = (
             CHOICE_INSTRUCTION if preamble_words else "Answer with an option's digit, then its letter."
         )
@@ -113,15 +120,35 @@ def reasoned_choice_answer(record: dict) -> str:
     return f"{reasoned_answer_start(record['answer_text'], listed)}{record['answer']}"
 
 
-def reasoned_answer_start(digit: str, listed: list[tuple[str, str]]) -> str:
+def reasoned_answer_start(digit: str, listed: list[tuple[str, str]], cue: str = "") -> str:
     """A digit-first answer up to its letter, "7; A. 3 B. 7 C. 1 D. 0; ", from the digit named and the
-    (letter, option) pairs listed."""
+    (letter, option) pairs listed, after the `question_cue` if one is given."""
     options = " ".join(f"{letter}. {option}" for letter, option in listed)
-    return f"{digit}; {options}; "
+    return f"{cue}{digit}; {options}; "
+
+
+def question_cue(sentence: str) -> str:
+    """What a benchmark question asks about, restated: "green, touching: " or "green, not touching: "."""
+    found = re.fullmatch(r"The (\w+) square .* while (touching|not touching) the wall\?", sentence)
+    if found is None:
+        raise ValueError(f"not a benchmark question: {sentence!r}")
+    return f"{found[1]}, {found[2]}: "
+
+
+def cued_choice_answer(record: dict) -> str:
+    """`reasoned_choice_answer` after a restated `question_cue`: "green, touching: 7; A. 3 ... D. 0; B".
+    With the option list between the question and the answer the digit is read at chance among the
+    options (25 of 96), where the open form reads 38 of 96 (BENCHMARKS.md item 11); restating the
+    square and the wall condition puts what the answer asks about next to the digit."""
+    return question_cue(question_words(record)) + reasoned_choice_answer(record)
 
 
 # how a multiple-choice question is answered in training: the letter alone, or the digit and then the letter
-CHOICE_ANSWERS = {"letter": FORMS["choice"][1], "reasoned": reasoned_choice_answer}
+CHOICE_ANSWERS = {
+    "letter": FORMS["choice"][1],
+    "reasoned": reasoned_choice_answer,
+    "cued": cued_choice_answer,
+}
 
 
 def mixed_turn(record: dict, rng: np.random.Generator, choice_answers: str = "letter") -> tuple[str, str]:

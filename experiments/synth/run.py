@@ -568,7 +568,8 @@ def train(
 
     `choice_answers` "reasoned" trains the multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; B"
     (`benchmark.reasoned_choice_answer`), instead of the letter alone; its rehearsed exercises are then
-    all digit-first ones (the letter after a given digit). With `rehearse_after_clip` each exercise is
+    all digit-first ones (the letter after a given digit); "cued" answers "green, touching: 7; A. 3 ...; B"
+    (`benchmark.cued_choice_answer`), its exercises cued alike. With `rehearse_after_clip` each exercise is
     asked after one of the step's clips (in turn), not as text alone: a lookup learnt in text alone is
     not used after a clip (BENCHMARKS.md item 11), so it is rehearsed in the context that needs it.
     With `lookup_preamble` each exercise starts with a `benchmark.preamble` of up to that many filler
@@ -649,13 +650,16 @@ def train(
         if lookup_rehearsal:
             directions = (
                 ["digit-first"] * lookup_rehearsal  # the lookup digit-first answers need
-                if choice_answers == "reasoned"
+                if choice_answers in ("reasoned", "cued")
                 else ["forward" if data_rng.random() < 0.5 else "reverse" for _ in range(lookup_rehearsal)]
             )
             clips_in_front = (
                 [videos[i % batch] for i in range(lookup_rehearsal)] if rehearse_after_clip else None
             )
-            exercises = [exercise(d, data_rng, preamble_words=lookup_preamble) for d in directions]
+            exercises = [
+                exercise(d, data_rng, preamble_words=lookup_preamble, cued=choice_answers == "cued")
+                for d in directions
+            ]
             lookup_inputs, lookup_labels = lookup_batch(processor, exercises, clips_in_front)
             loss = loss + model(**lookup_inputs, labels=lookup_labels).loss
         clipped_step(loss, trainable, optimizer, schedule)
@@ -678,7 +682,7 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
         **prefill_flops(model, processor, name),
-        **test_accuracy(model, processor, DATA, read_clips("test")),
+        **test_accuracy(model, processor, DATA, read_clips("test"), cued=choice_answers == "cued"),
     }
     return finished(out, result)
 
@@ -713,7 +717,7 @@ def recipe(result: dict) -> str:
     preambled = sum(run["steps"] for run in chain if run.get("lookup_preamble"))
     if preambled:
         details.append(f"{preambled} of them after a preamble")
-    digit_first = sum(run["steps"] for run in chain if run.get("choice_answers") == "reasoned")
+    digit_first = sum(run["steps"] for run in chain if run.get("choice_answers") in ("reasoned", "cued"))
     if digit_first:
         details.append(f"{digit_first} digit-first")
     return f"{steps} steps" + (f" ({', '.join(details)})" if details else "")
@@ -784,6 +788,13 @@ def summarize(runs_dir: Path = RUNS) -> str:
     return "\n".join(rows + [""] + [f"Verdict at {line}" for line in verdict(groups)])
 
 
+def answers_of(run_dir: Path) -> str:
+    """How a stage-2 run answered the multiple-choice form (`CHOICE_ANSWERS`; "letter" when it has no
+    `result.json`, as the shipped demo model has not)."""
+    result = run_dir / "result.json"
+    return json.loads(result.read_text()).get("choice_answers", "letter") if result.exists() else "letter"
+
+
 def ship(run_dir: Path, seed: int = 7, clips: int = 20) -> None:
     """Save a trained model in bfloat16 as the package's demo model, with the first test question it
     answers correctly in both forms through `slowfast-vlm ask`'s code path while its question-restricted
@@ -796,14 +807,14 @@ def ship(run_dir: Path, seed: int = 7, clips: int = 20) -> None:
         SlowFastForConditionalGeneration.from_pretrained(run_dir, dtype=torch.bfloat16).save_pretrained(tmp)
         SlowFastProcessor.from_pretrained(run_dir).save_pretrained(tmp)
         model, processor = load_model(tmp, "cpu", "float32")  # as `ask` loads it
-        choice_answers = json.loads((run_dir / "result.json").read_text()).get("choice_answers", "letter")
+        choice_answers = answers_of(run_dir)
         record = demo_question(model, processor, DATA, read_clips("test"), choice_answers)
         if record is None:
             raise RuntimeError(f"{run_dir} answers no test question in both forms while looking at its digit")
         shutil.copytree(tmp, DEMO_MODEL_DIR, dirs_exist_ok=True)
     shutil.copyfile(DATA / record["video"], DEMO_CLIP)
     DEMO_CLIP.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    findings = score(DEMO_MODEL_DIR, seed, clips)
+    findings = score(DEMO_MODEL_DIR, seed, clips, cued=choice_answers == "cued")
     DEMO_CLIP.with_suffix(".findings.json").write_text(json.dumps(findings, indent=2) + "\n")
     print(f"shipped {run_dir} with {record['id']}: {open_question(record)!r} -> {record['answer_text']}")
     print(json.dumps(findings), flush=True)
@@ -962,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "probe":
         probe(args.checkpoint)
     elif args.command == "score":
-        report = score(args.checkpoint, args.seed, args.clips)
+        report = score(args.checkpoint, args.seed, args.clips, cued=answers_of(args.checkpoint) == "cued")
         (args.checkpoint / f"score-seed{args.seed}.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report), flush=True)
     elif args.command == "ship":

@@ -16,6 +16,7 @@ from benchmark import (
     FRAMES,
     SIZE,
     conversation,
+    question_cue,
     question_words,
     reasoned_answer_start,
     without_digits,
@@ -56,14 +57,15 @@ def token_ids(tokenizer, symbols: str) -> list[int]:
 
 
 @torch.no_grad()
-def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[dict]:
+def score_clip(model, processor, frames: np.ndarray, clip: list[dict], cued: bool = False) -> list[dict]:
     """Per question of a clip (`frames` `(T, H, W, 3)` as the model samples them): is it answered in the
     open and in the multiple-choice form (the best option at the answer position), and in the
     multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; B" (`reasoned_*`: the best of
     the 10 digits at the answer position, then the best letter after "<that digit>; <the options>; "),
     and, for a slow-fast model, does the cross-attention peak on the asked-about digit's frame, averaged
     over every query token of the open-form prompt (`peak_all`) and over the question's own words only
-    (`peak_question`)."""
+    (`peak_question`). `cued`: the digit-first answer starts with the `question_cue`
+    (`benchmark.cued_choice_answer`), its digit read after it."""
     has_slow = bool(model.config.hybrid_layer_indices)
     prompts = {
         form: [
@@ -77,6 +79,10 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
         texts += [
             cut for prompt, record in zip(prompts["open"], clip) for cut in question_prefixes(prompt, record)
         ]
+    cues = [question_cue(question_words(record)) if cued else "" for record in clip]
+    digit_rows = range(len(texts), len(texts) + len(clip)) if cued else range(len(clip), 2 * len(clip))
+    if cued:  # each multiple-choice prompt followed by its cue: where the digit is named
+        texts += [prompt + cue for prompt, cue in zip(prompts["choice"], cues)]
     inputs = processor(
         text=texts, videos=[frames] * len(texts), padding=True, padding_side="right", return_tensors="pt"
     )
@@ -85,8 +91,11 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict]) -> list[d
     scores = outputs.logits[torch.arange(len(texts)), lengths - 1]  # (rows, vocab): the answer position
     digits, letters = token_ids(processor.tokenizer, "0123456789"), token_ids(processor.tokenizer, LETTERS)
     grid = (len(frames), *model.model.visual_grid(len(frames)))
-    named = [str(int(scores[len(clip) + b, digits].argmax())) for b in range(len(clip))]
-    starts = [reasoned_answer_start(digit, list(zip(LETTERS, r["options"]))) for digit, r in zip(named, clip)]
+    named = [str(int(scores[row, digits].argmax())) for row in digit_rows]
+    starts = [
+        reasoned_answer_start(digit, list(zip(LETTERS, r["options"])), cue)
+        for digit, r, cue in zip(named, clip, cues)
+    ]
     reasoned = reasoned_letters(model, processor, frames, prompts["choice"], starts)
     results = []
     for b, record in enumerate(clip):
@@ -166,14 +175,15 @@ def accuracy_report(results: list[dict]) -> dict:
     return report
 
 
-def test_accuracy(model, processor, data: Path, clips: list[list[dict]]) -> dict:
-    """`accuracy_report` on test clips, each decoded from its mp4 with the model's own sampling (as `ask` does)."""
+def test_accuracy(model, processor, data: Path, clips: list[list[dict]], cued: bool = False) -> dict:
+    """`accuracy_report` on test clips, each decoded from its mp4 with the model's own sampling (as `ask`
+    does); `cued` as `score_clip`."""
     was_training = model.training
     model.eval()
     results = []
     for clip in clips:
         frames, _ = load_video(data / clip[0]["video"], **processor.sampling_defaults())
-        results += score_clip(model, processor, frames, clip)
+        results += score_clip(model, processor, frames, clip, cued)
     model.train(was_training)
     return accuracy_report(results)
 
@@ -203,14 +213,15 @@ def no_digit_answers(model, processor, seed: int) -> dict:
     return findings
 
 
-def score(checkpoint: Path, seed: int = 7, clips: int = 20) -> dict:
+def score(checkpoint: Path, seed: int = 7, clips: int = 20, cued: bool = False) -> dict:
     """A checkpoint on `clips` clips of a fresh synthetic seed (rendered, through the mp4 round trip):
-    `accuracy_report`, and its answers about clips without any digit (`no_digit_answers`)."""
+    `accuracy_report` (`cued` as `score_clip`), and its answers about clips without any digit
+    (`no_digit_answers`)."""
     model, processor = load_model(checkpoint, "cpu", "float32")
     results = []
     for index in range(clips):
         rendered, records = generate_clip(index, seed, "test", FRAMES, SIZE, FPS)
-        results += score_clip(model, processor, round_trip(rendered, processor), records)
+        results += score_clip(model, processor, round_trip(rendered, processor), records, cued)
     report = {"checkpoint": str(checkpoint), "seed": seed, "clips": clips, **accuracy_report(results)}
     return report | {"no_digit": no_digit_answers(model, processor, seed)}
 
