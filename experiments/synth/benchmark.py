@@ -139,11 +139,13 @@ def cued_choice_answer(record: dict) -> str:
     """`reasoned_choice_answer` after a restated `question_cue`: "green, touching: 7; A. 3 ... D. 0; B".
     With the option list between the question and the answer the digit is read at chance among the
     options (25 of 96), where the open form reads 38 of 96 (BENCHMARKS.md item 11); restating the
-    square and the wall condition puts what the answer asks about next to the digit."""
+    square and the wall condition puts what the answer asks about next to the digit. (Its 700-step run
+    did not read better in this form, and the cue undid the letter lookup learnt after "7; ": item 11.)"""
     return question_cue(question_words(record)) + reasoned_choice_answer(record)
 
 
-# how a multiple-choice question is answered in training: the letter alone, or the digit and then the letter
+# how a multiple-choice question is answered in training: the letter alone, the digit and then the letter,
+# or that after the question's cue
 CHOICE_ANSWERS = {
     "letter": FORMS["choice"][1],
     "reasoned": reasoned_choice_answer,

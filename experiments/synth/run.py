@@ -908,7 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--choice-answers",
         choices=sorted(CHOICE_ANSWERS),
         default="letter",
-        help='train the multiple-choice form answered with the letter, or digit first ("7; A. 3 B. 7 C. 1 D. 0; B")',
+        help='train the multiple-choice form answered with the letter, digit first ("7; A. 3 B. 7 C. 1 D. 0; B"), '
+        'or digit first after the question\'s cue ("green, touching: 7; ...; B")',
     )
     run.add_argument(
         "--rehearse-after-clip",
