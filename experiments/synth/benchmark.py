@@ -151,6 +151,7 @@ CHOICE_ANSWERS = {
     "reasoned": reasoned_choice_answer,
     "cued": cued_choice_answer,
 }
+DIGIT_FIRST_ANSWERS = ("reasoned", "cued")  # the forms whose letter is a lookup of a digit named first
 
 
 def mixed_turn(record: dict, rng: np.random.Generator, choice_answers: str = "letter") -> tuple[str, str]:

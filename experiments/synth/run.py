@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from benchmark import (
     CHOICE_ANSWERS,
+    DIGIT_FIRST_ANSWERS,
     FPS,
     FRAMES,
     SIZE,
@@ -650,7 +651,7 @@ def train(
         if lookup_rehearsal:
             directions = (
                 ["digit-first"] * lookup_rehearsal  # the lookup digit-first answers need
-                if choice_answers in ("reasoned", "cued")
+                if choice_answers in DIGIT_FIRST_ANSWERS
                 else ["forward" if data_rng.random() < 0.5 else "reverse" for _ in range(lookup_rehearsal)]
             )
             clips_in_front = (
@@ -717,7 +718,7 @@ def recipe(result: dict) -> str:
     preambled = sum(run["steps"] for run in chain if run.get("lookup_preamble"))
     if preambled:
         details.append(f"{preambled} of them after a preamble")
-    digit_first = sum(run["steps"] for run in chain if run.get("choice_answers") in ("reasoned", "cued"))
+    digit_first = sum(run["steps"] for run in chain if run.get("choice_answers") in DIGIT_FIRST_ANSWERS)
     if digit_first:
         details.append(f"{digit_first} digit-first")
     return f"{steps} steps" + (f" ({', '.join(details)})" if details else "")
