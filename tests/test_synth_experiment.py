@@ -246,9 +246,9 @@ def test_warm_up_steps_come_first_with_their_questions_and_digits(workdir, monke
     calls = []
     training_batch = run.training_batch
 
-    def recording_batch(processor, conversations, videos, rng, choice_answers):
+    def recording_batch(processor, conversations, videos, rng, *options):
         calls.append((conversations, videos))
-        return training_batch(processor, conversations, videos, rng, choice_answers)
+        return training_batch(processor, conversations, videos, rng, *options)
 
     monkeypatch.setattr(run, "training_batch", recording_batch)
     run.train("c", 0, 4, BATCH, 1e-3, Path("single-event"), Path("stage1"), None, 50, None, 2, 1)
@@ -273,8 +273,8 @@ def test_digit_first_answers_are_trained_and_named_in_the_recipe(workdir, monkey
     trained_answers = []
     training_batch = run.training_batch
 
-    def recording_batch(processor, conversations, videos, rng, choice_answers):
-        inputs, labels = training_batch(processor, conversations, videos, rng, choice_answers)
+    def recording_batch(processor, conversations, videos, rng, *options):
+        inputs, labels = training_batch(processor, conversations, videos, rng, *options)
         trained_answers.extend(processor.tokenizer.decode(row[row != -100]) for row in labels)
         return inputs, labels
 
@@ -318,9 +318,9 @@ def test_rehearsal_after_a_clip_asks_each_exercise_after_one_of_the_steps_clips(
     step_videos, rehearsal_calls = [], []
     training_batch, lookup_batch = run.training_batch, run.lookup_batch
 
-    def recording_batch(processor, conversations, videos, rng, choice_answers):
+    def recording_batch(processor, conversations, videos, rng, *options):
         step_videos.append(videos)
-        return training_batch(processor, conversations, videos, rng, choice_answers)
+        return training_batch(processor, conversations, videos, rng, *options)
 
     def recording_lookup_batch(processor, exercises, videos=None):
         inputs, labels = lookup_batch(processor, exercises, videos)
@@ -357,8 +357,8 @@ def test_rehearsed_exercises_start_with_a_preamble_and_a_cued_run_answers_cued(w
     rehearsed, trained_answers = [], []
     lookup_batch, training_batch = run.lookup_batch, run.training_batch
 
-    def recording_batch(processor, conversations, videos, rng, choice_answers):
-        inputs, labels = training_batch(processor, conversations, videos, rng, choice_answers)
+    def recording_batch(processor, conversations, videos, rng, *options):
+        inputs, labels = training_batch(processor, conversations, videos, rng, *options)
         trained_answers.extend(processor.tokenizer.decode(row[row != -100]) for row in labels)
         return inputs, labels
 
@@ -390,6 +390,55 @@ def test_rehearsed_exercises_start_with_a_preamble_and_a_cued_run_answers_cued(w
     assert (
         run.recipe(result) == "2 steps (2 with lookup rehearsal, 2 of them after a preamble, 2 digit-first)"
     )
+
+
+def test_listed_open_questions_list_random_digits_before_the_open_instruction():
+    _, records = generate_clip(0, 0, "train", FRAMES, SIZE, FPS)
+    rng = np.random.default_rng(3)
+    counts, answer_listed_of_four, fours = [], 0, 0
+    for i in range(2000):
+        record = records[i % len(records)]
+        question = benchmark.listed_open_question(record, rng, 4)
+        sentence = open_question(record).split("\n")[0]
+        listed = re.fullmatch(
+            re.escape(sentence) + r"\n(?:Options:\n((?:[A-D]\. \d\n)+))?Answer with the digit\.", question
+        )[1]
+        lines = listed.splitlines() if listed else []
+        letters, digits = [line[0] for line in lines], [line[3] for line in lines]
+        assert letters == list("ABCD")[: len(lines)] and len(set(digits)) == len(digits)
+        counts.append(len(lines))
+        if len(lines) == 4:
+            fours += 1
+            answer_listed_of_four += record["answer_text"] in digits
+    # 0 to 4 digits, each count about 1/5 of the time; 4 random digits of 10 hold the answer 2 times in 5,
+    # not always as in the multiple-choice form (so naming a listed digit earns nothing)
+    assert set(counts) == set(range(5)) and all(300 <= counts.count(k) <= 500 for k in range(5))
+    assert abs(answer_listed_of_four / fours - 0.4) < 0.08
+
+
+def test_a_listed_open_run_lists_digits_in_its_open_turns_only(workdir, monkeypatch):
+    texts = []
+    training_batch = run.training_batch
+
+    def recording_batch(processor, conversations, videos, rng, *options):
+        inputs, labels = training_batch(processor, conversations, videos, rng, *options)
+        texts.extend(processor.tokenizer.batch_decode(inputs["input_ids"]))
+        return inputs, labels
+
+    monkeypatch.setattr(run, "training_batch", recording_batch)
+    with pytest.raises(ValueError, match="listed_open must be in \\[0, 4\\]"):
+        run.train("c", 0, 2, BATCH, 1e-3, Path("five"), Path("stage1"), listed_open=5)
+    run.train("c", 0, 2, BATCH, 1e-3, Path("listed"), Path("stage1"), listed_open=2)
+    turns = [t for text in texts for t in re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, re.S)]
+    open_turns = [t for t in turns if t.endswith("Answer with the digit.")]
+    listed = [t for t in open_turns if "\nOptions:\n" in t]
+    # some open turns list digits, never more than 2; the multiple-choice turns keep their 4 options
+    assert 0 < len(listed) < len(open_turns)
+    assert all(len(re.findall(r"\n[A-D]\. \d", t)) <= 2 for t in listed)
+    assert all(len(re.findall(r"\n[A-D]\. \d", t)) == 4 for t in turns if t not in open_turns)
+    result = json.loads((workdir / "listed" / "result.json").read_text())
+    assert result["listed_open"] == 2
+    assert run.recipe(result) == "2 steps (2 with digits listed in open questions)"
 
 
 def test_lookup_rehearsal_adds_text_only_exercises_and_logs_the_video_loss(workdir, monkeypatch):

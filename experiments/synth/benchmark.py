@@ -154,12 +154,31 @@ CHOICE_ANSWERS = {
 DIGIT_FIRST_ANSWERS = ("reasoned", "cued")  # the forms whose letter is a lookup of a digit named first
 
 
-def mixed_turn(record: dict, rng: np.random.Generator, choice_answers: str = "letter") -> tuple[str, str]:
+def mixed_turn(
+    record: dict, rng: np.random.Generator, choice_answers: str = "letter", listed_open: int = 0
+) -> tuple[str, str]:
     """One training turn: the record's question and answer in the open or the multiple-choice form, each
-    with probability 1/2 (one draw from `rng`); a multiple-choice answer as `CHOICE_ANSWERS[choice_answers]`."""
+    with probability 1/2 (one draw from `rng`); a multiple-choice answer as `CHOICE_ANSWERS[choice_answers]`,
+    an open question with up to `listed_open` random digits listed in it (`listed_open_question`)."""
     if rng.random() < 0.5:
         return choice_question(record), CHOICE_ANSWERS[choice_answers](record)
-    return open_question(record), record["answer_text"]
+    question = listed_open_question(record, rng, listed_open) if listed_open else open_question(record)
+    return question, record["answer_text"]
+
+
+def listed_open_question(record: dict, rng: np.random.Generator, max_options: int) -> str:
+    """The open form with an option list of 0 to `max_options` random digits (uniform count, drawn from
+    `rng`) between the question and "Answer with the digit.", where the multiple-choice form lists its
+    options. A model that reads the digit only right after the question reads it at chance among the
+    options once the list comes between (BENCHMARKS.md item 11); here the list holds the answer only by
+    chance, so copying a listed digit earns nothing and the reading has to work behind the list."""
+    count = int(rng.integers(max_options + 1))
+    if count == 0:
+        return open_question(record)
+    question, instruction = open_question(record).rsplit("\n", 1)
+    digits = rng.choice(10, count, replace=False)
+    listed = "\n".join(f"{letter}. {digit}" for letter, digit in zip(LETTERS, digits))
+    return f"{question}\nOptions:\n{listed}\n{instruction}"
 
 
 def question_words(record: dict) -> str:

@@ -434,13 +434,15 @@ def training_batch(
     videos: list[np.ndarray],
     rng: np.random.Generator,
     choice_answers: str = "letter",
+    listed_open: int = 0,
 ):
     """Inputs and labels for one step: per clip one conversation of its questions (6, or the one of a
     single-event clip) in random order, each in the open or the multiple-choice form (`mixed_turn`, the
-    latter answered as `choice_answers` says); the loss is on each answer and its `<|im_end|>`."""
+    latter answered as `choice_answers` says, the former with up to `listed_open` digits listed); the
+    loss is on each answer and its `<|im_end|>`."""
     texts = []
     for clip in clips:
-        turns = [mixed_turn(clip[i], rng, choice_answers) for i in rng.permutation(len(clip))]
+        turns = [mixed_turn(clip[i], rng, choice_answers, listed_open) for i in rng.permutation(len(clip))]
         questions, answers = zip(*turns)
         texts.append(processor.apply_chat_template(conversation(list(questions), list(answers))))
     inputs = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
@@ -550,6 +552,7 @@ def train(
     choice_answers: str = "letter",
     rehearse_after_clip: bool = False,
     lookup_preamble: int = 0,
+    listed_open: int = 0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -575,6 +578,9 @@ def train(
     not used after a clip (BENCHMARKS.md item 11), so it is rehearsed in the context that needs it.
     With `lookup_preamble` each exercise starts with a `benchmark.preamble` of up to that many filler
     words: a lookup learnt only at the start of a turn is lost once anything comes first (item 11).
+    With `listed_open` each open question lists 0 to that many random digits before its instruction
+    (`benchmark.listed_open_question`): the digit is read at chance among the options once the
+    multiple-choice form's list comes between the question and the answer (item 11).
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -616,6 +622,8 @@ def train(
         raise ValueError("rehearse_after_clip and lookup_preamble need lookup_rehearsal >= 1 exercises")
     if lookup_preamble < 0:
         raise ValueError(f"lookup_preamble must be >= 0 filler words, got {lookup_preamble}")
+    if not 0 <= listed_open <= len(LETTERS):
+        raise ValueError(f"listed_open must be in [0, {len(LETTERS)}] listed digits, got {listed_open}")
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
     settings |= {"stage1": str(stage1), "data_seed": data_seed, "single_event_steps": single_event_steps}
     # (absent when 0: the checkpoints of runs from before them still resume)
@@ -629,6 +637,8 @@ def train(
         settings["rehearse_after_clip"] = True
     if lookup_preamble:
         settings["lookup_preamble"] = lookup_preamble
+    if listed_open:
+        settings["listed_open"] = listed_open
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -645,7 +655,9 @@ def train(
             frames = [np.asarray(all_frames[i]) for i in picked]
             conversations = [clips[i] for i in picked]
         videos = [select_frames(clip_frames, defaults) for clip_frames in frames]
-        inputs, labels = training_batch(processor, conversations, videos, data_rng, choice_answers)
+        inputs, labels = training_batch(
+            processor, conversations, videos, data_rng, choice_answers, listed_open
+        )
         video_loss = model(**inputs, labels=labels).loss
         loss = video_loss
         if lookup_rehearsal:
@@ -709,18 +721,16 @@ def recipe(result: dict) -> str:
         for key, label in (("single_event_steps", "single-event"), ("one_per_square_steps", "one per square"))
         if (total := sum(run.get(key, 0) for run in chain))
     ]
-    rehearsed = sum(run["steps"] for run in chain if run.get("lookup_rehearsal"))
-    if rehearsed:
-        details.append(f"{rehearsed} with lookup rehearsal")
-    after_clip = sum(run["steps"] for run in chain if run.get("rehearse_after_clip"))
-    if after_clip:
-        details.append(f"{after_clip} of them after a clip")
-    preambled = sum(run["steps"] for run in chain if run.get("lookup_preamble"))
-    if preambled:
-        details.append(f"{preambled} of them after a preamble")
-    digit_first = sum(run["steps"] for run in chain if run.get("choice_answers") in DIGIT_FIRST_ANSWERS)
-    if digit_first:
-        details.append(f"{digit_first} digit-first")
+    steps_that = (  # (label, whether a run's steps count for it)
+        ("with lookup rehearsal", lambda run: run.get("lookup_rehearsal")),
+        ("of them after a clip", lambda run: run.get("rehearse_after_clip")),
+        ("of them after a preamble", lambda run: run.get("lookup_preamble")),
+        ("digit-first", lambda run: run.get("choice_answers") in DIGIT_FIRST_ANSWERS),
+        ("with digits listed in open questions", lambda run: run.get("listed_open")),
+    )
+    for label, counts in steps_that:
+        if total := sum(run["steps"] for run in chain if counts(run)):
+            details.append(f"{total} {label}")
     return f"{steps} steps" + (f" ({', '.join(details)})" if details else "")
 
 
@@ -924,6 +934,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WORDS",
         help="start each rehearsed exercise with up to this many filler words and a benchmark question",
     )
+    run.add_argument(
+        "--listed-open",
+        type=int,
+        default=0,
+        metavar="DIGITS",
+        help="list 0 to this many (at most 4) random digits between each open question and its instruction",
+    )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -1016,6 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
                 choice_answers=args.choice_answers,
                 rehearse_after_clip=args.rehearse_after_clip,
                 lookup_preamble=args.lookup_preamble,
+                listed_open=args.listed_open,
             )  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)
