@@ -454,14 +454,9 @@ def lookup_batch(
 ):
     """Inputs and labels for option-lookup exercises (`benchmark.exercise`), one chat each: text only,
     or with `videos` (one `(T, H, W, 3)` clip per exercise) asked after a clip the answer does not need."""
-    if videos is None:
-        texts = [
-            processor.apply_chat_template(text_chat(question, answer)) for question, answer, _ in exercises
-        ]
-        inputs = processor.tokenizer(texts, padding=True, return_tensors="pt")
-    else:
-        texts = [processor.apply_chat_template(conversation([q], [a])) for q, a, _ in exercises]
-        inputs = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
+    chat = text_chat if videos is None else (lambda question, answer: conversation([question], [answer]))
+    texts = [processor.apply_chat_template(chat(question, answer)) for question, answer, _ in exercises]
+    inputs = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
     return inputs, answer_labels(inputs["input_ids"], processor.tokenizer)
 
 
