@@ -370,6 +370,11 @@ def test_rehearsed_exercises_start_with_a_preamble_and_a_cued_run_answers_cued(w
     monkeypatch.setattr(run, "training_batch", recording_batch)
     with pytest.raises(ValueError, match="need lookup_rehearsal >= 1"):
         run.train("c", 0, 2, BATCH, 1e-3, Path("no-exercises"), Path("stage1"), lookup_preamble=4)
+    with pytest.raises(ValueError, match="'restated' rehearses its opening: it needs lookup_preamble >= 1"):
+        run.train(
+            "c", 0, 2, BATCH, 1e-3, Path("no-preamble"), Path("stage1"),
+            lookup_rehearsal=3, choice_answers="restated",
+        )  # fmt: skip
     run.train(
         "c", 0, 2, BATCH, 1e-3, Path("preamble"), Path("stage1"),
         lookup_rehearsal=3, choice_answers="cued", lookup_preamble=4,
@@ -523,7 +528,9 @@ class ReasonedOracle(torch.nn.Module):
         for b, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             text = self.tokenizer.decode(ids[mask.bool()])
             started = re.fullmatch(
-                r"(?s).*assistant\n(?:\w+, [a-z ]+: )?(\d); A\. \d B\. \d C\. \d D\. \d; ", text
+                r"(?s).*assistant\n(?:\w+, [a-z ]+: |The [^\n]*\?\nAnswer with the digit\.\n)?"
+                r"(\d); A\. \d B\. \d C\. \d D\. \d; ",
+                text,
             )
             if started:  # (a digit that no option holds leaves "A")
                 if listed := re.search(rf"^([A-D])\. {started[1]}$", text, re.M):
@@ -536,32 +543,41 @@ class ReasonedOracle(torch.nn.Module):
         """Logits `(vocab,)` of an answer's first token after `text` (none here: "A" stays best)."""
 
 
-class CuedOracle(ReasonedOracle):
-    """A `ReasonedOracle` that names, right after a multiple-choice prompt followed by its `question_cue`,
-    the record's answer digit, and right after one without the cue digit 9 (never an answer here)."""
+class OpenedOracle(ReasonedOracle):
+    """A `ReasonedOracle` that names, right after a multiple-choice prompt followed by the opening of the
+    digit-first form `answers` (written out here from the question's text), the record's answer digit,
+    and right after one without it digit 9 (never an answer here)."""
 
-    def __init__(self, tokenizer, records):
+    def __init__(self, tokenizer, records, answers):
         super().__init__(tokenizer)
         self.config = type("Config", (), {"hybrid_layer_indices": []})
         self.model = type("Inner", (), {"visual_grid": staticmethod(lambda frames: (2, 2))})
-        self.answers = {choice_question(r): r["answer_text"] for r in records}
+        self.answers, self.openings = {}, {}
+        for record in records:
+            question = choice_question(record)
+            sentence = question.split("\n")[0]
+            colour, negation = re.search(r"The (\w+) square .* while (not )?touching", sentence).groups()
+            cue = f"{colour}, {negation or ''}touching: "
+            self.answers[question] = record["answer_text"]
+            self.openings[question] = cue if answers == "cued" else f"{sentence}\nAnswer with the digit.\n"
 
     def first_token(self, text, row):
         question = next((q for q in self.answers if q in text), None)
         if question is None:  # an open-form prompt
             return
-        cue = question_cue(question.split("\n")[0])
-        row[self.tokenizer.convert_tokens_to_ids(self.answers[question] if text.endswith(cue) else "9")] = 3.0
+        opened = text.endswith(self.openings[question])
+        row[self.tokenizer.convert_tokens_to_ids(self.answers[question] if opened else "9")] = 3.0
 
 
-def test_cued_scoring_reads_the_digit_after_the_cue_and_the_letter_after_the_list():
+@pytest.mark.parametrize("answers", ["cued", "restated"])
+def test_opened_scoring_reads_the_digit_after_the_opening_and_the_letter_after_the_list(answers):
     frames, records = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)
     records = [r for r in records if "9" not in r["options"]]
     texts = [choice_question(r) for r in records] + [*"0123456789"]
     _, processor = build_scratch_model(texts, **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1])
-    oracle = CuedOracle(processor.tokenizer, records)
-    cued = scoring.score_clip(oracle, processor, frames, records, cued=True)
-    assert all(r["reasoned_digit"] and r["reasoned_choice"] for r in cued) and cued
+    oracle = OpenedOracle(processor.tokenizer, records, answers)
+    opened = scoring.score_clip(oracle, processor, frames, records, answers)
+    assert all(r["reasoned_digit"] and r["reasoned_choice"] for r in opened) and opened
     plain = scoring.score_clip(oracle, processor, frames, records)  # digit read at the answer's start: 9
     assert all(not r["reasoned_digit"] and r["reasoned_lookup"] is None for r in plain)
 
@@ -875,11 +891,50 @@ def test_cued_answers_restate_the_square_and_the_wall_condition_asked_about():
         question_cue("Which digit is option B?")
     rng = np.random.default_rng(2)
     for _ in range(20):  # an exercise's cue restates its preamble's question; without a preamble, none
-        question, answer, candidates = exercise("digit-first", rng, preamble_words=3, cued=True)
+        question, answer, candidates = exercise("digit-first", rng, preamble_words=3, answers="cued")
         colour, negation = re.search(r"The (\w+) square .* while (not )?touching", question).groups()
         cue = f"{colour}, {negation or ''}touching: "
         assert answer.startswith(cue) and all(c.startswith(cue) for c in candidates)
-        assert re.fullmatch(r"\d; .*; [A-D]", exercise("digit-first", rng, cued=True)[1])
+        assert re.fullmatch(r"\d; .*; [A-D]", exercise("digit-first", rng, answers="cued")[1])
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--answers", "restated"],
+        ["--answers", "cued", "--preamble-words", "4"],
+        ["--answers", "restated", "--direction", "reverse", "--preamble-words", "4"],
+    ],
+)
+def test_lookup_rejects_an_answer_opening_without_its_preamble_question(arguments, capsys):
+    import lookup
+
+    with pytest.raises(SystemExit) as exit_info:
+        lookup.main(arguments)
+    assert (
+        exit_info.value.code == 2
+        and "needs --direction digit-first and --preamble-words >= 1" in capsys.readouterr().err
+    )
+
+
+def test_restated_answers_restate_the_open_question_before_the_digit():
+    for record in generate_clip(0, 0, "test", FRAMES, SIZE, FPS)[1]:
+        sentence = record["conversations"][0]["value"].split("\n")[1]  # (after "<video>")
+        listed = " ".join(f"{k}. {v}" for k, v in zip("ABCD", record["options"]))
+        expected = (
+            f"{sentence}\nAnswer with the digit.\n{record['answer_text']}; {listed}; {record['answer']}"
+        )
+        assert benchmark.restated_choice_answer(record) == expected
+        # what the answer restates is the open form's own prompt
+        assert open_question(record) + "\n" == expected[: expected.index("\n", len(sentence) + 1) + 1]
+    rng = np.random.default_rng(4)
+    for _ in range(20):  # an exercise restates its preamble's question before its digit
+        question, answer, candidates = exercise("digit-first", rng, preamble_words=3, answers="restated")
+        sentence = question.split("\n")[1]
+        opening = f"{sentence}\nAnswer with the digit.\n"
+        assert answer.startswith(opening) and all(c.startswith(opening) for c in candidates)
+        named, listing, letter = re.fullmatch(r"(\d); (.*); ([A-D])", answer.removeprefix(opening)).groups()
+        assert parse_exercise(question.split("\n", 2)[2])[1][letter] == named
 
 
 class LookupOracle(torch.nn.Module):

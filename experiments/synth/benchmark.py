@@ -11,6 +11,7 @@ from slowfast_vlm.synth import (
     CHOICE_INSTRUCTION,
     COLOURS,
     LETTERS,
+    OPEN_INSTRUCTION,
     choice_question,
     open_question,
     question_sentence,
@@ -42,7 +43,7 @@ def exercise(
     rng: np.random.Generator,
     any_letters: bool = False,
     preamble_words: int = 0,
-    cued: bool = False,
+    answers: str = "reasoned",
 ) -> tuple[str, str, list[str]]:
     """One question, its answer, and the 4 answers it is scored among (its letters, the option digits, or
     the 4 digit-first answers). The options are lettered A-D as in the benchmark or, with `any_letters`,
@@ -59,8 +60,9 @@ def exercise(
     With `preamble_words`, the question starts with a `preamble` of up to that many filler words and a
     benchmark question; a digit-first one then closes with the benchmark's `CHOICE_INSTRUCTION`, so that
     it is the multiple-choice question in text (a lookup learnt under the exercise's own instruction is
-    not used under the benchmark's: BENCHMARKS.md item 11) and, `cued`, its answer starts with the
-    `question_cue` of the preamble's question, as `cued_choice_answer` does."""
+    not used under the benchmark's: BENCHMARKS.md item 11) and its answer starts with the
+    `answer_opening` of the preamble's question for the digit-first form `answers` ("cued": its cue,
+    "restated": the question restated), as the video questions' answers of that form do."""
     options = [str(d) for d in rng.choice(10, len(LETTERS), replace=False)]
     letters = (
         [chr(65 + i) for i in rng.choice(26, len(LETTERS), replace=False)] if any_letters else list(LETTERS)
@@ -71,8 +73,8 @@ def exercise(
     if direction == "forward":
         return f"{before}Options:\n{listed}\nWhich digit is option {letters[k]}?", options[k], options
     if direction == "digit-first":
-        cue = question_cue(before.splitlines()[1]) if cued and before else ""
-        start = reasoned_answer_start(options[k], list(zip(letters, options)), cue)
+        opening = answer_opening(answers, before.splitlines()[1]) if before else ""
+        start = reasoned_answer_start(options[k], list(zip(letters, options)), opening)
         instruction = (
             CHOICE_INSTRUCTION if preamble_words else "Answer with an option's digit, then its letter."
         )
@@ -120,11 +122,11 @@ def reasoned_choice_answer(record: dict) -> str:
     return f"{reasoned_answer_start(record['answer_text'], listed)}{record['answer']}"
 
 
-def reasoned_answer_start(digit: str, listed: list[tuple[str, str]], cue: str = "") -> str:
+def reasoned_answer_start(digit: str, listed: list[tuple[str, str]], opening: str = "") -> str:
     """A digit-first answer up to its letter, "7; A. 3 B. 7 C. 1 D. 0; ", from the digit named and the
-    (letter, option) pairs listed, after the `question_cue` if one is given."""
+    (letter, option) pairs listed, after its `answer_opening` if it has one."""
     options = " ".join(f"{letter}. {option}" for letter, option in listed)
-    return f"{cue}{digit}; {options}; "
+    return f"{opening}{digit}; {options}; "
 
 
 def question_cue(sentence: str) -> str:
@@ -135,13 +137,33 @@ def question_cue(sentence: str) -> str:
     return f"{found[1]}, {found[2]}: "
 
 
+def answer_opening(answers: str, sentence: str) -> str:
+    """What a digit-first answer of the form `answers` says before its digit, for the benchmark question
+    `sentence`: nothing ("reasoned"), its `question_cue` ("cued"), or the open question restated
+    ("restated": the sentence and "Answer with the digit.", each on its own line)."""
+    if answers == "cued":
+        return question_cue(sentence)
+    if answers == "restated":
+        return f"{sentence}\n{OPEN_INSTRUCTION}\n"
+    return ""
+
+
 def cued_choice_answer(record: dict) -> str:
     """`reasoned_choice_answer` after a restated `question_cue`: "green, touching: 7; A. 3 ... D. 0; B".
     With the option list between the question and the answer the digit is read at chance among the
     options (25 of 96), where the open form reads 38 of 96 (BENCHMARKS.md item 11); restating the
     square and the wall condition puts what the answer asks about next to the digit. (Its 700-step run
     did not read better in this form, and the cue undid the letter lookup learnt after "7; ": item 11.)"""
-    return question_cue(question_words(record)) + reasoned_choice_answer(record)
+    return answer_opening("cued", question_words(record)) + reasoned_choice_answer(record)
+
+
+def restated_choice_answer(record: dict) -> str:
+    """`reasoned_choice_answer` after the open question restated: "The green square ... wall?\nAnswer with
+    the digit.\n7; A. 3 B. 7 C. 1 D. 0; B". The digit is then named as far from the (restated)
+    question as in the open form, the one place this LLM reads it: asked so, before any training for
+    it, the multiple-choice prompt's digit was the best of the options for 65 of 192 questions against
+    47 right after the prompt (BENCHMARKS.md item 11)."""
+    return answer_opening("restated", question_words(record)) + reasoned_choice_answer(record)
 
 
 # how a multiple-choice question is answered in training: the letter alone, the digit and then the letter,
@@ -150,8 +172,16 @@ CHOICE_ANSWERS = {
     "letter": FORMS["choice"][1],
     "reasoned": reasoned_choice_answer,
     "cued": cued_choice_answer,
+    "restated": restated_choice_answer,
 }
-DIGIT_FIRST_ANSWERS = ("reasoned", "cued")  # the forms whose letter is a lookup of a digit named first
+DIGIT_FIRST_ANSWERS = (
+    "reasoned",
+    "cued",
+    "restated",
+)  # the forms whose letter is a lookup of a digit named first
+ANSWER_TOKENS = (
+    64  # generated tokens that hold the longest answer, the restated one (about 56 and <|im_end|>)
+)
 
 
 def mixed_turn(

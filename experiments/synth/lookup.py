@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmark import exercise, text_chat
+from benchmark import DIGIT_FIRST_ANSWERS, exercise, text_chat
 from checkpoints import resumable_steps
 from run import STAGE1_KNOBS, clipped_step, finished, lookup_batch, scratch_texts
 from scoring import token_ids
@@ -47,7 +47,13 @@ HELD_OUT_SEED = 1_000_003  # the test lists: a seed no training run draws from
 
 @torch.no_grad()
 def accuracy(
-    model, processor, direction: str, count: int = 400, any_letters: bool = False, preamble_words: int = 0
+    model,
+    processor,
+    direction: str,
+    count: int = 400,
+    any_letters: bool = False,
+    preamble_words: int = 0,
+    answers: str = "reasoned",
 ) -> float:
     """Share of `count` held-out exercises whose answer has the best logit among its 4 candidates: at the
     answer position, or after the candidates' shared start (digit-first: "7; A. 3 ...; ", then the letters)."""
@@ -55,7 +61,10 @@ def accuracy(
     model.eval()
     hits = []
     for start in range(0, count, 50):
-        items = [exercise(direction, rng, any_letters, preamble_words) for _ in range(min(50, count - start))]
+        items = [
+            exercise(direction, rng, any_letters, preamble_words, answers)
+            for _ in range(min(50, count - start))
+        ]
         shared = [os.path.commonprefix(candidates) for _, _, candidates in items]
         texts = [
             processor.apply_chat_template(text_chat(question), add_generation_prompt=True) + given
@@ -83,11 +92,13 @@ def train_lookup(
     eval_every: int = 500,
     stop_after: int | None = None,
     preamble_words: int = 0,
+    answers: str = "reasoned",
 ) -> dict | None:
     """Train a fresh scratch LLM (or, given `init`, the model of an earlier run) on the exercise; its
     held-out accuracy every `eval_every` steps and at the end. None when stopped (`stop_after`, a signal)
     with its checkpoint saved; the same call resumes it. With `preamble_words` every exercise, held-out
-    ones included, starts with a `benchmark.preamble` of up to that many filler words."""
+    ones included, starts with a `benchmark.preamble` of up to that many filler words; a digit-first one
+    is then answered in the digit-first form `answers` (its `benchmark.answer_opening` first)."""
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     torch.set_num_threads(1)
@@ -108,17 +119,21 @@ def train_lookup(
         settings["any_letters"] = True
     if preamble_words:
         settings["preamble_words"] = preamble_words
+    if answers != "reasoned":
+        settings["answers"] = answers
     # kept beside the checkpoint, so that a resumed run keeps the points taken before it stopped
     curve_file = out / "accuracy_curve.json"
     curve = {int(k): v for k, v in json.loads(curve_file.read_text()).items()} if curve_file.exists() else {}
 
     def one_step(step: int) -> float:
         inputs, labels = lookup_batch(
-            processor, [exercise(direction, rng, any_letters, preamble_words) for _ in range(batch)]
+            processor, [exercise(direction, rng, any_letters, preamble_words, answers) for _ in range(batch)]
         )
         loss_value = clipped_step(model(**inputs, labels=labels).loss, trainable, optimizer, schedule)
         if (step + 1) % eval_every == 0:  # on the benchmark's letters A-D
-            curve[step + 1] = accuracy(model, processor, direction, preamble_words=preamble_words)
+            curve[step + 1] = accuracy(
+                model, processor, direction, preamble_words=preamble_words, answers=answers
+            )
             print(f"lookup {direction} step {step + 1}: held-out accuracy {curve[step + 1]:.3f}", flush=True)
             out.mkdir(parents=True, exist_ok=True)
             curve_file.write_text(json.dumps(curve))
@@ -145,7 +160,9 @@ def train_lookup(
     result = settings | {
         "final_loss": float(np.mean(log[-50:])),
         "chance_loss": chance_loss(processor, direction),
-        "held_out_accuracy": accuracy(model, processor, direction, preamble_words=preamble_words),  # A-D
+        "held_out_accuracy": accuracy(  # A-D
+            model, processor, direction, preamble_words=preamble_words, answers=answers
+        ),
         **(
             {"held_out_accuracy_no_preamble": accuracy(model, processor, direction)} if preamble_words else {}
         ),
@@ -206,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start every exercise with up to this many filler words and a benchmark question",
     )
     parser.add_argument(
+        "--answers",
+        choices=DIGIT_FIRST_ANSWERS,
+        default="reasoned",
+        help="digit-first with --preamble-words: answer after the question's cue, or after the open question "
+        "restated (see run.py train --choice-answers)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help=f"default: {RUN_PREFIX}-<direction>-lr<lr>-s<seed>[-any-letters][-from-<init>]",
@@ -221,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.steps, args.batch, args.eval_every) < 1 or args.lr <= 0 or args.preamble_words < 0:
         parser.error("--steps, --batch and --eval-every must be >= 1, --lr > 0 and --preamble-words >= 0")
+    if args.answers != "reasoned" and (args.direction != "digit-first" or not args.preamble_words):
+        parser.error(f"--answers {args.answers} needs --direction digit-first and --preamble-words >= 1")
     if args.score:
         training = [
             f"--{k.replace('_', '-')}"
@@ -245,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         any_letters=args.any_letters,
         eval_every=args.eval_every,
         preamble_words=args.preamble_words,
+        answers=args.answers,
     )  # fmt: skip
     return 0
 

@@ -568,7 +568,8 @@ def train(
     `choice_answers` "reasoned" trains the multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; B"
     (`benchmark.reasoned_choice_answer`), instead of the letter alone; its rehearsed exercises are then
     all digit-first ones (the letter after a given digit); "cued" answers "green, touching: 7; A. 3 ...; B"
-    (`benchmark.cued_choice_answer`), its exercises cued alike. With `rehearse_after_clip` each exercise is
+    (`benchmark.cued_choice_answer`), its exercises cued alike; "restated" restates the open question
+    first (`benchmark.restated_choice_answer`), its exercises alike. With `rehearse_after_clip` each exercise is
     asked after one of the step's clips (in turn), not as text alone: a lookup learnt in text alone is
     not used after a clip (BENCHMARKS.md item 11), so it is rehearsed in the context that needs it.
     With `lookup_preamble` each exercise starts with a `benchmark.preamble` of up to that many filler
@@ -617,6 +618,10 @@ def train(
         raise ValueError("rehearse_after_clip and lookup_preamble need lookup_rehearsal >= 1 exercises")
     if lookup_preamble < 0:
         raise ValueError(f"lookup_preamble must be >= 0 filler words, got {lookup_preamble}")
+    if choice_answers in ("cued", "restated") and lookup_rehearsal and not lookup_preamble:
+        raise ValueError(
+            f"choice_answers {choice_answers!r} rehearses its opening: it needs lookup_preamble >= 1"
+        )
     if not 0 <= listed_open <= len(LETTERS):
         raise ValueError(f"listed_open must be in [0, {len(LETTERS)}] listed digits, got {listed_open}")
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
@@ -665,7 +670,7 @@ def train(
                 [videos[i % batch] for i in range(lookup_rehearsal)] if rehearse_after_clip else None
             )
             exercises = [
-                exercise(d, data_rng, preamble_words=lookup_preamble, cued=choice_answers == "cued")
+                exercise(d, data_rng, preamble_words=lookup_preamble, answers=choice_answers)
                 for d in directions
             ]
             lookup_inputs, lookup_labels = lookup_batch(processor, exercises, clips_in_front)
@@ -690,7 +695,7 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
         **prefill_flops(model, processor, name),
-        **test_accuracy(model, processor, DATA, read_clips("test"), cued=choice_answers == "cued"),
+        **test_accuracy(model, processor, DATA, read_clips("test"), choice_answers),
     }
     return finished(out, result)
 
@@ -820,7 +825,7 @@ def ship(run_dir: Path, seed: int = 7, clips: int = 20) -> None:
         shutil.copytree(tmp, DEMO_MODEL_DIR, dirs_exist_ok=True)
     shutil.copyfile(DATA / record["video"], DEMO_CLIP)
     DEMO_CLIP.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    findings = score(DEMO_MODEL_DIR, seed, clips, cued=choice_answers == "cued")
+    findings = score(DEMO_MODEL_DIR, seed, clips, choice_answers)
     DEMO_CLIP.with_suffix(".findings.json").write_text(json.dumps(findings, indent=2) + "\n")
     print(f"shipped {run_dir} with {record['id']}: {open_question(record)!r} -> {record['answer_text']}")
     print(json.dumps(findings), flush=True)
@@ -915,7 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(CHOICE_ANSWERS),
         default="letter",
         help='train the multiple-choice form answered with the letter, digit first ("7; A. 3 B. 7 C. 1 D. 0; B"), '
-        'or digit first after the question\'s cue ("green, touching: 7; ...; B")',
+        'digit first after the question\'s cue ("green, touching: 7; ...; B"), or digit first after the open '
+        'question restated ("The green square ...?\\nAnswer with the digit.\\n7; ...; B")',
     )
     run.add_argument(
         "--rehearse-after-clip",
@@ -987,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "probe":
         probe(args.checkpoint)
     elif args.command == "score":
-        report = score(args.checkpoint, args.seed, args.clips, cued=answers_of(args.checkpoint) == "cued")
+        report = score(args.checkpoint, args.seed, args.clips, answers_of(args.checkpoint))
         (args.checkpoint / f"score-seed{args.seed}.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report), flush=True)
     elif args.command == "ship":

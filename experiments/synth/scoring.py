@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from benchmark import (
+    ANSWER_TOKENS,
     CHOICE_ANSWERS,
     FORMS,
     FPS,
     FRAMES,
     SIZE,
+    answer_opening,
     conversation,
-    question_cue,
     question_words,
     reasoned_answer_start,
     without_digits,
@@ -57,15 +58,17 @@ def token_ids(tokenizer, symbols: str) -> list[int]:
 
 
 @torch.no_grad()
-def score_clip(model, processor, frames: np.ndarray, clip: list[dict], cued: bool = False) -> list[dict]:
+def score_clip(
+    model, processor, frames: np.ndarray, clip: list[dict], answers: str = "reasoned"
+) -> list[dict]:
     """Per question of a clip (`frames` `(T, H, W, 3)` as the model samples them): is it answered in the
     open and in the multiple-choice form (the best option at the answer position), and in the
     multiple-choice form answered digit first, "7; A. 3 B. 7 C. 1 D. 0; B" (`reasoned_*`: the best of
     the 10 digits at the answer position, then the best letter after "<that digit>; <the options>; "),
     and, for a slow-fast model, does the cross-attention peak on the asked-about digit's frame, averaged
     over every query token of the open-form prompt (`peak_all`) and over the question's own words only
-    (`peak_question`). `cued`: the digit-first answer starts with the `question_cue`
-    (`benchmark.cued_choice_answer`), its digit read after it."""
+    (`peak_question`). `answers`: the digit-first form, whose `answer_opening` ("cued", "restated")
+    comes before the digit; the digit is read after it."""
     has_slow = bool(model.config.hybrid_layer_indices)
     prompts = {
         form: [
@@ -79,10 +82,11 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict], cued: boo
         texts += [
             cut for prompt, record in zip(prompts["open"], clip) for cut in question_prefixes(prompt, record)
         ]
-    cues = [question_cue(question_words(record)) if cued else "" for record in clip]
-    digit_rows = range(len(texts), len(texts) + len(clip)) if cued else range(len(clip), 2 * len(clip))
-    if cued:  # each multiple-choice prompt followed by its cue: where the digit is named
-        texts += [prompt + cue for prompt, cue in zip(prompts["choice"], cues)]
+    openings = [answer_opening(answers, question_words(record)) for record in clip]
+    opened = any(openings)
+    digit_rows = range(len(texts), len(texts) + len(clip)) if opened else range(len(clip), 2 * len(clip))
+    if opened:  # each multiple-choice prompt followed by its answer's opening: where the digit is named
+        texts += [prompt + opening for prompt, opening in zip(prompts["choice"], openings)]
     inputs = processor(
         text=texts, videos=[frames] * len(texts), padding=True, padding_side="right", return_tensors="pt"
     )
@@ -93,8 +97,8 @@ def score_clip(model, processor, frames: np.ndarray, clip: list[dict], cued: boo
     grid = (len(frames), *model.model.visual_grid(len(frames)))
     named = [str(int(scores[row, digits].argmax())) for row in digit_rows]
     starts = [
-        reasoned_answer_start(digit, list(zip(LETTERS, r["options"])), cue)
-        for digit, r, cue in zip(named, clip, cues)
+        reasoned_answer_start(digit, list(zip(LETTERS, r["options"])), opening)
+        for digit, r, opening in zip(named, clip, openings)
     ]
     reasoned = reasoned_letters(model, processor, frames, prompts["choice"], starts)
     results = []
@@ -175,15 +179,15 @@ def accuracy_report(results: list[dict]) -> dict:
     return report
 
 
-def test_accuracy(model, processor, data: Path, clips: list[list[dict]], cued: bool = False) -> dict:
+def test_accuracy(model, processor, data: Path, clips: list[list[dict]], answers: str = "reasoned") -> dict:
     """`accuracy_report` on test clips, each decoded from its mp4 with the model's own sampling (as `ask`
-    does); `cued` as `score_clip`."""
+    does); `answers` as `score_clip`."""
     was_training = model.training
     model.eval()
     results = []
     for clip in clips:
         frames, _ = load_video(data / clip[0]["video"], **processor.sampling_defaults())
-        results += score_clip(model, processor, frames, clip, cued)
+        results += score_clip(model, processor, frames, clip, answers)
     model.train(was_training)
     return accuracy_report(results)
 
@@ -207,21 +211,23 @@ def no_digit_answers(model, processor, seed: int) -> dict:
     for name, video in videos.items():
         frames = round_trip(video, processor)
         findings[name] = {
-            form: [answer(model, processor, frames, ask(r), max_new_tokens=32).text for r in records]
+            form: [
+                answer(model, processor, frames, ask(r), max_new_tokens=ANSWER_TOKENS).text for r in records
+            ]
             for form, (ask, _) in FORMS.items()
         }
     return findings
 
 
-def score(checkpoint: Path, seed: int = 7, clips: int = 20, cued: bool = False) -> dict:
+def score(checkpoint: Path, seed: int = 7, clips: int = 20, answers: str = "reasoned") -> dict:
     """A checkpoint on `clips` clips of a fresh synthetic seed (rendered, through the mp4 round trip):
-    `accuracy_report` (`cued` as `score_clip`), and its answers about clips without any digit
+    `accuracy_report` (`answers` as `score_clip`), and its answers about clips without any digit
     (`no_digit_answers`)."""
     model, processor = load_model(checkpoint, "cpu", "float32")
     results = []
     for index in range(clips):
         rendered, records = generate_clip(index, seed, "test", FRAMES, SIZE, FPS)
-        results += score_clip(model, processor, round_trip(rendered, processor), records, cued)
+        results += score_clip(model, processor, round_trip(rendered, processor), records, answers)
     report = {"checkpoint": str(checkpoint), "seed": seed, "clips": clips, **accuracy_report(results)}
     return report | {"no_digit": no_digit_answers(model, processor, seed)}
 
@@ -237,7 +243,8 @@ def demo_question(
         for record in clip:
             expected = {"open": record["answer_text"], "choice": CHOICE_ANSWERS[choice_answers](record)}
             right = all(
-                answer(model, processor, frames, ask(record), max_new_tokens=32).text == expected[form]
+                answer(model, processor, frames, ask(record), max_new_tokens=ANSWER_TOKENS).text
+                == expected[form]
                 for form, (ask, _) in FORMS.items()
             )
             if right and score_clip(model, processor, frames, [record])[0]["peak_question"]:

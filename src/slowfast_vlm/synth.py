@@ -33,6 +33,7 @@ COLOURS = {
     "purple": (160, 60, 200),
 }  # luma 88-138: white digits (luma 255) stay the only bright pixels
 CHOICE_INSTRUCTION = "Answer with the option's letter."  # closes every multiple-choice question
+OPEN_INSTRUCTION = "Answer with the digit."  # closes every open question
 INK_LUMA = 170  # a pixel brighter than this is digit ink
 CRF = 12  # h264 quality: the digits survive compression with no lost ink pixel
 FONT_5X7 = {
@@ -206,7 +207,7 @@ def open_question(record: dict) -> str:
     """The open-ended form of a record's question: no option list, answered with the digit itself
     (`answer_text`); scored as multiple choice by comparing the four options' digits."""
     question = record["conversations"][0]["value"].removeprefix("<video>\n").split("\nOptions:")[0]
-    return f"{question}\nAnswer with the digit."
+    return f"{question}\n{OPEN_INSTRUCTION}"
 
 
 def choice_question(record: dict) -> str:
