@@ -985,6 +985,10 @@ def test_chance_loss_counts_the_labelled_tokens_of_each_answer_form():
     # each (the tokenizer learnt no merge of them), + <|im_end|>: two guesses in 26 tokens
     assert lookup.chance_loss(processor, "reverse") == pytest.approx(np.log(4) / 2)
     assert lookup.chance_loss(processor, "digit-first") == pytest.approx(2 * np.log(4) / 26)
+    # restated: the question (at least its 20 words, "The", "green", ..., "wall?") and "Answer with the
+    # digit." (4 words) on their own lines come before those 26 tokens; each word is one token or more
+    restated = lookup.chance_loss(processor, "digit-first", 4, "restated")
+    assert restated < 2 * np.log(4) / (26 + 20 + 4 + 2)
 
 
 def test_a_resumed_lookup_run_keeps_the_accuracy_curve_taken_before_it_stopped(tmp_path, monkeypatch):

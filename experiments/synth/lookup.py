@@ -159,7 +159,7 @@ def train_lookup(
     processor.save_pretrained(out)
     result = settings | {
         "final_loss": float(np.mean(log[-50:])),
-        "chance_loss": chance_loss(processor, direction),
+        "chance_loss": chance_loss(processor, direction, preamble_words, answers),
         "held_out_accuracy": accuracy(  # A-D
             model, processor, direction, preamble_words=preamble_words, answers=answers
         ),
@@ -177,14 +177,18 @@ def train_lookup(
     return finished(out, result)
 
 
-def chance_loss(processor, direction: str) -> float:
+def chance_loss(processor, direction: str, preamble_words: int = 0, answers: str = "reasoned") -> float:
     """Loss per labelled token of a model that knows the format but guesses among 4 wherever the answer
-    is open (the letter or digit; for digit-first the digit and the letter), the rest of the answer and
-    its `<|im_end|>` free. Every exercise of a direction has answers of the same token count."""
-    _, answer, _ = exercise(direction, np.random.default_rng(0))
-    labelled = len(processor.tokenizer(answer)["input_ids"]) + 1  # + <|im_end|>
+    is open (the letter or digit; for digit-first the digit and the letter), the rest of the answer (a
+    restated question is copied from the preamble) and its `<|im_end|>` free: over 200 exercises, as a
+    batch's loss averages over its tokens (an answer's opening varies in length with its question)."""
+    rng = np.random.default_rng(0)
+    answers_drawn = [exercise(direction, rng, False, preamble_words, answers)[1] for _ in range(200)]
+    labelled = sum(
+        len(processor.tokenizer(answer)["input_ids"]) + 1 for answer in answers_drawn
+    )  # + <|im_end|>
     guesses = 2 if direction == "digit-first" else 1
-    return float(guesses * np.log(len(LETTERS)) / labelled)
+    return float(guesses * np.log(len(LETTERS)) * len(answers_drawn) / labelled)
 
 
 def score(checkpoints: list[Path]) -> dict[str, dict[str, float]]:
