@@ -174,14 +174,10 @@ CHOICE_ANSWERS = {
     "cued": cued_choice_answer,
     "restated": restated_choice_answer,
 }
-DIGIT_FIRST_ANSWERS = (
-    "reasoned",
-    "cued",
-    "restated",
-)  # the forms whose letter is a lookup of a digit named first
-ANSWER_TOKENS = (
-    64  # generated tokens that hold the longest answer, the restated one (about 56 and <|im_end|>)
-)
+# the forms whose letter is a lookup of a digit named first
+DIGIT_FIRST_ANSWERS = ("reasoned", "cued", "restated")
+# generated tokens that hold the longest answer, the restated one (about 56 and <|im_end|>)
+ANSWER_TOKENS = 64
 
 
 def mixed_turn(
