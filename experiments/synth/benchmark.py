@@ -176,7 +176,7 @@ CHOICE_ANSWERS = {
 }
 # the forms whose letter is a lookup of a digit named first
 DIGIT_FIRST_ANSWERS = ("reasoned", "cued", "restated")
-# generated tokens that hold the longest answer, the restated one (about 56 and <|im_end|>)
+# generated tokens that hold the longest answer, the restated one (up to 53 and <|im_end|> on the test set)
 ANSWER_TOKENS = 64
 
 
