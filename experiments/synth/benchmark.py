@@ -161,8 +161,8 @@ def restated_choice_answer(record: dict) -> str:
     """`reasoned_choice_answer` after the open question restated: "The green square ... wall?\nAnswer with
     the digit.\n7; A. 3 B. 7 C. 1 D. 0; B". The digit is then named as far from the (restated)
     question as in the open form, the one place this LLM reads it: asked so, before any training for
-    it, the multiple-choice prompt's digit was the best of the options for 65 of 192 questions against
-    47 right after the prompt (BENCHMARKS.md item 11)."""
+    it, the listed-open run's digit at step 450 was the best of the options for 65 of 192 questions
+    after the restatement against 47 right after the multiple-choice prompt (BENCHMARKS.md item 11)."""
     return answer_opening("restated", question_words(record)) + reasoned_choice_answer(record)
 
 
@@ -174,8 +174,9 @@ CHOICE_ANSWERS = {
     "cued": cued_choice_answer,
     "restated": restated_choice_answer,
 }
-# the forms whose letter is a lookup of a digit named first
+# the forms whose letter is a lookup of a digit named first, and those of them with an `answer_opening`
 DIGIT_FIRST_ANSWERS = ("reasoned", "cued", "restated")
+OPENED_ANSWERS = ("cued", "restated")
 # generated tokens that hold the longest answer, the restated one (up to 53 and <|im_end|> on the test set)
 ANSWER_TOKENS = 64
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmark import DIGIT_FIRST_ANSWERS, exercise, text_chat
+from benchmark import DIGIT_FIRST_ANSWERS, OPENED_ANSWERS, exercise, text_chat
 from checkpoints import resumable_steps
 from run import STAGE1_KNOBS, clipped_step, finished, lookup_batch, scratch_texts
 from scoring import token_ids
@@ -184,9 +184,8 @@ def chance_loss(processor, direction: str, preamble_words: int = 0, answers: str
     batch's loss averages over its tokens (an answer's opening varies in length with its question)."""
     rng = np.random.default_rng(0)
     answers_drawn = [exercise(direction, rng, False, preamble_words, answers)[1] for _ in range(200)]
-    labelled = sum(
-        len(processor.tokenizer(answer)["input_ids"]) + 1 for answer in answers_drawn
-    )  # + <|im_end|>
+    # each answer's tokens and its <|im_end|>
+    labelled = sum(len(processor.tokenizer(answer)["input_ids"]) + 1 for answer in answers_drawn)
     guesses = 2 if direction == "digit-first" else 1
     return float(guesses * np.log(len(LETTERS)) * len(answers_drawn) / labelled)
 
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.steps, args.batch, args.eval_every) < 1 or args.lr <= 0 or args.preamble_words < 0:
         parser.error("--steps, --batch and --eval-every must be >= 1, --lr > 0 and --preamble-words >= 0")
-    if args.answers != "reasoned" and (args.direction != "digit-first" or not args.preamble_words):
+    if args.answers in OPENED_ANSWERS and (args.direction != "digit-first" or not args.preamble_words):
         parser.error(f"--answers {args.answers} needs --direction digit-first and --preamble-words >= 1")
     if args.score:
         training = [

@@ -43,6 +43,7 @@ from benchmark import (
     DIGIT_FIRST_ANSWERS,
     FPS,
     FRAMES,
+    OPENED_ANSWERS,
     SIZE,
     conversation,
     exercise,
@@ -618,7 +619,7 @@ def train(
         raise ValueError("rehearse_after_clip and lookup_preamble need lookup_rehearsal >= 1 exercises")
     if lookup_preamble < 0:
         raise ValueError(f"lookup_preamble must be >= 0 filler words, got {lookup_preamble}")
-    if choice_answers in ("cued", "restated") and lookup_rehearsal and not lookup_preamble:
+    if choice_answers in OPENED_ANSWERS and lookup_rehearsal and not lookup_preamble:
         raise ValueError(
             f"choice_answers {choice_answers!r} rehearses its opening: it needs lookup_preamble >= 1"
         )
