@@ -937,6 +937,79 @@ def test_restated_answers_restate_the_open_question_before_the_digit():
         assert parse_exercise(question.split("\n", 2)[2])[1][letter] == named
 
 
+def test_open_reading_target_is_the_open_twins_reading_among_the_listed_options():
+    from open_reading import open_reading_loss
+
+    clips = [generate_clip(clip, 0, "train", FRAMES, SIZE, FPS) for clip in range(2)]
+    texts = [benchmark.restated_choice_answer(r) for _, records in clips for r in records] + list(
+        "0123456789"
+    )
+    model, processor = build_scratch_model(texts)
+    tokenizer = processor.tokenizer
+    args = (processor, [records for _, records in clips], [frames for frames, _ in clips])
+    inputs, labels, twin = run.training_batch(*args, np.random.default_rng(3), "restated", 0, True)
+    # the same turns as without the twin (the same draws), and the twin asks each of them open
+    plain, plain_labels = run.training_batch(*args, np.random.default_rng(3), "restated")
+    assert torch.equal(plain["input_ids"], inputs["input_ids"]) and torch.equal(plain_labels, labels)
+    turn = r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>"
+    logits = torch.randn(*inputs["input_ids"].shape, len(tokenizer), requires_grad=True)
+    twin_logits = torch.randn(*twin["input_ids"].shape, len(tokenizer))
+    expected_grad = torch.zeros_like(logits)
+    count, choice_turns, n = 0, 0, len(tokenizer.encode("<|im_start|>assistant\n"))
+    for b, (_, records) in enumerate(clips):
+        ids, twin_ids = inputs["input_ids"][b].tolist(), twin["input_ids"][b].tolist()
+        starts, twin_starts = (
+            [i + n for i in range(len(row)) if tokenizer.decode(row[i : i + n]) == "<|im_start|>assistant\n"]
+            for row in (ids, twin_ids)
+        )
+        turns = re.findall(turn, tokenizer.decode(ids), re.S)
+        twin_turns = re.findall(turn, tokenizer.decode(twin_ids), re.S)
+        for (question, answer), (twin_question, twin_answer), start, twin_start in zip(
+            turns, twin_turns, starts, twin_starts
+        ):
+            record = next(r for r in records if benchmark.question_words(r) in question)
+            assert twin_question.replace(processor.video_token, "").lstrip("\n") == open_question(record)
+            assert twin_answer == record["answer_text"]
+            count += len(tokenizer.encode(answer)) + 1  # (and its <|im_end|>)
+            if answer == record["answer_text"]:
+                continue
+            choice_turns += 1
+            # the named digit: right after the restated open question
+            named = start + len(tokenizer.encode(open_question(record) + "\n"))
+            assert tokenizer.decode(ids[named]) == record["answer_text"]
+            options = [tokenizer.convert_tokens_to_ids(o) for o in record["options"]]
+            reading = twin_logits[b, twin_start - 1, options].softmax(-1)
+            # d/dlogits of -sum(q log softmax) is softmax - q, where the right digit's label would add softmax - onehot
+            expected_grad[b, named - 1] = logits[b, named - 1].softmax(-1).detach()
+            expected_grad[b, named - 1, options] -= reading
+            labels_left = [p for p in range(len(ids)) if p != named and labels[b, p] != -100]
+            assert named not in labels_left and labels[b, named] != -100
+    assert choice_turns > 0
+    loss = open_reading_loss(logits, labels, inputs["input_ids"], twin_logits, twin["input_ids"], tokenizer)
+    loss.backward()
+    rows = [(b, n) for b, n in zip(*torch.nonzero(expected_grad.abs().sum(-1)).T.tolist())]
+    for b, position in rows:
+        torch.testing.assert_close(logits.grad[b, position] * count, expected_grad[b, position])
+    # with no multiple-choice turn, the loss is the model's own
+    letter_inputs, letter_labels = run.training_batch(*args, np.random.default_rng(5), "letter")
+    letter_inputs, letter_labels, letter_twin = run.training_batch(
+        *args, np.random.default_rng(5), "letter", 0, True
+    )
+    with torch.no_grad():
+        out = model(**letter_inputs, labels=letter_labels)
+        own = open_reading_loss(
+            out.logits, letter_labels, letter_inputs["input_ids"], model(**letter_twin).logits,
+            letter_twin["input_ids"], tokenizer,
+        )  # fmt: skip
+    torch.testing.assert_close(own, out.loss)
+
+
+def test_an_open_reading_target_needs_digit_first_answers(workdir, capsys):
+    command = ["train", "--model", "c", "--steps", "2", "--stage1", "stage1", "--out", "open-reading"]
+    assert run.main([*command, "--open-reading-target"]) == 2
+    assert "open_reading_target trains the digit of a digit-first answer" in capsys.readouterr().err
+
+
 class LookupOracle(torch.nn.Module):
     """Reads each prompt back from its tokens; at its last real position the right answer (or, `wrong`,
     another candidate) gets the best logit, at every other position the right answer does."""

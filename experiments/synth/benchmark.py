@@ -38,6 +38,18 @@ def conversation(questions: list[str], answers: list[str] | None = None, visual:
     return messages
 
 
+def answer_spans(row: list[int], tokenizer) -> list[tuple[int, int]]:
+    """`(first, last)` token positions of every assistant answer of a conversation, its `<|im_end|>` included."""
+    answer_start = tokenizer.encode("<|im_start|>assistant\n")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    spans = []
+    for start in range(len(row) - len(answer_start)):
+        if row[start : start + len(answer_start)] == answer_start:
+            first = start + len(answer_start)
+            spans.append((first, row.index(end, first)))
+    return spans
+
+
 def exercise(
     direction: str,
     rng: np.random.Generator,

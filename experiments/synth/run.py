@@ -45,6 +45,7 @@ from benchmark import (
     FRAMES,
     OPENED_ANSWERS,
     SIZE,
+    answer_spans,
     conversation,
     exercise,
     mixed_turn,
@@ -53,6 +54,7 @@ from benchmark import (
     without_digits,
 )
 from checkpoints import resumable_steps
+from open_reading import open_reading_loss
 from plan import Lookup, run_plan, stages
 from scoring import chooses_answer, chooses_letter, demo_question, score, test_accuracy
 from tqdm import tqdm
@@ -436,18 +438,34 @@ def training_batch(
     rng: np.random.Generator,
     choice_answers: str = "letter",
     listed_open: int = 0,
+    open_twin: bool = False,
 ):
     """Inputs and labels for one step: per clip one conversation of its questions (6, or the one of a
     single-event clip) in random order, each in the open or the multiple-choice form (`mixed_turn`, the
     latter answered as `choice_answers` says, the former with up to `listed_open` digits listed); the
-    loss is on each answer and its `<|im_end|>`."""
-    texts = []
+    loss is on each answer and its `<|im_end|>`. With `open_twin`, also the inputs of the same
+    conversations with every multiple-choice turn asked and answered in the open form (`open_reading`)."""
+    chats, twins = [], []
     for clip in clips:
-        turns = [mixed_turn(clip[i], rng, choice_answers, listed_open) for i in rng.permutation(len(clip))]
-        questions, answers = zip(*turns)
-        texts.append(processor.apply_chat_template(conversation(list(questions), list(answers))))
-    inputs = processor(text=texts, videos=videos, padding=True, return_tensors="pt")
-    return inputs, answer_labels(inputs["input_ids"], processor.tokenizer)
+        records = [clip[i] for i in rng.permutation(len(clip))]
+        turns = [mixed_turn(record, rng, choice_answers, listed_open) for record in records]
+        chats.append(conversation(*map(list, zip(*turns))))
+        opened = [
+            (open_question(record), record["answer_text"]) if question == choice_question(record) else (question, answer)
+            for record, (question, answer) in zip(records, turns)
+        ]  # fmt: skip
+        twins.append(conversation(*map(list, zip(*opened))))
+    inputs = processor(
+        text=[processor.apply_chat_template(chat) for chat in chats],
+        videos=videos,
+        padding=True,
+        return_tensors="pt",
+    )
+    labels = answer_labels(inputs["input_ids"], processor.tokenizer)
+    if not open_twin:
+        return inputs, labels
+    twin = [processor.apply_chat_template(chat) for chat in twins]
+    return inputs, labels, processor(text=twin, videos=videos, padding=True, return_tensors="pt")
 
 
 def lookup_batch(
@@ -463,15 +481,10 @@ def lookup_batch(
 
 def answer_labels(ids: torch.Tensor, tokenizer) -> torch.Tensor:
     """Labels of a padded batch of conversations: every assistant answer and its `<|im_end|>`, -100 elsewhere."""
-    answer_start = tokenizer.encode("<|im_start|>assistant\n")
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     labels = torch.full_like(ids, -100)
     for b, row in enumerate(ids.tolist()):
-        for start in range(len(row) - len(answer_start)):
-            if row[start : start + len(answer_start)] == answer_start:
-                first = start + len(answer_start)
-                last = row.index(end, first)
-                labels[b, first : last + 1] = ids[b, first : last + 1]
+        for first, last in answer_spans(row, tokenizer):
+            labels[b, first : last + 1] = ids[b, first : last + 1]
     return labels
 
 
@@ -549,6 +562,7 @@ def train(
     rehearse_after_clip: bool = False,
     lookup_preamble: int = 0,
     listed_open: int = 0,
+    open_reading_target: bool = False,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -577,7 +591,10 @@ def train(
     words: a lookup learnt only at the start of a turn is lost once anything comes first (item 11).
     With `listed_open` each open question lists 0 to that many random digits before its instruction
     (`benchmark.listed_open_question`): the digit is read at chance among the options once the
-    multiple-choice form's list comes between the question and the answer (item 11).
+    multiple-choice form's list comes between the question and the answer (item 11). With
+    `open_reading_target` the digit a digit-first multiple-choice answer names is trained towards the
+    model's own open-form reading of that question among the 4 options (`open_reading`), not the right
+    digit, which it otherwise learns to copy from the list.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -625,6 +642,11 @@ def train(
         )
     if not 0 <= listed_open <= len(LETTERS):
         raise ValueError(f"listed_open must be in [0, {len(LETTERS)}] listed digits, got {listed_open}")
+    if open_reading_target and choice_answers not in DIGIT_FIRST_ANSWERS:
+        raise ValueError(
+            f"open_reading_target trains the digit of a digit-first answer ({', '.join(DIGIT_FIRST_ANSWERS)}), "
+            f"not of choice_answers {choice_answers!r}"
+        )
     settings = {"model": name, "seed": seed, "steps": steps, "batch_clips": batch, "lr": lr}
     settings |= {"stage1": str(stage1), "data_seed": data_seed, "single_event_steps": single_event_steps}
     # (absent when 0: the checkpoints of runs from before them still resume)
@@ -640,6 +662,8 @@ def train(
         settings["lookup_preamble"] = lookup_preamble
     if listed_open:
         settings["listed_open"] = listed_open
+    if open_reading_target:
+        settings["open_reading_target"] = True
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -656,10 +680,19 @@ def train(
             frames = [np.asarray(all_frames[i]) for i in picked]
             conversations = [clips[i] for i in picked]
         videos = [select_frames(clip_frames, defaults) for clip_frames in frames]
-        inputs, labels = training_batch(
-            processor, conversations, videos, data_rng, choice_answers, listed_open
+        batch_of_step = training_batch(
+            processor, conversations, videos, data_rng, choice_answers, listed_open, open_reading_target
         )
-        video_loss = model(**inputs, labels=labels).loss
+        if open_reading_target:
+            inputs, labels, twin = batch_of_step
+            with torch.no_grad():
+                twin_logits = model(**twin).logits  # (B, L', V): the open form's reading, as the target
+            video_loss = open_reading_loss(
+                model(**inputs).logits, labels, inputs["input_ids"], twin_logits, twin["input_ids"], tokenizer
+            )
+        else:
+            inputs, labels = batch_of_step
+            video_loss = model(**inputs, labels=labels).loss
         loss = video_loss
         if lookup_rehearsal:
             directions = (
@@ -943,6 +976,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIGITS",
         help="list 0 to this many (at most 4) random digits between each open question and its instruction",
     )
+    run.add_argument(
+        "--open-reading-target",
+        action="store_true",
+        help="train the digit a digit-first multiple-choice answer names towards the model's own open-form "
+        "reading of the question among the 4 options, not the right digit",
+    )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -1036,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
                 rehearse_after_clip=args.rehearse_after_clip,
                 lookup_preamble=args.lookup_preamble,
                 listed_open=args.listed_open,
+                open_reading_target=args.open_reading_target,
             )  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)
