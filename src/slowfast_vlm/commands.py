@@ -119,7 +119,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=positive_int, default=1, help="questions per generate call (default 1)"
     )
     parser.add_argument(
-        "--max-new-tokens", type=positive_int, default=32, help="answer length cap (default 32)"
+        "--max-new-tokens", type=positive_int, default=128, help="answer length cap (default 128)"
     )
     parser.add_argument(
         "--num-workers", type=positive_int, default=2, help="video decoding threads (default 2)"

@@ -88,7 +88,7 @@ def predict(
     fps: float | None = None,
     sampling: str | None = None,
     batch_size: int = 1,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 128,
     num_workers: int = 2,
     progress: bool = True,
     group_by_video: bool = True,
