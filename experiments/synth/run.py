@@ -450,11 +450,12 @@ def training_batch(
         records = [clip[i] for i in rng.permutation(len(clip))]
         turns = [mixed_turn(record, rng, choice_answers, listed_open) for record in records]
         chats.append(conversation(*map(list, zip(*turns))))
-        opened = [
-            (open_question(record), record["answer_text"]) if question == choice_question(record) else (question, answer)
-            for record, (question, answer) in zip(records, turns)
-        ]  # fmt: skip
-        twins.append(conversation(*map(list, zip(*opened))))
+        if open_twin:
+            opened = [
+                (open_question(record), record["answer_text"]) if question == choice_question(record) else (question, answer)
+                for record, (question, answer) in zip(records, turns)
+            ]  # fmt: skip
+            twins.append(conversation(*map(list, zip(*opened))))
     inputs = processor(
         text=[processor.apply_chat_template(chat) for chat in chats],
         videos=videos,
