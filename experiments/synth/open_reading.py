@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from benchmark import answer_spans
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from slowfast_vlm.synth import LETTERS
 
@@ -51,14 +51,12 @@ def open_reading_loss(
             if listed is None:  # an open answer: its digit keeps its label
                 continue
             options = [digits[int(d)] for d in listed.groups()]
-            reading = (
-                twin_logits[b, twin_first - 1, options].float().softmax(-1)
-            )  # (4,) predicts the open digit
-            log_probs = logits[b, named - 1].float().log_softmax(-1)[options]  # (4,) predicts the named digit
+            # (4,) the twin's reading where it predicts the open digit; the log-probabilities of the named one
+            reading = twin_logits[b, twin_first - 1, options].float().softmax(-1)
+            log_probs = logits[b, named - 1].float().log_softmax(-1)[options]
             soft.append(-(reading * log_probs).sum())
             labels[b, named] = -100
-    hard = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
     count = int((labels[:, 1:] != -100).sum()) + len(soft)
-    return (hard + sum(soft, torch.zeros(()))) / count
+    # the model's own loss (transformers' causal-LM loss) over the labels left, divided by every target's count
+    hard = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=count)
+    return hard + sum(soft, torch.zeros(())) / count
