@@ -71,7 +71,7 @@ def test_training_batch_mixes_both_forms(choice_answers):
     clips = [generate_clip(clip, 0, "train", FRAMES, SIZE, FPS) for clip in range(2)]
     texts = [open_question(r) for _, records in clips for r in records] + list("0123456789")
     _, processor = build_scratch_model(texts)
-    inputs, labels = run.training_batch(
+    inputs, labels, _ = run.training_batch(
         processor,
         [records for _, records in clips],
         [frames for frames, _ in clips],
@@ -274,9 +274,9 @@ def test_digit_first_answers_are_trained_and_named_in_the_recipe(workdir, monkey
     training_batch = run.training_batch
 
     def recording_batch(processor, conversations, videos, rng, *options):
-        inputs, labels = training_batch(processor, conversations, videos, rng, *options)
+        inputs, labels, twin = training_batch(processor, conversations, videos, rng, *options)
         trained_answers.extend(processor.tokenizer.decode(row[row != -100]) for row in labels)
-        return inputs, labels
+        return inputs, labels, twin
 
     rehearsed = []
     lookup_batch = run.lookup_batch
@@ -358,9 +358,9 @@ def test_rehearsed_exercises_start_with_a_preamble_and_a_cued_run_answers_cued(w
     lookup_batch, training_batch = run.lookup_batch, run.training_batch
 
     def recording_batch(processor, conversations, videos, rng, *options):
-        inputs, labels = training_batch(processor, conversations, videos, rng, *options)
+        inputs, labels, twin = training_batch(processor, conversations, videos, rng, *options)
         trained_answers.extend(processor.tokenizer.decode(row[row != -100]) for row in labels)
-        return inputs, labels
+        return inputs, labels, twin
 
     def recording_lookup_batch(processor, exercises, videos=None):
         rehearsed.extend(exercises)
@@ -426,9 +426,9 @@ def test_a_listed_open_run_lists_digits_in_its_open_turns_only(workdir, monkeypa
     training_batch = run.training_batch
 
     def recording_batch(processor, conversations, videos, rng, *options):
-        inputs, labels = training_batch(processor, conversations, videos, rng, *options)
+        inputs, labels, twin = training_batch(processor, conversations, videos, rng, *options)
         texts.extend(processor.tokenizer.batch_decode(inputs["input_ids"]))
-        return inputs, labels
+        return inputs, labels, twin
 
     monkeypatch.setattr(run, "training_batch", recording_batch)
     with pytest.raises(ValueError, match="listed_open must be in \\[0, 4\\]"):
@@ -949,7 +949,8 @@ def test_open_reading_target_is_the_open_twins_reading_among_the_listed_options(
     args = (processor, [records for _, records in clips], [frames for frames, _ in clips])
     inputs, labels, twin = run.training_batch(*args, np.random.default_rng(3), "restated", 0, True)
     # the same turns as without the twin (the same draws), and the twin asks each of them open
-    plain, plain_labels = run.training_batch(*args, np.random.default_rng(3), "restated")
+    plain, plain_labels, no_twin = run.training_batch(*args, np.random.default_rng(3), "restated")
+    assert no_twin is None
     assert torch.equal(plain["input_ids"], inputs["input_ids"]) and torch.equal(plain_labels, labels)
     turn = r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>"
     logits = torch.randn(*inputs["input_ids"].shape, len(tokenizer), requires_grad=True)

@@ -58,6 +58,7 @@ from open_reading import open_reading_loss
 from plan import Lookup, run_plan, stages
 from scoring import chooses_answer, chooses_letter, demo_question, score, test_accuracy
 from tqdm import tqdm
+from transformers import BatchFeature
 
 from slowfast_vlm.compute import estimate
 from slowfast_vlm.config import SlowFastConfig
@@ -439,8 +440,8 @@ def training_batch(
     choice_answers: str = "letter",
     listed_open: int = 0,
     open_twin: bool = False,
-):
-    """Inputs and labels for one step: per clip one conversation of its questions (6, or the one of a
+) -> tuple[BatchFeature, torch.Tensor, BatchFeature | None]:
+    """Inputs, labels and open twin (None unless `open_twin`) for one step: per clip one conversation of its questions (6, or the one of a
     single-event clip) in random order, each in the open or the multiple-choice form (`mixed_turn`, the
     latter answered as `choice_answers` says, the former with up to `listed_open` digits listed); the
     loss is on each answer and its `<|im_end|>`. With `open_twin`, also the inputs of the same
@@ -464,7 +465,7 @@ def training_batch(
     )
     labels = answer_labels(inputs["input_ids"], processor.tokenizer)
     if not open_twin:
-        return inputs, labels
+        return inputs, labels, None
     twin = [processor.apply_chat_template(chat) for chat in twins]
     return inputs, labels, processor(text=twin, videos=videos, padding=True, return_tensors="pt")
 
@@ -681,18 +682,16 @@ def train(
             frames = [np.asarray(all_frames[i]) for i in picked]
             conversations = [clips[i] for i in picked]
         videos = [select_frames(clip_frames, defaults) for clip_frames in frames]
-        batch_of_step = training_batch(
+        inputs, labels, twin = training_batch(
             processor, conversations, videos, data_rng, choice_answers, listed_open, open_reading_target
         )
-        if open_reading_target:
-            inputs, labels, twin = batch_of_step
+        if twin is not None:
             with torch.no_grad():
                 twin_logits = model(**twin).logits  # (B, L', V): the open form's reading, as the target
             video_loss = open_reading_loss(
                 model(**inputs).logits, labels, inputs["input_ids"], twin_logits, twin["input_ids"], tokenizer
             )
         else:
-            inputs, labels = batch_of_step
             video_loss = model(**inputs, labels=labels).loss
         loss = video_loss
         if lookup_rehearsal:
