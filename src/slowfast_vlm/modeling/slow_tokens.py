@@ -99,7 +99,10 @@ class SlowCache:
 
         Cached keys/values are stored once: contiguous in SDPA's own layout, or, where the CPU decoding
         kernel reads them (bf16 on a CPU with AVX512-BF16), in its layouts only (`read_packed`); the steps
-        that need SDPA's layout there (attention maps, more than 8 query rows per kv head) unpack them."""
+        that need SDPA's layout there (attention maps, more than 8 query rows per kv head) unpack them.
+        They are packed here, at prefill, even when no decoding step follows (a one-token generation:
+        0.22 ms per layer at 2,048 keys, BENCHMARKS.md), so that decoding steps only read the cache and a
+        captured one mutates nothing."""
         if layer_idx in self.key_values or layer_idx in self.packed:
             self.normalized.clear()  # every layer has projected: a decoding step needs only the cache
             if layer_idx in self.key_values:
