@@ -842,8 +842,8 @@ def answers_of(run_dir: Path) -> str:
 
 def ship(run_dir: Path, seed: int = 7, clips: int = 20) -> None:
     """Save a trained model in bfloat16 as the package's demo model, with the first test question it
-    answers correctly in both forms through `slowfast-vlm ask`'s code path while its question-restricted
-    cross-attention peaks on the asked-about digit's frame (`scoring.demo_question`), and its `score` on
+    answers correctly in both forms through `slowfast-vlm ask`'s code path while the map `ask
+    --attention-map` draws peaks on the asked-about digit's frame (`scoring.demo_question`), and its `score` on
     `clips` clips of seed `seed` (both forms, and its answers about clips without a digit) next to the clip."""
     from slowfast_vlm.default_model import DEMO_CLIP, DEMO_MODEL_DIR
     from slowfast_vlm.inference import load_model

@@ -24,7 +24,7 @@ from benchmark import (
 )
 
 from slowfast_vlm.attention_maps import span_attention_map, video_attention_map
-from slowfast_vlm.inference import answer, load_model
+from slowfast_vlm.inference import answer, compute_attention_map, load_model, text_span
 from slowfast_vlm.processing.video import load_video, write_video
 from slowfast_vlm.synth import CATEGORIES, CRF, LETTERS, generate_clip
 
@@ -236,17 +236,21 @@ def demo_question(
     model, processor, data: Path, clips: list[list[dict]], choice_answers: str = "letter"
 ) -> dict | None:
     """The first test question the model answers correctly in both forms through `ask`'s code path (greedy
-    `answer`; the multiple-choice form answered as `CHOICE_ANSWERS[choice_answers]`) while its
-    question-restricted cross-attention peaks on the digit's frame (None if none)."""
+    `answer`; the multiple-choice form answered as `CHOICE_ANSWERS[choice_answers]`) while the map
+    `ask --attention-map` draws for the open form (the cross-attention of the question's own tokens)
+    peaks on the digit's frame (None if none)."""
     for clip in clips:
         frames, _ = load_video(data / clip[0]["video"], **processor.sampling_defaults())
         for record in clip:
             expected = {"open": record["answer_text"], "choice": CHOICE_ANSWERS[choice_answers](record)}
-            right = all(
-                answer(model, processor, frames, ask(record), max_new_tokens=ANSWER_TOKENS).text
-                == expected[form]
+            replies = {
+                form: answer(model, processor, frames, ask(record), max_new_tokens=ANSWER_TOKENS)
                 for form, (ask, _) in FORMS.items()
-            )
-            if right and score_clip(model, processor, frames, [record])[0]["peak_question"]:
+            }
+            if any(replies[form].text != expected[form] for form in FORMS):
+                continue
+            span = text_span(processor, replies["open"].prompt, FORMS["open"][0](record), len(frames))
+            shown = compute_attention_map(model, replies["open"].output, replies["open"].video, span)
+            if shown.peak_frame == record["detail_frames"][0]:
                 return record
     return None
