@@ -513,6 +513,33 @@ def test_accuracy_report_counts_the_letters_named():
     assert report["reasoned_lookup_accuracy"] == 2 / 3  # of the 3 answers naming an option's digit
 
 
+def test_open_answer_kind_names_whose_digit_of_the_clip_was_answered():
+    _, records = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)
+    asked = records[0]  # square 0's touching question; records 1-3: its other one, then square 1's two
+    absent = next(str(d) for d in range(10) if all(r["answer_text"] != str(d) for r in records))
+    named = [
+        records[0]["answer_text"],
+        records[1]["answer_text"],
+        records[2]["answer_text"],
+        records[3]["answer_text"],
+        absent,
+    ]
+    kinds = [scoring.open_answer_kind(digit, asked, records) for digit in named]
+    assert kinds == [
+        "right",
+        "same square",
+        "other square, same wall",
+        "other square, other wall",
+        "not in clip",
+    ]
+    results = [
+        {"category": CATEGORIES[0], "open": k == "right", "choice": False, "choice_letter": "A"}
+        | {"reasoned_digit": False, "reasoned_choice": False, "reasoned_lookup": None, "open_answer": k}
+        for k in kinds + ["right"]
+    ]
+    assert scoring.accuracy_report(results)["open_answers"]["right"] == 2 / 6
+
+
 class ReasonedOracle(torch.nn.Module):
     """Reads each prompt back from its tokens; at its last real position the letter of the option holding
     the digit the prompt's answer starts with ("7; A. 3 B. 7 C. 1 D. 0; ") gets the best logit, at every
@@ -1152,3 +1179,47 @@ def test_each_model_starts_from_a_stage_1_llm_with_its_own_hybrid_layers(model):
     stage1 = run.STAGE1_KNOBS[run.stage1_kind(model)]["hybrid_layers"]
     expected = {"c": [2], "c-early": [1]}.get(model, [])
     assert stage1 == expected and (hybrid == stage1 or model == "c-nogate")
+
+
+def test_evidence_attention_targets_each_answers_digit_and_reads_the_blocks_own_attention():
+    import evidence_attention
+
+    rendered, records = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)
+    texts = [choice_question(r) for r in records] + [open_question(r) for r in records] + [*"0123456789"]
+    model, processor = build_scratch_model(
+        texts, **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    videos = [run.select_frames(rendered, processor.sampling_defaults())] * 2
+    inputs, _, _ = run.training_batch(
+        processor, [records, records[:2]], videos, np.random.default_rng(0), choice_answers="restated"
+    )
+    targets = evidence_attention.evidence_targets(
+        inputs["input_ids"], [records, records], processor.tokenizer
+    )
+    assert len(targets) == len(records) + 2  # every answer names its digit (open or restated)
+    frame_of = {r["answer_text"]: r["detail_frames"][0] for r in records}
+    for b, position, frame in targets:
+        assert frame_of[processor.tokenizer.decode(inputs["input_ids"][b, position + 1])] == frame
+    evidence = evidence_attention.EvidenceAttention(model.hybrid_attentions[0])
+    b, position, frame = targets[3]
+    only_there = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    only_there[b, position] = True  # the block records the attention of that one query
+    with torch.no_grad():
+        outputs = model(**inputs, slow_query_mask=only_there, record_slow_attention=True)
+        tokens_per_frame = int(np.prod(model.model.visual_grid(len(videos[0]))))
+        recorded = outputs.slow_cache.attention_map()[b, 0].mean(0).view(-1, tokens_per_frame).sum(-1)
+        mine = evidence.frame_probabilities([(b, position, frame)], tokens_per_frame)[0]
+        loss = evidence.loss([(b, position, frame)], tokens_per_frame)
+    torch.testing.assert_close(mine, recorded, rtol=1e-4, atol=1e-6)
+    assert abs(float(loss) + float(torch.log(recorded[frame]))) < 1e-4
+
+
+def test_binding_probe_scores_a_linear_label_as_read_and_a_random_one_near_chance():
+    import binding
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(400, 16, generator=generator)
+    linear = (features[:, 3] - features[:, 7] > 0).long()  # a label that one direction of the features holds
+    unrelated = torch.randint(0, 5, (400,), generator=generator)  # 5 classes, independent of the features
+    assert binding.held_out_accuracy(features, linear) > 0.9
+    assert binding.held_out_accuracy(features, unrelated) < 0.35  # chance 0.2

@@ -54,6 +54,7 @@ from benchmark import (
     without_digits,
 )
 from checkpoints import resumable_steps
+from evidence_attention import EvidenceAttention, evidence_targets
 from open_reading import open_reading_loss
 from plan import Lookup, run_plan, stages
 from scoring import chooses_answer, chooses_letter, demo_question, score, test_accuracy
@@ -565,6 +566,7 @@ def train(
     lookup_preamble: int = 0,
     listed_open: int = 0,
     open_reading_target: bool = False,
+    evidence_attention: float = 0.0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -596,7 +598,9 @@ def train(
     multiple-choice form's list comes between the question and the answer (item 11). With
     `open_reading_target` the digit a digit-first multiple-choice answer names is trained towards the
     model's own open-form reading of that question among the 4 options (`open_reading`), not the right
-    digit, which it otherwise learns to copy from the list.
+    digit, which it otherwise learns to copy from the list. With `evidence_attention` the loss adds that
+    weight times `evidence_attention.EvidenceAttention.loss`: the hybrid layer's cross-attention at each
+    answer's digit pulled towards the frame that shows it (labels from the generator).
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -666,6 +670,13 @@ def train(
         settings["listed_open"] = listed_open
     if open_reading_target:
         settings["open_reading_target"] = True
+    if evidence_attention < 0:
+        raise ValueError(f"evidence_attention must be a weight >= 0, got {evidence_attention}")
+    evidence = None
+    if evidence_attention:
+        settings["evidence_attention"] = evidence_attention
+        evidence = EvidenceAttention(model.hybrid_attentions[0])
+        tokens_per_frame = math.prod(model.model.visual_grid(FRAMES))
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -694,6 +705,9 @@ def train(
         else:
             video_loss = model(**inputs, labels=labels).loss
         loss = video_loss
+        if evidence is not None:
+            targets = evidence_targets(inputs["input_ids"], [clips[i] for i in picked], tokenizer)
+            loss = loss + evidence_attention * evidence.loss(targets, tokens_per_frame)
         if lookup_rehearsal:
             directions = (
                 ["digit-first"] * lookup_rehearsal  # the lookup digit-first answers need
@@ -982,6 +996,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the digit a digit-first multiple-choice answer names towards the model's own open-form "
         "reading of the question among the 4 options, not the right digit",
     )
+    run.add_argument(
+        "--evidence-attention",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="add this weight times the loss pulling the cross-attention at each answer's digit towards the "
+        "frame that shows it (labels from the generator)",
+    )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -1076,6 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
                 lookup_preamble=args.lookup_preamble,
                 listed_open=args.listed_open,
                 open_reading_target=args.open_reading_target,
+                evidence_attention=args.evidence_attention,
             )  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)

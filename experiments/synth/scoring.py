@@ -18,6 +18,7 @@ from benchmark import (
     SIZE,
     answer_opening,
     conversation,
+    question_cue,
     question_words,
     reasoned_answer_start,
     without_digits,
@@ -44,6 +45,31 @@ def best_letter(letter_scores: torch.Tensor) -> str:
 def chooses_letter(letter_scores: torch.Tensor, record: dict) -> bool:
     """Multiple-choice form: is the letter with the best of `letter_scores` `(4,)` (A-D) the record's answer?"""
     return best_letter(letter_scores) == record["answer"]
+
+
+OPEN_ANSWER_KINDS = (
+    "right",
+    "same square",
+    "other square, same wall",
+    "other square, other wall",
+    "not in clip",
+)
+
+
+def open_answer_kind(digit: str, record: dict, clip: list[dict]) -> str:
+    """Which of the clip's digits an open-form answer `digit` names (`OPEN_ANSWER_KINDS`): the right one, the
+    asked square's other one (right colour, other wall contact), another square's with the asked wall
+    contact or with the other, or none of the clip's."""
+    if digit == record["answer_text"]:
+        return "right"
+    shown = next((other for other in clip if other["answer_text"] == digit), None)
+    if shown is None:
+        return "not in clip"
+    # (colour, "touching: " or "not touching: ") of the question asked and of the one whose answer was named
+    asked, named = (question_cue(question_words(r)).split(", ") for r in (record, shown))
+    if asked[0] == named[0]:
+        return "same square"
+    return "other square, same wall" if asked[1] == named[1] else "other square, other wall"
 
 
 def question_prefixes(prompt: str, record: dict) -> tuple[str, str]:
@@ -107,6 +133,7 @@ def score_clip(
         result = {
             "category": record["category"],
             "open": chooses_answer(scores[b, digits], record),
+            "open_answer": open_answer_kind(str(int(scores[b, digits].argmax())), record, clip),
             "choice": letter == record["answer"],
             "choice_letter": letter,
             "reasoned_digit": named[b] == record["answer_text"],
@@ -155,7 +182,8 @@ def accuracy_report(results: list[dict]) -> dict:
     Keys: `accuracy` and `<category>` (open form), `choice_accuracy` and `choice_<category>`,
     `choice_letters` (the share of the multiple-choice answers naming each letter: a model that has not
     learnt the form names one letter), for the digit-first answer `reasoned_choice_accuracy` (the letter),
-    `reasoned_digit_accuracy` (the digit, of 10) and `reasoned_lookup_accuracy` (the letter is the one
+    `reasoned_digit_accuracy` (the digit, of 10), `open_answers` (the share of open-form answers, the best of
+    the 10 digits, of each `OPEN_ANSWER_KINDS`: whose digit of the clip they name), and `reasoned_lookup_accuracy` (the letter is the one
     of the option holding the digit named, over answers naming an option's digit; None if none did), and for a slow-fast model `attention_peak_on_detail_frame` (every query token) and
     `question_attention_peak_on_detail_frame` (the question's words)."""
     report = {"questions": len(results)}
@@ -169,6 +197,9 @@ def accuracy_report(results: list[dict]) -> dict:
     report["choice_letters"] = {letter: letters.count(letter) / len(letters) for letter in LETTERS}
     report["reasoned_choice_accuracy"] = float(np.mean([r["reasoned_choice"] for r in results]))
     report["reasoned_digit_accuracy"] = float(np.mean([r["reasoned_digit"] for r in results]))
+    if "open_answer" in results[0]:
+        kinds = [r["open_answer"] for r in results]
+        report["open_answers"] = {kind: kinds.count(kind) / len(kinds) for kind in OPEN_ANSWER_KINDS}
     looked_up = [r["reasoned_lookup"] for r in results if r["reasoned_lookup"] is not None]
     report["reasoned_lookup_accuracy"] = float(np.mean(looked_up)) if looked_up else None
     if "peak_all" in results[0]:

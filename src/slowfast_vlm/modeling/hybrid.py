@@ -168,15 +168,8 @@ class HybridAttention(nn.Module):
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         # Self-attention exactly as in the host family; `query_states` is reused by the cross branch.
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        if hasattr(self, "q_norm"):  # Qwen3
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        query_states, key_states = self.rotated_queries_keys(hidden_states, position_embeddings)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-        cos, sin = compose_multimodal_rotary(*position_embeddings, self.config)  # (B, L, hd) each
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         kv_cache = pop_cache(kwargs)  # the decoder layer passes it under the release's own name
         if kv_cache is not None:
             key_states, value_states = kv_cache.update(key_states, value_states, self.layer_idx)
@@ -202,6 +195,20 @@ class HybridAttention(nn.Module):
                 query_states, attn_output, slow_cache, slow_query_mask
             )
         return self.o_proj(attn_output), attn_weights
+
+    def rotated_queries_keys(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, L, D)` hidden states -> the self-attention's queries `(B, H, L, hd)` and keys `(B, kv_heads, L,
+        hd)` after RoPE, as the host family computes them; the queries are the cross-attention's too."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if hasattr(self, "q_norm"):  # Qwen3
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        cos, sin = compose_multimodal_rotary(*position_embeddings, self.config)  # (B, L, hd) each
+        return apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
     def cross_attention(
         self,

@@ -1,0 +1,103 @@
+"""Where a checkpoint keeps what a question asks for: linear probes of the asked square's colour (5) and wall
+contact (2), on the slow tokens at the digit's own patch of its frame (the keys' side of the cross-attention)
+and on the hidden state of the answer position entering each decoder layer (the queries' side).
+
+    python experiments/synth/binding.py CHECKPOINT [--seed 8] [--clips 100]
+
+Each probe is a logistic regression fit on the first half of the questions and scored on the other half
+(chance: 20% colour, 50% contact). BENCHMARKS.md, issue 20, item 12.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from benchmark import FPS, FRAMES, SIZE, conversation, question_cue, question_words
+from scoring import round_trip
+
+from slowfast_vlm.inference import load_model
+from slowfast_vlm.synth import COLOURS, generate_clip, open_question
+
+PATCH = 8  # pixels per patch side of the scratch encoder
+
+
+def held_out_accuracy(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3) -> float:
+    """A logistic regression on `features` `(n, d)` (standardised by the first half) fit to `labels` `(n,)`
+    of the first half; its accuracy on the second half."""
+    half = len(features) // 2
+    x = (features - features[:half].mean(0)) / (features[:half].std(0) + 1e-6)
+    probe = torch.nn.Linear(x.shape[1], int(labels.max()) + 1)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=500)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (
+            torch.nn.functional.cross_entropy(probe(x[:half]), labels[:half])
+            + l2 * probe.weight.square().sum()
+        )
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float((probe(x[half:]).argmax(-1) == labels[half:]).float().mean())
+
+
+@torch.no_grad()
+def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
+    """Held-out probe accuracies of colour and contact, on the digit's slow token and per layer's input at
+    the answer position of the open question, over `clips` clips of a fresh seed."""
+    model, processor = load_model(checkpoint, "cpu", "float32")
+    width = model.model.visual_grid(FRAMES)[1]
+    slow, hidden, colours, contacts = [], [], [], []
+    for index in range(clips):
+        rendered, records = generate_clip(index, seed, "test", FRAMES, SIZE, FPS)
+        frames = round_trip(rendered, processor)
+        prompts = [
+            processor.apply_chat_template(conversation([open_question(r)]), add_generation_prompt=True)
+            for r in records
+        ]
+        inputs = processor(
+            text=prompts,
+            videos=[frames] * len(prompts),
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        outputs = model(**inputs, output_hidden_states=True)
+        answer = inputs["attention_mask"].sum(1) - 1
+        hidden.append(torch.stack([h[torch.arange(len(prompts)), answer] for h in outputs.hidden_states], 1))
+        tokens = model.model.encode_visual_items([inputs["pixel_values_videos"][0]])[0]  # (T, h*w, D)
+        for record in records:
+            x0, y0, x1, y1 = record["detail_box"]
+            patch = int((y0 + y1) / 2 // PATCH) * width + int((x0 + x1) / 2 // PATCH)
+            slow.append(tokens[record["detail_frames"][0], patch])
+            colour, contact = question_cue(question_words(record)).split(", ")
+            colours.append(list(COLOURS).index(colour))
+            contacts.append(int(contact.startswith("touching")))
+    hidden_states = torch.cat(hidden)  # (questions, layers + 1, D)
+    labels = {"colour": torch.tensor(colours), "contact": torch.tensor(contacts)}
+    report = {"checkpoint": str(checkpoint), "seed": seed, "questions": len(slow)}
+    report["digit_slow_token"] = {name: held_out_accuracy(torch.stack(slow), y) for name, y in labels.items()}
+    report["answer_position_entering_layer"] = [
+        {name: held_out_accuracy(hidden_states[:, layer], y) for name, y in labels.items()}
+        for layer in range(hidden_states.shape[1] - 1)
+    ]
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--seed", type=int, default=8, help="the clips' seed (not 0: the experiment's)")
+    parser.add_argument("--clips", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(json.dumps(binding_probes(args.checkpoint, args.seed, args.clips)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
