@@ -1162,11 +1162,12 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 
 
 def test_every_documented_experiment_command_parses():
+    import binding
     import lookup
 
-    parsers = {"run": run.build_parser(), "lookup": lookup.build_parser()}
+    parsers = {"run": run.build_parser(), "lookup": lookup.build_parser(), "binding": binding.build_parser()}
     commands = documented_commands()
-    assert {script for script, _ in commands} == {"run", "lookup"} and len(commands) > 15
+    assert {script for script, _ in commands} == set(parsers) and len(commands) > 15
     for script, arguments in commands:
         parsers[script].parse_args(arguments)  # exits (status 2) on an unknown or malformed option
 
@@ -1223,3 +1224,19 @@ def test_binding_probe_scores_a_linear_label_as_read_and_a_random_one_near_chanc
     unrelated = torch.randint(0, 5, (400,), generator=generator)  # 5 classes, independent of the features
     assert binding.held_out_accuracy(features, linear) > 0.9
     assert binding.held_out_accuracy(features, unrelated) < 0.35  # chance 0.2
+
+
+def test_binding_probes_run_on_a_saved_checkpoint(tmp_path):
+    import binding
+
+    _, records = generate_clip(0, 8, "test", FRAMES, SIZE, FPS)
+    model, processor = build_scratch_model(
+        [open_question(r) for r in records], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    report = binding.binding_probes(tmp_path, seed=8, clips=4)
+    assert report["questions"] == 4 * len(records)
+    assert len(report["answer_position_entering_layer"]) == model.config.text_config.num_hidden_layers
+    # (entering layer 0 the answer position is the same token for every question: nothing to read there)
+    assert report["answer_position_entering_layer"][0]["contact"] <= 0.75

@@ -89,12 +89,16 @@ def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
     return report
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--seed", type=int, default=8, help="the clips' seed (not 0: the experiment's)")
     parser.add_argument("--clips", type=int, default=100)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     print(json.dumps(binding_probes(args.checkpoint, args.seed, args.clips)), flush=True)
 
