@@ -1,6 +1,7 @@
 """Where a checkpoint keeps what a question asks for: linear probes of the asked square's colour (5) and wall
-contact (2), on the slow tokens at the digit's own patch of its frame (the keys' side of the cross-attention)
-and on the hidden state of the answer position entering each decoder layer (the queries' side).
+contact (2), on the slow token at the digit's own patch of its frame and the hybrid layer's key of it (the
+cross-attention's key side), and on the hidden state of the answer position entering each decoder layer and
+the hybrid layer's query there, after RoPE (the query side).
 
     python experiments/synth/binding.py CHECKPOINT [--seed 8] [--clips 100]
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from benchmark import FPS, FRAMES, SIZE, conversation, question_cue, question_words
+from evidence_attention import EvidenceAttention
 from scoring import round_trip
 
 from slowfast_vlm.inference import load_model
@@ -48,11 +50,14 @@ def held_out_accuracy(features: torch.Tensor, labels: torch.Tensor, l2: float = 
 
 @torch.no_grad()
 def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
-    """Held-out probe accuracies of colour and contact, on the digit's slow token and per layer's input at
-    the answer position of the open question, over `clips` clips of a fresh seed."""
+    """Held-out probe accuracies of colour and contact, on the digit's slow token and the hybrid layer's key
+    of it, and at the answer position of the open question on the hybrid layer's query and on each layer's
+    input, over `clips` clips of a fresh seed."""
     model, processor = load_model(checkpoint, "cpu", "float32")
     width = model.model.visual_grid(FRAMES)[1]
-    slow, hidden, colours, contacts = [], [], [], []
+    hybrid = EvidenceAttention(model.hybrid_attentions[0])  # (its hook keeps the block's inputs)
+    block = hybrid.attention
+    slow, keys, hidden, queries, colours, contacts = [], [], [], [], [], []
     for index in range(clips):
         rendered, records = generate_clip(index, seed, "test", FRAMES, SIZE, FPS)
         frames = round_trip(rendered, processor)
@@ -70,18 +75,27 @@ def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
         outputs = model(**inputs, output_hidden_states=True)
         answer = inputs["attention_mask"].sum(1) - 1
         hidden.append(torch.stack([h[torch.arange(len(prompts)), answer] for h in outputs.hidden_states], 1))
+        rotated, _ = block.rotated_queries_keys(
+            hybrid.call["hidden_states"], hybrid.call["position_embeddings"]
+        )
+        queries.append(rotated[torch.arange(len(prompts)), :, answer].flatten(1))  # (questions, H*hd)
         tokens = model.model.encode_visual_items([inputs["pixel_values_videos"][0]])[0]  # (T, h*w, D)
+        key, _ = block.project_slow(tokens.flatten(0, 1)[None])  # (1, kv_heads, T*h*w, hd)
+        key = key[0].transpose(0, 1).reshape(*tokens.shape[:2], -1)  # (T, h*w, kv_heads*hd)
         for record in records:
             x0, y0, x1, y1 = record["detail_box"]
             patch = int((y0 + y1) / 2 // PATCH) * width + int((x0 + x1) / 2 // PATCH)
             slow.append(tokens[record["detail_frames"][0], patch])
+            keys.append(key[record["detail_frames"][0], patch])
             colour, contact = question_cue(question_words(record)).split(", ")
             colours.append(list(COLOURS).index(colour))
             contacts.append(int(contact.startswith("touching")))
     hidden_states = torch.cat(hidden)  # (questions, layers + 1, D)
     labels = {"colour": torch.tensor(colours), "contact": torch.tensor(contacts)}
     report = {"checkpoint": str(checkpoint), "seed": seed, "questions": len(slow)}
-    report["digit_slow_token"] = {name: held_out_accuracy(torch.stack(slow), y) for name, y in labels.items()}
+    for side, features in (("digit_slow_token", slow), ("hybrid_key_of_it", keys), ("hybrid_query", queries)):
+        features = torch.stack(features) if side != "hybrid_query" else torch.cat(features)
+        report[side] = {name: held_out_accuracy(features, y) for name, y in labels.items()}
     report["answer_position_entering_layer"] = [
         {name: held_out_accuracy(hidden_states[:, layer], y) for name, y in labels.items()}
         for layer in range(hidden_states.shape[1] - 1)
