@@ -58,6 +58,7 @@ from evidence_attention import EvidenceAttention, evidence_targets
 from open_reading import open_reading_loss
 from plan import Lookup, run_plan, stages
 from scoring import chooses_answer, chooses_letter, demo_question, score, test_accuracy
+from torch import nn
 from tqdm import tqdm
 from transformers import BatchFeature
 
@@ -547,6 +548,18 @@ def prefill_flops(model, processor, name: str) -> dict:
     return {"llm_prefill_flops": result.llm_prefill_flops, "sequence_length": result.sequence_length}
 
 
+def parameter_groups(model: nn.Module, lr: float, kv_lr_scale: float = 1.0) -> list[dict]:
+    """The optimizer's groups of `model`'s trainable parameters: one, or with `kv_lr_scale` != 1 the hybrid
+    layers' key/value projections (`cross_attn_kv_proj`) apart at `lr * kv_lr_scale` (one group otherwise,
+    so that the checkpoints of earlier runs still resume)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if kv_lr_scale == 1.0:
+        return [{"params": trainable}]
+    key_value = [p for n, p in model.named_parameters() if ".cross_attn_kv_proj." in n and p.requires_grad]
+    others = [p for p in trainable if all(p is not q for q in key_value)]
+    return [{"params": others}, {"params": key_value, "lr": lr * kv_lr_scale}]
+
+
 def train(
     name: str,
     seed: int,
@@ -567,6 +580,7 @@ def train(
     listed_open: int = 0,
     open_reading_target: bool = False,
     evidence_attention: float = 0.0,
+    kv_lr_scale: float = 1.0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -600,7 +614,8 @@ def train(
     model's own open-form reading of that question among the 4 options (`open_reading`), not the right
     digit, which it otherwise learns to copy from the list. With `evidence_attention` the loss adds that
     weight times `evidence_attention.EvidenceAttention.loss`: the hybrid layer's cross-attention at each
-    answer's digit pulled towards the frame that shows it (labels from the generator).
+    answer's digit pulled towards the frame that shows it (labels from the generator). `kv_lr_scale`
+    multiplies the learning rate of the hybrid layer's key/value projection (`cross_attn_kv_proj`).
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -624,7 +639,9 @@ def train(
     model.model.vision_tower.requires_grad_(False)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, lr, kv_lr_scale), lr=lr, weight_decay=0.01, betas=(0.9, 0.98)
+    )
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -670,6 +687,10 @@ def train(
         settings["listed_open"] = listed_open
     if open_reading_target:
         settings["open_reading_target"] = True
+    if kv_lr_scale <= 0:
+        raise ValueError(f"kv_lr_scale must be > 0, got {kv_lr_scale}")
+    if kv_lr_scale != 1.0:
+        settings["kv_lr_scale"] = kv_lr_scale
     if evidence_attention < 0:
         raise ValueError(f"evidence_attention must be a weight >= 0, got {evidence_attention}")
     evidence = None
@@ -1004,6 +1025,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="add this weight times the loss pulling the cross-attention at each answer's digit towards the "
         "frame that shows it (labels from the generator)",
     )
+    run.add_argument(
+        "--kv-lr-scale",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="multiply the learning rate of the hybrid layer's key/value projection by this",
+    )
     add_curriculum_arguments(run)
     plan = commands.add_parser("plan", help="run every unfinished stage for these seeds and models, resuming")
     plan.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -1099,6 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
                 listed_open=args.listed_open,
                 open_reading_target=args.open_reading_target,
                 evidence_attention=args.evidence_attention,
+                kv_lr_scale=args.kv_lr_scale,
             )  # fmt: skip
         except ValueError as error:
             print(f"run.py train: error: {error}", file=sys.stderr)
