@@ -1245,8 +1245,8 @@ def test_binding_probes_run_on_a_saved_checkpoint(tmp_path):
 def test_kv_lr_scale_puts_the_hybrid_key_value_projection_alone_at_its_own_rate():
     model, _ = build_scratch_model(["0"], **run.STAGE1_KNOBS["slow"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert run.parameter_groups(model, 1e-3) == [{"params": trainable}]
-    others, key_value = run.parameter_groups(model, 1e-3, kv_lr_scale=10.0)
+    assert run.parameter_groups(model, trainable, 1e-3) == [{"params": trainable}]
+    others, key_value = run.parameter_groups(model, trainable, 1e-3, kv_lr_scale=10.0)
     projection = model.hybrid_attentions[0].cross_attn_kv_proj
     assert {id(p) for p in key_value["params"]} == {id(projection.weight), id(projection.bias)}
     assert key_value["lr"] == pytest.approx(1e-2) and "lr" not in others

@@ -23,8 +23,6 @@ from scoring import round_trip
 from slowfast_vlm.inference import load_model
 from slowfast_vlm.synth import COLOURS, generate_clip, open_question
 
-PATCH = 8  # pixels per patch side of the scratch encoder
-
 
 def held_out_accuracy(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3) -> float:
     """A logistic regression on `features` `(n, d)` (standardised by the first half) fit to `labels` `(n,)`
@@ -54,7 +52,7 @@ def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
     of it, and at the answer position of the open question on the hybrid layer's query and on each layer's
     input, over `clips` clips of a fresh seed."""
     model, processor = load_model(checkpoint, "cpu", "float32")
-    width = model.model.visual_grid(FRAMES)[1]
+    width, patch_side = model.model.visual_grid(FRAMES)[1], model.config.vision_config.patch_size
     hybrid = EvidenceAttention(model.hybrid_attentions[0])  # (its hook keeps the block's inputs)
     block = hybrid.attention
     slow, keys, hidden, queries, colours, contacts = [], [], [], [], [], []
@@ -78,13 +76,13 @@ def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
         rotated, _ = block.rotated_queries_keys(
             hybrid.call["hidden_states"], hybrid.call["position_embeddings"]
         )
-        queries.append(rotated[torch.arange(len(prompts)), :, answer].flatten(1))  # (questions, H*hd)
+        queries.extend(rotated[torch.arange(len(prompts)), :, answer].flatten(1))  # each (H*hd,)
         tokens = model.model.encode_visual_items([inputs["pixel_values_videos"][0]])[0]  # (T, h*w, D)
         key, _ = block.project_slow(tokens.flatten(0, 1)[None])  # (1, kv_heads, T*h*w, hd)
         key = key[0].transpose(0, 1).reshape(*tokens.shape[:2], -1)  # (T, h*w, kv_heads*hd)
         for record in records:
             x0, y0, x1, y1 = record["detail_box"]
-            patch = int((y0 + y1) / 2 // PATCH) * width + int((x0 + x1) / 2 // PATCH)
+            patch = int((y0 + y1) / 2 // patch_side) * width + int((x0 + x1) / 2 // patch_side)
             slow.append(tokens[record["detail_frames"][0], patch])
             keys.append(key[record["detail_frames"][0], patch])
             colour, contact = question_cue(question_words(record)).split(", ")
@@ -94,8 +92,7 @@ def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
     labels = {"colour": torch.tensor(colours), "contact": torch.tensor(contacts)}
     report = {"checkpoint": str(checkpoint), "seed": seed, "questions": len(slow)}
     for side, features in (("digit_slow_token", slow), ("hybrid_key_of_it", keys), ("hybrid_query", queries)):
-        features = torch.stack(features) if side != "hybrid_query" else torch.cat(features)
-        report[side] = {name: held_out_accuracy(features, y) for name, y in labels.items()}
+        report[side] = {name: held_out_accuracy(torch.stack(features), y) for name, y in labels.items()}
     report["answer_position_entering_layer"] = [
         {name: held_out_accuracy(hidden_states[:, layer], y) for name, y in labels.items()}
         for layer in range(hidden_states.shape[1] - 1)

@@ -548,11 +548,12 @@ def prefill_flops(model, processor, name: str) -> dict:
     return {"llm_prefill_flops": result.llm_prefill_flops, "sequence_length": result.sequence_length}
 
 
-def parameter_groups(model: nn.Module, lr: float, kv_lr_scale: float = 1.0) -> list[dict]:
-    """The optimizer's groups of `model`'s trainable parameters: one, or with `kv_lr_scale` != 1 the hybrid
+def parameter_groups(
+    model: nn.Module, trainable: list[nn.Parameter], lr: float, kv_lr_scale: float = 1.0
+) -> list[dict]:
+    """The optimizer's groups of `model`'s `trainable` parameters: one, or with `kv_lr_scale` != 1 the hybrid
     layers' key/value projections (`cross_attn_kv_proj`) apart at `lr * kv_lr_scale` (one group otherwise,
     so that the checkpoints of earlier runs still resume)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if kv_lr_scale == 1.0:
         return [{"params": trainable}]
     key_value = [p for n, p in model.named_parameters() if ".cross_attn_kv_proj." in n and p.requires_grad]
@@ -640,7 +641,7 @@ def train(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, lr, kv_lr_scale), lr=lr, weight_decay=0.01, betas=(0.9, 0.98)
+        parameter_groups(model, trainable, lr, kv_lr_scale), lr=lr, weight_decay=0.01, betas=(0.9, 0.98)
     )
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
