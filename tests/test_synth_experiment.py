@@ -1164,8 +1164,14 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 def test_every_documented_experiment_command_parses():
     import binding
     import lookup
+    import widen_kv_heads
 
-    parsers = {"run": run.build_parser(), "lookup": lookup.build_parser(), "binding": binding.build_parser()}
+    parsers = {
+        "run": run.build_parser(),
+        "lookup": lookup.build_parser(),
+        "binding": binding.build_parser(),
+        "widen_kv_heads": widen_kv_heads.build_parser(),
+    }
     commands = documented_commands()
     assert {script for script, _ in commands} == set(parsers) and len(commands) > 15
     for script, arguments in commands:
@@ -1240,6 +1246,43 @@ def test_binding_probes_run_on_a_saved_checkpoint(tmp_path):
     assert len(report["answer_position_entering_layer"]) == model.config.text_config.num_hidden_layers
     # (entering layer 0 the answer position is the same token for every question: nothing to read there)
     assert report["answer_position_entering_layer"][0]["contact"] <= 0.75
+
+
+def test_widened_kv_heads_compute_the_checkpoints_logits(tmp_path):
+    import widen_kv_heads
+
+    rendered, records = generate_clip(0, 8, "test", FRAMES, SIZE, FPS)
+    model, processor = build_scratch_model(
+        [open_question(r) for r in records], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    assert model.config.text_config.num_key_value_heads == 1  # (the experiment's LLM: one kv head)
+    # 1 -> 2 heads, then two different heads (random key/value rows: a trained branch), so that going on
+    # to 4 must send each query head the copy of its own kv head
+    model = processor.prepare_model(widen_kv_heads.widen_kv_heads(model, 2))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "cross_attn" in name or ".k_proj." in name or ".v_proj." in name:
+                parameter.normal_(std=0.2)
+    videos = [run.select_frames(rendered, processor.sampling_defaults())] * 2
+    inputs, _, _ = run.training_batch(
+        processor, [records[:1], records[1:2]], videos, np.random.default_rng(0)
+    )
+    widened = processor.prepare_model(widen_kv_heads.widen_kv_heads(model, 4))
+    widened.save_pretrained(tmp_path)
+    reloaded = processor.prepare_model(type(model).from_pretrained(tmp_path, dtype=torch.float32).eval())
+    no_slow = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        assert (
+            model(**inputs, slow_query_mask=no_slow).logits - expected
+        ).abs().max() > 1e-2  # (the branch counts)
+        for candidate in (widened, reloaded):
+            assert candidate.config.text_config.num_key_value_heads == 4
+            assert candidate.hybrid_attentions[0].cross_attn_kv_proj.out_features == 2 * 4 * 32
+            torch.testing.assert_close(candidate(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="--kv-heads 3"):
+        widen_kv_heads.widen_kv_heads(model, 3)
 
 
 def test_kv_lr_scale_puts_the_hybrid_key_value_projection_alone_at_its_own_rate():
