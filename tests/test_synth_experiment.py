@@ -1268,7 +1268,11 @@ def test_widened_kv_heads_compute_the_checkpoints_logits(tmp_path):
     inputs, _, _ = run.training_batch(
         processor, [records[:1], records[1:2]], videos, np.random.default_rng(0)
     )
-    widened = processor.prepare_model(widen_kv_heads.widen_kv_heads(model, 4))
+    widened = widen_kv_heads.widen_kv_heads(model, 4)
+    assert (
+        widened.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+    )  # (kept, not re-derived)
+    processor.prepare_model(widened)
     widened.save_pretrained(tmp_path)
     reloaded = processor.prepare_model(type(model).from_pretrained(tmp_path, dtype=torch.float32).eval())
     no_slow = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
@@ -1279,7 +1283,8 @@ def test_widened_kv_heads_compute_the_checkpoints_logits(tmp_path):
         ).abs().max() > 1e-2  # (the branch counts)
         for candidate in (widened, reloaded):
             assert candidate.config.text_config.num_key_value_heads == 4
-            assert candidate.hybrid_attentions[0].cross_attn_kv_proj.out_features == 2 * 4 * 32
+            block = candidate.hybrid_attentions[0]
+            assert block.cross_attn_kv_proj.out_features == 2 * 4 * block.head_dim
             torch.testing.assert_close(candidate(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="--kv-heads 3"):
         widen_kv_heads.widen_kv_heads(model, 3)

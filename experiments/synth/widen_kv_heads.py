@@ -35,8 +35,8 @@ PER_KV_HEAD = (
 
 
 def widened_state(state: dict[str, torch.Tensor], old_heads: int, new_heads: int) -> dict[str, torch.Tensor]:
-    """`state` with every per-kv-head tensor of the LLM (not the vision tower's) with its rows `(old_heads * r, ...)` repeated head by head to
-    `(new_heads * r, ...)`; the rest unchanged."""
+    """`state` with the rows `(old_heads * r, ...)` of every per-kv-head tensor of the LLM (not of the vision
+    tower) repeated head by head to `(new_heads * r, ...)`; the rest unchanged."""
     repeat = new_heads // old_heads
     widened = {}
     for name, tensor in state.items():
@@ -62,6 +62,9 @@ def widen_kv_heads(
     config.text_config.num_key_value_heads = kv_heads
     widened = SlowFastForConditionalGeneration(config).to(model.dtype)
     widened.load_state_dict(widened_state(model.state_dict(), old_heads, kv_heads))
+    widened.generation_config = copy.deepcopy(
+        model.generation_config
+    )  # (its eos / pad ids, not the defaults)
     return widened.eval()
 
 
