@@ -62,9 +62,8 @@ def widen_kv_heads(
     config.text_config.num_key_value_heads = kv_heads
     widened = SlowFastForConditionalGeneration(config).to(model.dtype)
     widened.load_state_dict(widened_state(model.state_dict(), old_heads, kv_heads))
-    widened.generation_config = copy.deepcopy(
-        model.generation_config
-    )  # (its eos / pad ids, not the defaults)
+    # (its eos / pad ids, not the defaults a new model derives from its config)
+    widened.generation_config = copy.deepcopy(model.generation_config)
     return widened.eval()
 
 
