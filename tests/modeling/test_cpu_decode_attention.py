@@ -1,5 +1,9 @@
 """The CPU decoding kernel of the slow cross-attention: SDPA's arithmetic, one read of the keys/values."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,6 +132,83 @@ def test_a_kernel_that_cannot_be_built_warns_and_leaves_sdpa(monkeypatch, caplog
         )
     finally:
         cpu_decode_attention._extension.cache_clear()  # the next use loads the real one again
+
+
+def torch_like_load(calls):
+    """Stands in for `cpp_extension.load` with torch's locking: a `lock` file already in the build folder
+    would make it wait forever (torch's FileBaton), so here it fails instead."""
+    from torch.utils.file_baton import FileBaton
+
+    def load(**kwargs):
+        baton = FileBaton(str(Path(kwargs["build_directory"]) / "lock"))
+        if not baton.try_acquire():
+            raise AssertionError("torch would wait forever on the lock file left in the build folder")
+        baton.release()
+        calls.append(kwargs["build_directory"])
+        return "kernel"
+
+    return load
+
+
+def kill_a_build_midway(build: Path, keep_running: bool) -> subprocess.Popen:
+    """A process that takes the build lock and leaves torch's `lock` file, as a build does; it is killed
+    (SIGKILL: nothing cleans up) unless `keep_running`, in which case it holds the lock until killed."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "open(sys.argv[2], 'w').close(); print('building', flush=True); time.sleep(120)",
+            str(build / "build.lock"),
+            str(build / "lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "building"
+    if not keep_running:
+        holder.kill()
+        holder.wait()
+    return holder
+
+
+def load_extension_with(monkeypatch, tmp_path, calls):
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", torch_like_load(calls))
+    cpu_decode_attention._extension.cache_clear()
+    try:
+        return cpu_decode_attention._extension()
+    finally:
+        cpu_decode_attention._extension.cache_clear()  # the next use loads the real one again
+
+
+def test_a_build_killed_midway_does_not_stall_the_next_load(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = cpu_decode_attention.build_directory()
+    build.mkdir(parents=True)
+    kill_a_build_midway(build, keep_running=False)
+    assert (build / "lock").exists()  # what made every later torch load wait forever
+    calls = []
+    assert load_extension_with(monkeypatch, tmp_path, calls) == "kernel"
+    assert calls == [str(build)] and build.is_relative_to(tmp_path)
+
+
+def test_a_build_running_elsewhere_is_waited_for_then_sdpa_is_used(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_decode_attention, "BUILD_LOCK_TIMEOUT_S", 0.5)
+    build = cpu_decode_attention.build_directory()
+    build.mkdir(parents=True)
+    holder = kill_a_build_midway(build, keep_running=True)
+    calls = []
+    try:
+        assert load_extension_with(monkeypatch, tmp_path, calls) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert calls == [] and "still being built by another process after 0.5 s" in caplog.text
+    assert load_extension_with(monkeypatch, tmp_path, calls) == "kernel"  # its holder gone, the lock is free
 
 
 def test_unpack_gives_back_the_keys_and_values_pack_was_given():

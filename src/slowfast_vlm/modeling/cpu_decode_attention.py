@@ -10,9 +10,10 @@ back to the steps the kernel does not answer). Its arithmetic is SDPA's: bf16 pr
 softmax in fp32, probabilities rounded to bf16 before they weight the values.
 
 Used for bf16 keys/values on a CPU with AVX512-BF16, without autograd, for at most 8 query rows per kv head;
-everything else goes through SDPA. The extension is compiled on first use (about 40 s; torch caches it
-under ~/.cache/torch_extensions) and needs a C++ compiler and ninja; where it cannot be built a warning
-says so and SDPA is used. `SLOWFAST_VLM_CPU_DECODE_KERNEL=0` keeps SDPA everywhere.
+everything else goes through SDPA. The extension is compiled on first use (about 40 s; cached under
+torch's extensions folder, `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions) and needs a C++ compiler
+and ninja; where it cannot be built a warning says so and SDPA is used.
+`SLOWFAST_VLM_CPU_DECODE_KERNEL=0` keeps SDPA everywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 ENV_SWITCH = "SLOWFAST_VLM_CPU_DECODE_KERNEL"
 MAX_ROWS = 8  # query rows per kv head the kernel keeps in registers
 KEY_BLOCK = 16  # keys per packed block: one AVX-512 vector of fp32 scores
+BUILD_LOCK_TIMEOUT_S = 600.0  # how long a process waits for another one's build before it uses SDPA
+_NAME = "slowfast_vlm_cpu_decode_attention"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 
 
@@ -43,20 +47,47 @@ class PackedKeyValue(NamedTuple):
     bias: torch.Tensor  # (B, N) fp32 additive key mask (0 / -inf); empty (0,) when nothing is padded
 
 
+def build_directory() -> Path:
+    """Where the kernel is built and cached: one folder per Python and torch build under torch's
+    extensions root (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    build = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    return Path(root) / build / _NAME
+
+
 @functools.cache
 def _extension():
     """The compiled kernel, or None (with a warning) where it cannot be built."""
+    from filelock import FileLock, Timeout
     from torch.utils.cpp_extension import load
 
     logger.warning(
         "loading the CPU decoding kernel of the slow cross-attention (built on first use, about 40 s)"
     )
+    build = build_directory()
     try:
-        return load(
-            name="slowfast_vlm_cpu_decode_attention",
-            sources=[str(Path(__file__).with_suffix(".cpp"))],
-            extra_cflags=_FLAGS,
+        build.mkdir(parents=True, exist_ok=True)
+        # torch marks a build in progress with a plain `lock` file, which a killed build leaves behind and
+        # every later load then waits on forever. An OS lock, released when its holder dies, guards the
+        # build instead: whoever holds it knows a `lock` file it finds is a dead build's.
+        with FileLock(build / "build.lock", timeout=BUILD_LOCK_TIMEOUT_S):
+            (build / "lock").unlink(missing_ok=True)
+            return load(
+                name=_NAME,
+                sources=[str(Path(__file__).with_suffix(".cpp"))],
+                extra_cflags=_FLAGS,
+                build_directory=str(build),
+            )
+    except Timeout:
+        logger.warning(
+            "the CPU decoding kernel is still being built by another process after %g s (%s): "
+            "decoding uses SDPA",
+            BUILD_LOCK_TIMEOUT_S,
+            build,
         )
+        return None
     except Exception as error:  # no compiler, no ninja, ...: the model still runs, through SDPA
         logger.warning("the CPU decoding kernel could not be built (%s): decoding uses SDPA", error)
         return None
