@@ -1162,6 +1162,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 
 
 def test_every_documented_experiment_command_parses():
+    import add_hybrid_layer
     import binding
     import lookup
     import widen_kv_heads
@@ -1171,6 +1172,7 @@ def test_every_documented_experiment_command_parses():
         "lookup": lookup.build_parser(),
         "binding": binding.build_parser(),
         "widen_kv_heads": widen_kv_heads.build_parser(),
+        "add_hybrid_layer": add_hybrid_layer.build_parser(),
     }
     commands = documented_commands()
     assert {script for script, _ in commands} == set(parsers) and len(commands) > 15
@@ -1286,6 +1288,46 @@ def test_widened_kv_heads_compute_the_checkpoints_logits(tmp_path):
             torch.testing.assert_close(candidate(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="--kv-heads 3"):
         widen_kv_heads.widen_kv_heads(model, 3)
+
+
+def test_an_added_hybrid_layer_keeps_the_logits_and_training_keeps_it(workdir, tmp_path):
+    import add_hybrid_layer
+
+    rendered, records = generate_clip(0, 8, "test", FRAMES, SIZE, FPS)
+    model, processor = build_scratch_model(
+        [open_question(r) for r in records], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained branch: random key/value rows, so that the slow tokens move the logits
+        for name, parameter in model.named_parameters():
+            if "cross_attn" in name:
+                parameter.normal_(std=0.2)
+    videos = [run.select_frames(rendered, processor.sampling_defaults())] * 2
+    inputs, _, _ = run.training_batch(
+        processor, [records[:1], records[1:2]], videos, np.random.default_rng(0)
+    )
+    extended = add_hybrid_layer.add_hybrid_layer(model, 3)
+    extended.save_pretrained(tmp_path / "extended")
+    processor.save_pretrained(tmp_path / "extended")
+    reloaded = type(model).from_pretrained(tmp_path / "extended", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        for candidate in (extended, reloaded):
+            assert run.hybrid_layers_of(candidate) == [2, 3] and candidate.config.hybrid_layers == [2, 3]
+            torch.testing.assert_close(candidate(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+        # the new layer is read: values of its own move the logits
+        block = reloaded.model.language_model.layers[3].self_attn
+        block.cross_attn_kv_proj.weight.normal_(std=0.2)
+        assert (reloaded(**inputs).logits - expected).abs().max() > 1e-2
+    for wrong in (2, 4):
+        with pytest.raises(ValueError, match=f"--layer {wrong}"):
+            add_hybrid_layer.add_hybrid_layer(model, wrong)
+    # a (c) run continued from it trains both hybrid layers and saves them
+    run.train("c", 0, 1, BATCH, 1e-3, tmp_path / "continued", tmp_path / "extended")
+    continued = type(model).from_pretrained(tmp_path / "continued", dtype=torch.float32)
+    assert run.hybrid_layers_of(continued) == [2, 3]
+    new_layer = "model.language_model.layers.3.self_attn.cross_attn_kv_proj.weight"
+    assert not torch.equal(continued.state_dict()[new_layer], extended.state_dict()[new_layer])
 
 
 def test_kv_lr_scale_puts_the_hybrid_key_value_projection_alone_at_its_own_rate():

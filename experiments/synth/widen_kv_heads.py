@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import torch
+from surgery import rewrite_checkpoint, surgery_parser
 
 from slowfast_vlm.modeling.model import SlowFastForConditionalGeneration
-from slowfast_vlm.processing.processor import SlowFastProcessor
 
 # state-dict name endings whose leading rows are laid out kv head by kv head
 PER_KV_HEAD = (
@@ -68,23 +67,13 @@ def widen_kv_heads(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
+    parser = surgery_parser(__doc__.splitlines()[0])
     parser.add_argument("--kv-heads", type=int, required=True, help="key/value heads of the widened LLM")
-    parser.add_argument("--out", type=Path, required=True)
     return parser
 
 
 def main() -> None:
-    parser = build_parser()
-    args = parser.parse_args()
-    model = SlowFastForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.float32)
-    try:
-        widened = widen_kv_heads(model, args.kv_heads)
-    except ValueError as error:
-        parser.error(str(error))
-    widened.save_pretrained(args.out)
-    SlowFastProcessor.from_pretrained(args.checkpoint).save_pretrained(args.out)
+    args, _ = rewrite_checkpoint(build_parser(), lambda model, args: widen_kv_heads(model, args.kv_heads))
     print(f"{args.checkpoint} with {args.kv_heads} kv heads -> {args.out}", flush=True)
 
 
