@@ -1290,6 +1290,14 @@ def test_widened_kv_heads_compute_the_checkpoints_logits(tmp_path):
         widen_kv_heads.widen_kv_heads(model, 3)
 
 
+def hybrid_layers_of(model) -> list[int]:
+    """The decoder layers that are built as hybrid layers (read off the modules, not the config)."""
+    from slowfast_vlm.modeling.hybrid import HybridAttention
+
+    layers = model.model.language_model.layers
+    return [i for i, layer in enumerate(layers) if isinstance(layer.self_attn, HybridAttention)]
+
+
 def test_an_added_hybrid_layer_keeps_the_logits_and_training_keeps_it(workdir, tmp_path):
     import add_hybrid_layer
 
@@ -1313,7 +1321,7 @@ def test_an_added_hybrid_layer_keeps_the_logits_and_training_keeps_it(workdir, t
     with torch.no_grad():
         expected = model(**inputs).logits
         for candidate in (extended, reloaded):
-            assert run.hybrid_layers_of(candidate) == [2, 3] and candidate.config.hybrid_layers == [2, 3]
+            assert hybrid_layers_of(candidate) == [2, 3] and candidate.config.hybrid_layers == [2, 3]
             torch.testing.assert_close(candidate(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
         # the new layer is read: values of its own move the logits
         block = reloaded.model.language_model.layers[3].self_attn
@@ -1325,7 +1333,7 @@ def test_an_added_hybrid_layer_keeps_the_logits_and_training_keeps_it(workdir, t
     # a (c) run continued from it trains both hybrid layers and saves them
     run.train("c", 0, 1, BATCH, 1e-3, tmp_path / "continued", tmp_path / "extended")
     continued = type(model).from_pretrained(tmp_path / "continued", dtype=torch.float32)
-    assert run.hybrid_layers_of(continued) == [2, 3]
+    assert hybrid_layers_of(continued) == [2, 3]
     new_layer = "model.language_model.layers.3.self_attn.cross_attn_kv_proj.weight"
     assert not torch.equal(continued.state_dict()[new_layer], extended.state_dict()[new_layer])
 

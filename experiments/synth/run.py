@@ -64,7 +64,7 @@ from transformers import BatchFeature
 
 from slowfast_vlm.compute import estimate
 from slowfast_vlm.config import SlowFastConfig
-from slowfast_vlm.modeling.hybrid import HybridAttention, add_hybrid_layers
+from slowfast_vlm.modeling.hybrid import add_hybrid_layers
 from slowfast_vlm.modeling.model import SlowFastForConditionalGeneration
 from slowfast_vlm.modeling.vision import build_vision_tower, encoder_grids
 from slowfast_vlm.processing.processor import SlowFastProcessor, image_processor_for
@@ -332,12 +332,6 @@ def start_from_text_only(model: SlowFastForConditionalGeneration, processor, ini
     unexpected = model.load_state_dict(language_model, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"{init}: weights this model does not have: {unexpected[:3]}")
-
-
-def hybrid_layers_of(model: SlowFastForConditionalGeneration) -> list[int]:
-    """The indices of the decoder layers that are hybrid in `model` as built."""
-    layers = model.model.language_model.layers
-    return [i for i, layer in enumerate(layers) if isinstance(layer.self_attn, HybridAttention)]
 
 
 def stage1_kind(model: str) -> str:
@@ -637,10 +631,10 @@ def train(
     clips = read_clips("train")
     all_frames = np.load(DATA / "train_frames.npy", mmap_mode="r")
     model = SlowFastForConditionalGeneration.from_pretrained(stage1, dtype=torch.float32)
+    # hybrid layers the checkpoint already has stay (`add_hybrid_layer.py` gives a run a second one)
+    knobs = knobs | {"hybrid_layers": sorted({*knobs["hybrid_layers"], *model.config.hybrid_layer_indices})}
     for knob, value in knobs.items():
         setattr(model.config, knob, value)
-    # hybrid layers the checkpoint already has stay (`add_hybrid_layer.py` gives a run a second one)
-    model.config.hybrid_layers = sorted({*knobs["hybrid_layers"], *hybrid_layers_of(model)})
     add_hybrid_layers(model.model.language_model, model.config)  # (c): cross K/V from the layer's k/v_proj
     tokenizer = SlowFastProcessor.from_pretrained(stage1).tokenizer
     processor = SlowFastProcessor.from_model_config(model.config, tokenizer, video_defaults=defaults)

@@ -172,10 +172,9 @@ def kill_a_build_midway(build: Path, keep_running: bool) -> subprocess.Popen:
     return holder
 
 
-def load_extension_with(monkeypatch, tmp_path, calls):
+def load_extension_with(monkeypatch, calls):
     import torch.utils.cpp_extension
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(torch.utils.cpp_extension, "load", torch_like_load(calls))
     cpu_decode_attention._extension.cache_clear()
     try:
@@ -191,7 +190,7 @@ def test_a_build_killed_midway_does_not_stall_the_next_load(monkeypatch, tmp_pat
     kill_a_build_midway(build, keep_running=False)
     assert (build / "lock").exists()  # what made every later torch load wait forever
     calls = []
-    assert load_extension_with(monkeypatch, tmp_path, calls) == "kernel"
+    assert load_extension_with(monkeypatch, calls) == "kernel"
     assert calls == [str(build)] and build.is_relative_to(tmp_path)
 
 
@@ -203,12 +202,12 @@ def test_a_build_running_elsewhere_is_waited_for_then_sdpa_is_used(monkeypatch, 
     holder = kill_a_build_midway(build, keep_running=True)
     calls = []
     try:
-        assert load_extension_with(monkeypatch, tmp_path, calls) is None
+        assert load_extension_with(monkeypatch, calls) is None
     finally:
         holder.kill()
         holder.wait()
     assert calls == [] and "still being built by another process after 0.5 s" in caplog.text
-    assert load_extension_with(monkeypatch, tmp_path, calls) == "kernel"  # its holder gone, the lock is free
+    assert load_extension_with(monkeypatch, calls) == "kernel"  # its holder gone, the lock is free
 
 
 def test_unpack_gives_back_the_keys_and_values_pack_was_given():
