@@ -1223,6 +1223,48 @@ def test_evidence_attention_targets_each_answers_digit_and_reads_the_blocks_own_
     assert abs(float(loss) + float(torch.log(recorded[frame]))) < 1e-4
 
 
+def test_digit_choice_targets_the_shown_digits_patches_and_renormalises_the_blocks_attention():
+    import evidence_attention
+
+    from slowfast_vlm.synth import glyph, glyph_scale
+
+    rendered, records = generate_clip(0, 0, "test", FRAMES, SIZE, FPS)
+    texts = [open_question(r) for r in records] + [*"0123456789"]
+    model, processor = build_scratch_model(
+        texts, **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    video = run.select_frames(rendered, processor.sampling_defaults())
+    shown = [records, records[2:5]]  # the second sample asked about (and shown) 3 of the digits
+    inputs, _, _ = run.training_batch(
+        processor, shown, [video] * 2, np.random.default_rng(0), choice_answers="restated"
+    )
+    grid, patch = model.model.visual_grid(FRAMES), model.config.vision_config.patch_size
+    targets = evidence_attention.digit_choice_targets(
+        inputs["input_ids"], shown, processor.tokenizer, grid, patch
+    )
+    assert len(targets) == len(records) + 3
+
+    def token_of_glyph(digit: int) -> int:  # from the pixels: where the digit's glyph is drawn
+        ((frame, x, y),) = find_digit(rendered, digit)
+        h, w = glyph(digit, glyph_scale(SIZE)).shape
+        return frame * grid[0] * grid[1] + (y + h // 2) // patch * grid[1] + (x + w // 2) // patch
+
+    for b, position, candidates, right in targets:
+        assert candidates == [token_of_glyph(int(r["answer_text"])) for r in shown[b]]
+        named = processor.tokenizer.decode(inputs["input_ids"][b, position + 1])
+        assert shown[b][right]["answer_text"] == named
+    evidence = evidence_attention.EvidenceAttention(model.hybrid_attentions[0])
+    b, position, candidates, right = targets[-1]
+    only_there = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    only_there[b, position] = True
+    with torch.no_grad():
+        outputs = model(**inputs, slow_query_mask=only_there, record_slow_attention=True)
+        per_head = outputs.slow_cache.attention_map()[b, 0][:, candidates]  # (H, 3): the recorded softmax
+        expected = (per_head / per_head.sum(-1, keepdim=True)).mean(0)[right]  # renormalised per head
+        loss = evidence.digit_choice_loss([(b, position, candidates, right)])
+    assert abs(float(loss) + float(torch.log(expected))) < 1e-4
+
+
 def test_binding_probe_scores_a_linear_label_as_read_and_a_random_one_near_chance():
     import binding
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from benchmark import FPS, FRAMES, SIZE, conversation, question_cue, question_words
-from evidence_attention import EvidenceAttention
+from evidence_attention import EvidenceAttention, digit_patch
 from scoring import round_trip
 
 from slowfast_vlm.inference import load_model
@@ -81,8 +81,7 @@ def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
         key, _ = block.project_slow(tokens.flatten(0, 1)[None])  # (1, kv_heads, T*h*w, hd)
         key = key[0].transpose(0, 1).reshape(*tokens.shape[:2], -1)  # (T, h*w, kv_heads*hd)
         for record in records:
-            x0, y0, x1, y1 = record["detail_box"]
-            patch = int((y0 + y1) / 2 // patch_side) * width + int((x0 + x1) / 2 // patch_side)
+            patch = digit_patch(record, width, patch_side)
             slow.append(tokens[record["detail_frames"][0], patch])
             keys.append(key[record["detail_frames"][0], patch])
             colour, contact = question_cue(question_words(record)).split(", ")

@@ -54,7 +54,7 @@ from benchmark import (
     without_digits,
 )
 from checkpoints import resumable_steps
-from evidence_attention import EvidenceAttention, evidence_targets
+from evidence_attention import EvidenceAttention, digit_choice_targets, evidence_targets
 from open_reading import open_reading_loss
 from plan import Lookup, run_plan, stages
 from scoring import chooses_answer, chooses_letter, demo_question, score, test_accuracy
@@ -581,6 +581,7 @@ def train(
     listed_open: int = 0,
     open_reading_target: bool = False,
     evidence_attention: float = 0.0,
+    digit_choice: float = 0.0,
     kv_lr_scale: float = 1.0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
@@ -615,7 +616,9 @@ def train(
     model's own open-form reading of that question among the 4 options (`open_reading`), not the right
     digit, which it otherwise learns to copy from the list. With `evidence_attention` the loss adds that
     weight times `evidence_attention.EvidenceAttention.loss`: the hybrid layer's cross-attention at each
-    answer's digit pulled towards the frame that shows it (labels from the generator). `kv_lr_scale`
+    answer's digit pulled towards the frame that shows it (labels from the generator). With `digit_choice`
+    it adds that weight times `EvidenceAttention.digit_choice_loss`: the same attention, over the patches
+    of the digits the clip shows alone, pulled to the asked digit's (telling them apart). `kv_lr_scale`
     multiplies the learning rate of the hybrid layer's key/value projection (`cross_attn_kv_proj`).
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
@@ -696,11 +699,16 @@ def train(
         settings["kv_lr_scale"] = kv_lr_scale
     if evidence_attention < 0:
         raise ValueError(f"evidence_attention must be a weight >= 0, got {evidence_attention}")
+    if digit_choice < 0:
+        raise ValueError(f"digit_choice must be a weight >= 0, got {digit_choice}")
     evidence = None
+    if evidence_attention or digit_choice:
+        evidence = EvidenceAttention(model.hybrid_attentions[0])
+        grid, patch_side = model.model.visual_grid(FRAMES), model.config.vision_config.patch_size
     if evidence_attention:
         settings["evidence_attention"] = evidence_attention
-        evidence = EvidenceAttention(model.hybrid_attentions[0])
-        tokens_per_frame = math.prod(model.model.visual_grid(FRAMES))
+    if digit_choice:
+        settings["digit_choice"] = digit_choice
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -729,9 +737,12 @@ def train(
         else:
             video_loss = model(**inputs, labels=labels).loss
         loss = video_loss
-        if evidence is not None:
+        if evidence_attention:
             targets = evidence_targets(inputs["input_ids"], [clips[i] for i in picked], tokenizer)
-            loss = loss + evidence_attention * evidence.loss(targets, tokens_per_frame)
+            loss = loss + evidence_attention * evidence.loss(targets, math.prod(grid))
+        if digit_choice:  # (the candidates: the digits the step's frames show)
+            targets = digit_choice_targets(inputs["input_ids"], conversations, tokenizer, grid, patch_side)
+            loss = loss + digit_choice * evidence.digit_choice_loss(targets)
         if lookup_rehearsal:
             directions = (
                 ["digit-first"] * lookup_rehearsal  # the lookup digit-first answers need
@@ -1029,6 +1040,14 @@ def build_parser() -> argparse.ArgumentParser:
         "frame that shows it (labels from the generator)",
     )
     run.add_argument(
+        "--digit-choice",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="add this weight times the loss making the cross-attention at each answer's digit, over the "
+        "patches of the digits the clip shows alone, pick the asked one's (labels from the generator)",
+    )
+    run.add_argument(
         "--kv-lr-scale",
         type=float,
         default=1.0,
@@ -1130,6 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
                 listed_open=args.listed_open,
                 open_reading_target=args.open_reading_target,
                 evidence_attention=args.evidence_attention,
+                digit_choice=args.digit_choice,
                 kv_lr_scale=args.kv_lr_scale,
             )  # fmt: skip
         except ValueError as error:
