@@ -1,6 +1,7 @@
 """experiments/synth: mixed question forms, exact resume, the plan runner, both forms' scoring, the
 question-restricted attention peak, the verdict; on a tiny data set written to a temporary directory."""
 
+import copy
 import json
 import os
 import re
@@ -1389,3 +1390,67 @@ def test_kv_lr_scale_puts_the_hybrid_key_value_projection_alone_at_its_own_rate(
     assert {id(p) for p in key_value["params"]} == {id(projection.weight), id(projection.bias)}
     assert key_value["lr"] == pytest.approx(1e-2) and "lr" not in others
     assert len(others["params"]) + 2 == len(trainable)
+
+
+def test_muon_trains_the_chosen_matrices_and_steps_schedules_and_resumes_as_one_optimizer():
+    model, _ = build_scratch_model(["0"], **run.STAGE1_KNOBS["slow"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = run.build_optimizer(model, trainable, 1e-3, 1.0, "hybrid", 0.02)
+    adamw, muon = optimizer.parts
+    hybrid = model.hybrid_attentions[0]
+    assert {id(p) for p in muon.param_groups[0]["params"]} == {
+        id(hybrid.q_proj.weight),
+        id(hybrid.cross_attn_kv_proj.weight),
+    }
+    assert len(adamw.param_groups[0]["params"]) + 2 == len(trainable)
+    decoder = run.build_optimizer(model, trainable, 1e-3, 1.0, "decoder", 0.02).parts[1]
+    in_decoder = [names[id(p)] for p in decoder.param_groups[0]["params"]]
+    assert in_decoder and all(".layers." in n and n.endswith(".weight") for n in in_decoder)
+    assert not any("norm" in n or "embed" in n for n in in_decoder)
+
+    # against the two optimizers stepped apart on a copy: the same weights after a scheduled step
+    generator = torch.Generator().manual_seed(0)
+    for p in trainable:
+        p.grad = torch.randn(p.shape, generator=generator)
+    twin = {id(p): p.detach().clone().requires_grad_() for p in trainable}
+    for p in trainable:
+        twin[id(p)].grad = p.grad.clone()
+    reference = (
+        torch.optim.AdamW(
+            [twin[id(p)] for p in adamw.param_groups[0]["params"]],
+            lr=0.5e-3,
+            weight_decay=0.01,
+            betas=(0.9, 0.98),
+        ),
+        torch.optim.Muon(
+            [twin[id(p)] for p in muon.param_groups[0]["params"]],
+            lr=0.01,
+            weight_decay=0.01,
+            adjust_lr_fn="match_rms_adamw",
+        ),
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)  # halves both parts' rates
+    optimizer.step()
+    for part in reference:
+        part.step()
+    for p in trainable:
+        torch.testing.assert_close(p.detach(), twin[id(p)].detach())
+
+    # a second step from the saved state equals the uninterrupted one
+    saved = copy.deepcopy(
+        {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+    )  # as saved
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(weights[n])
+    resumed = run.build_optimizer(model, trainable, 1e-3, 1.0, "hybrid", 0.02)
+    resumed_schedule = torch.optim.lr_scheduler.LambdaLR(resumed, lambda step: 0.5)
+    resumed.load_state_dict(saved["optimizer"])
+    resumed_schedule.load_state_dict(saved["schedule"])
+    resumed.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), uninterrupted[n])

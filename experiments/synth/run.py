@@ -561,6 +561,73 @@ def parameter_groups(
     return [{"params": others}, {"params": key_value, "lr": lr * kv_lr_scale}]
 
 
+MUON_MATRICES = (
+    "hybrid",
+    "decoder",
+)  # the hybrid layers' query and slow key/value side; every decoder matrix
+
+
+def muon_matrices(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """The 2-D weights `which` (`MUON_MATRICES`) names: the hybrid layers' `q_proj` and `cross_attn_kv_proj`,
+    or every matrix of the LLM's decoder layers."""
+    if which == "hybrid":
+        return [
+            p
+            for block in model.hybrid_attentions
+            for p in (block.q_proj.weight, block.cross_attn_kv_proj.weight)
+        ]
+    return [p for p in model.model.language_model.layers.parameters() if p.ndim == 2]
+
+
+class AdamWAndMuon(torch.optim.Optimizer):
+    """AdamW on some parameters and Muon on some matrices, stepped, scheduled and saved as one optimizer.
+
+    Why Muon: its orthogonalised update moves a matrix as much along the weak directions of its input as along
+    the strong ones, where AdamW follows the few directions that carry most of the variance (BENCHMARKS.md,
+    issue 20 item 15: the asked colour lives in directions of the hybrid layer's inputs ~1000x weaker than the
+    wall contact's)."""
+
+    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+        self.parts = (adamw, muon)  # (Optimizer.__init__ is not called: the parts hold the state)
+        self.defaults, self.state = {}, {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    @property
+    def param_groups(self) -> list[dict]:  # the parts' own dicts (a schedule sets their "lr")
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self, closure=None) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for part, state in zip(self.parts, state_dict["parts"]):
+            part.load_state_dict(state)
+
+
+def build_optimizer(
+    model: nn.Module, trainable: list[nn.Parameter], lr: float, kv_lr_scale: float, muon: str, muon_lr: float
+) -> torch.optim.Optimizer:
+    """AdamW on `parameter_groups`, or with `muon` (a key of `MUON_MATRICES`) Muon at `muon_lr` on those 2-D
+    weights of the LLM and AdamW on the rest."""
+    adamw = dict(lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if not muon:
+        return torch.optim.AdamW(parameter_groups(model, trainable, lr, kv_lr_scale), **adamw)
+    matrices = [p for p in muon_matrices(model, muon) if p.requires_grad]
+    others = [p for p in trainable if all(p is not q for q in matrices)]
+    return AdamWAndMuon(
+        torch.optim.AdamW(others, **adamw),
+        torch.optim.Muon(matrices, lr=muon_lr, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"),
+    )
+
+
 def train(
     name: str,
     seed: int,
@@ -583,6 +650,8 @@ def train(
     evidence_attention: float = 0.0,
     digit_choice: float = 0.0,
     kv_lr_scale: float = 1.0,
+    muon: str = "",
+    muon_lr: float = 0.02,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -619,7 +688,8 @@ def train(
     answer's digit pulled towards the frame that shows it (labels from the generator). With `digit_choice`
     it adds that weight times `EvidenceAttention.digit_choice_loss`: the same attention, over the patches
     of the digits the clip shows alone, pulled to the asked digit's (telling them apart). `kv_lr_scale`
-    multiplies the learning rate of the hybrid layer's key/value projection (`cross_attn_kv_proj`).
+    multiplies the learning rate of the hybrid layer's key/value projection (`cross_attn_kv_proj`). With
+    `muon` ("hybrid" or "decoder", `MUON_MATRICES`) those matrices are trained by Muon at `muon_lr`.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -645,9 +715,9 @@ def train(
     model.model.vision_tower.requires_grad_(False)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, trainable, lr, kv_lr_scale), lr=lr, weight_decay=0.01, betas=(0.9, 0.98)
-    )
+    if muon and muon not in MUON_MATRICES:
+        raise ValueError(f"muon must be one of {', '.join(MUON_MATRICES)}, got {muon!r}")
+    optimizer = build_optimizer(model, trainable, lr, kv_lr_scale, muon, muon_lr)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -709,6 +779,8 @@ def train(
         settings["evidence_attention"] = evidence_attention
     if digit_choice:
         settings["digit_choice"] = digit_choice
+    if muon:
+        settings |= {"muon": muon, "muon_lr": muon_lr}
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -1040,6 +1112,14 @@ def build_parser() -> argparse.ArgumentParser:
         "frame that shows it (labels from the generator)",
     )
     run.add_argument(
+        "--muon",
+        choices=sorted(MUON_MATRICES),
+        default="",
+        help="train these matrices of the LLM with Muon: the hybrid layers' query and slow key/value "
+        "projections, or every decoder-layer matrix (AdamW for the rest)",
+    )
+    run.add_argument("--muon-lr", type=float, default=0.02, help="Muon's learning rate (AdamW-matched RMS)")
+    run.add_argument(
         "--digit-choice",
         type=float,
         default=0.0,
@@ -1150,6 +1230,8 @@ def main(argv: list[str] | None = None) -> int:
                 open_reading_target=args.open_reading_target,
                 evidence_attention=args.evidence_attention,
                 digit_choice=args.digit_choice,
+                muon=args.muon,
+                muon_lr=args.muon_lr,
                 kv_lr_scale=args.kv_lr_scale,
             )  # fmt: skip
         except ValueError as error:
