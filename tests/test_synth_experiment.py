@@ -1293,6 +1293,59 @@ def test_binding_probes_run_on_a_saved_checkpoint(tmp_path):
     assert report["answer_position_entering_layer"][0]["contact"] <= 0.75
 
 
+def test_bilinear_match_binds_a_planted_match_and_whitening_gives_unit_variance():
+    import colour_match
+
+    generator = torch.Generator().manual_seed(0)
+    questions, candidates, width = 600, 6, 12
+    s = torch.randn(questions, candidates, width, generator=generator)
+    right = torch.arange(questions) % candidates
+    h = s[torch.arange(questions), right] @ torch.randn(width, width, generator=generator)  # h = s_right A
+    assert colour_match.bilinear_match_accuracy(h, s)["held_out"] > 0.9  # W = A^-1 scores s_right highest
+    unrelated = torch.randn(questions, width, generator=generator)
+    assert colour_match.bilinear_match_accuracy(unrelated, s)["held_out"] < 0.3  # chance 1/6
+
+    # whitened: each covariance direction's variance v becomes v / (v + 1e-3 max v), whatever the mixing
+    mixing = torch.tensor([[5.0, 0, 0], [2.0, 0.1, 0], [0, 0, 1.0]])
+    skewed = torch.randn(4000, 3, generator=generator) @ mixing
+    variances = torch.linalg.eigvalsh(torch.cov(skewed.T))  # ascending, as the whitened basis is ordered
+    expected = torch.diag(variances / (variances + 1e-3 * variances.max()))
+    torch.testing.assert_close(torch.cov(colour_match.whiten(skewed).T), expected, atol=1e-4, rtol=0)
+
+
+def test_colour_match_features_are_the_hybrid_inputs_at_the_answer_and_the_digit_patches(tmp_path):
+    import colour_match
+
+    rendered, records = generate_clip(0, 8, "test", FRAMES, SIZE, FPS)
+    model, processor = build_scratch_model(
+        [open_question(r) for r in records], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    h, s = colour_match.match_features(tmp_path, seed=8, clips=2)
+    assert h.shape == (2 * len(records), model.config.text_config.hidden_size)
+    assert s.shape == (2 * len(records), len(records), model.config.text_config.hidden_size)
+    # the first clip's candidates, recomputed from the vision tower for the digits found in the pixels
+    from slowfast_vlm.inference import load_model
+    from slowfast_vlm.synth import glyph, glyph_scale
+
+    model, processor = load_model(str(tmp_path), "cpu", "float32")
+    frames = scoring.round_trip(rendered, processor)
+    prompt = processor.apply_chat_template(
+        benchmark.conversation([open_question(records[0])]), add_generation_prompt=True
+    )
+    pixels = processor(text=[prompt], videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
+    with torch.no_grad():
+        tokens = model.model.encode_visual_items([pixels])[0]  # (T, h*w, D)
+        (_, width), patch = model.model.visual_grid(FRAMES), model.config.vision_config.patch_size
+        for candidate, record in enumerate(records):
+            ((frame, x, y),) = find_digit(rendered, int(record["answer_text"]))
+            gh, gw = glyph(int(record["answer_text"]), glyph_scale(SIZE)).shape
+            token = tokens[frame, (y + gh // 2) // patch * width + (x + gw // 2) // patch]
+            expected = model.hybrid_attentions[0].slow_norm(token)
+            torch.testing.assert_close(s[0, candidate], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_widened_kv_heads_compute_the_checkpoints_logits(tmp_path):
     import widen_kv_heads
 
