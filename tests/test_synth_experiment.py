@@ -1165,6 +1165,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 def test_every_documented_experiment_command_parses():
     import add_hybrid_layer
     import binding
+    import colour_match
     import lookup
     import widen_kv_heads
 
@@ -1174,6 +1175,7 @@ def test_every_documented_experiment_command_parses():
         "binding": binding.build_parser(),
         "widen_kv_heads": widen_kv_heads.build_parser(),
         "add_hybrid_layer": add_hybrid_layer.build_parser(),
+        "colour_match": colour_match.build_parser(),
     }
     commands = documented_commands()
     assert {script for script, _ in commands} == set(parsers) and len(commands) > 15
@@ -1322,11 +1324,12 @@ def test_colour_match_features_are_the_hybrid_inputs_at_the_answer_and_the_digit
     )
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    h, s = colour_match.match_features(tmp_path, seed=8, clips=2)
+    from slowfast_vlm.inference import load_model
+
+    h, s = colour_match.match_features(*load_model(str(tmp_path), "cpu", "float32"), seed=8, clips=2)
     assert h.shape == (2 * len(records), model.config.text_config.hidden_size)
     assert s.shape == (2 * len(records), len(records), model.config.text_config.hidden_size)
     # the first clip's candidates, recomputed from the vision tower for the digits found in the pixels
-    from slowfast_vlm.inference import load_model
     from slowfast_vlm.synth import glyph, glyph_scale
 
     model, processor = load_model(str(tmp_path), "cpu", "float32")
@@ -1507,3 +1510,43 @@ def test_muon_trains_the_chosen_matrices_and_steps_schedules_and_resumes_as_one_
     resumed.step()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), uninterrupted[n])
+
+
+def test_whitened_linear_computes_the_layer_folds_back_exactly_and_learns_on_whitened_inputs():
+    import colour_match
+    import whitened_training
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(500, 8, generator=generator) @ torch.randn(8, 8, generator=generator) + 3.0
+    linear = torch.nn.Linear(8, 5)
+    whitened = whitened_training.WhitenedLinear(linear, *colour_match.whitening(inputs))
+    with torch.no_grad():
+        torch.testing.assert_close(whitened(inputs), linear(inputs), rtol=1e-4, atol=1e-4)
+        # the layer's own gradient: the output gradient times the whitened input, (x - m) @ P
+        mean, matrix = colour_match.whitening(inputs)
+    whitened(inputs[:3]).sum().backward()
+    expected = torch.ones(3, 5).T @ ((inputs[:3] - mean) @ matrix)
+    torch.testing.assert_close(whitened.weight.grad, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        whitened.weight.add_(0.1)  # a trained W' still folds into the plain layer that computes the same
+        folded = whitened.fold()
+        assert isinstance(folded, torch.nn.Linear)
+        torch.testing.assert_close(folded(inputs), whitened(inputs), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="bias"):
+        whitened_training.WhitenedLinear(torch.nn.Linear(8, 5, bias=False), mean, matrix)
+
+
+def test_whitening_the_hybrid_projections_and_folding_them_back_restores_the_layers():
+    import whitened_training
+
+    model, processor = build_scratch_model(
+        [*"0123456789"], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    whitened_training.whiten_hybrid_projections(model, processor, clips=2)
+    block = model.hybrid_attentions[0]
+    assert isinstance(block.q_proj, whitened_training.WhitenedLinear)
+    assert isinstance(block.cross_attn_kv_proj, whitened_training.WhitenedLinear)
+    whitened_training.fold_whitened(model)
+    for name, value in model.state_dict().items():  # the same names and (up to rounding) the same weights
+        torch.testing.assert_close(value, before[name], rtol=1e-3, atol=1e-4)

@@ -26,11 +26,12 @@ from slowfast_vlm.synth import generate_clip, open_question
 
 
 @torch.no_grad()
-def match_features(checkpoint: Path, seed: int, clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+def match_features(model, processor, seed: int, clips: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(h, s)` over the open questions of `clips` clips of a fresh seed: `h` `(Q, D)` the answer position's
     input to the hybrid attention, `s` `(Q, 6, D)` its clip's 6 digit-patch slow tokens after the layer's
     slow norm, in record order (question `q` of a clip asks about its digit `q`)."""
-    model, processor = load_model(checkpoint, "cpu", "float32")
+    was_training = model.training
+    model.eval()
     hybrid = EvidenceAttention(model.hybrid_attentions[0])  # (its hook keeps the block's inputs)
     (height, width), patch_side = model.model.visual_grid(FRAMES), model.config.vision_config.patch_size
     hidden, slow = [], []
@@ -54,6 +55,8 @@ def match_features(checkpoint: Path, seed: int, clips: int) -> tuple[torch.Tenso
         tokens = [r["detail_frames"][0] * height * width + digit_patch(r, width, patch_side) for r in records]
         digits = hybrid.attention.slow_norm(hybrid.call["slow_cache"].tokens[0, tokens])  # (6, D)
         slow.append(digits.expand(len(records), -1, -1))
+    hybrid.remove()
+    model.train(was_training)
     return torch.cat(hidden), torch.cat(slow)
 
 
@@ -81,21 +84,27 @@ def bilinear_match_accuracy(h: torch.Tensor, s: torch.Tensor, iterations: int = 
         }
 
 
-def whiten(x: torch.Tensor) -> torch.Tensor:
-    """`x` `(..., D)`, centred, in the basis of its covariance's eigenvectors, each direction divided by the
-    square root of its variance plus 1e-3 of the largest (a variance v becomes v / (v + 1e-3 max v): the
-    weakest directions, mostly noise, are not blown up)."""
+def whitening(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean `(D,)` and matrix `(D, D)` that whiten rows like those of `x` `(..., D)`: `(x - mean) @ matrix`
+    is `x` centred, in the basis of its covariance's eigenvectors, each direction divided by the square root of
+    its variance plus 1e-3 of the largest (a variance v becomes v / (v + 1e-3 max v): the weakest directions,
+    mostly noise, are not blown up)."""
     flat = x.reshape(-1, x.shape[-1])
-    centred = flat - flat.mean(0)
-    variances, directions = torch.linalg.eigh(torch.cov(centred.T))
-    scale = (variances.clamp_min(0) + 1e-3 * variances.max()).rsqrt()
-    return (centred @ directions * scale).view_as(x)
+    mean = flat.mean(0)
+    variances, directions = torch.linalg.eigh(torch.cov((flat - mean).T))
+    return mean, directions * (variances.clamp_min(0) + 1e-3 * variances.max()).rsqrt()
+
+
+def whiten(x: torch.Tensor) -> torch.Tensor:
+    """`x` `(..., D)` whitened by its own `whitening`."""
+    mean, matrix = whitening(x)
+    return (x - mean) @ matrix
 
 
 def colour_match(checkpoint: Path, seed: int, clips: int) -> dict:
     """The bilinear match's accuracy on the features as they are, standardised, and whitened on either or both
     sides, and each side's largest covariance eigenvalues."""
-    h, s = match_features(checkpoint, seed, clips)
+    h, s = match_features(*load_model(checkpoint, "cpu", "float32"), seed, clips)
     standardised = (h - h.mean(0)) / (h.std(0) + 1e-6)
     report = {"checkpoint": str(checkpoint), "seed": seed, "questions": len(h)}
     for name, (left, right) in {

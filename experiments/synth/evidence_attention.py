@@ -76,10 +76,15 @@ class EvidenceAttention:
     def __init__(self, attention: HybridAttention):
         self.attention = attention
         self.call: dict = {}
-        attention.register_forward_hook(self._keep, with_kwargs=True)
+        self.hook = attention.register_forward_hook(self._keep, with_kwargs=True)
 
     def _keep(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         self.call = kwargs
+
+    def remove(self) -> None:
+        """Stop keeping the block's calls."""
+        self.hook.remove()
+        self.call = {}
 
     def slow_probabilities(
         self, samples: list[int], positions: list[int], tokens: torch.Tensor | None = None

@@ -61,6 +61,7 @@ from scoring import chooses_answer, chooses_letter, demo_question, score, test_a
 from torch import nn
 from tqdm import tqdm
 from transformers import BatchFeature
+from whitened_training import fold_whitened, whiten_hybrid_projections
 
 from slowfast_vlm.compute import estimate
 from slowfast_vlm.config import SlowFastConfig
@@ -652,6 +653,7 @@ def train(
     kv_lr_scale: float = 1.0,
     muon: str = "",
     muon_lr: float = 0.02,
+    whiten_hybrid: int = 0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -689,7 +691,9 @@ def train(
     it adds that weight times `EvidenceAttention.digit_choice_loss`: the same attention, over the patches
     of the digits the clip shows alone, pulled to the asked digit's (telling them apart). `kv_lr_scale`
     multiplies the learning rate of the hybrid layer's key/value projection (`cross_attn_kv_proj`). With
-    `muon` ("hybrid" or "decoder", `MUON_MATRICES`) those matrices are trained by Muon at `muon_lr`.
+    `muon` ("hybrid" or "decoder", `MUON_MATRICES`) those matrices are trained by Muon at `muon_lr`. With
+    `whiten_hybrid` the hybrid layers' query and slow key/value projections are trained in whitened
+    coordinates of their inputs, measured on that many clips (`whitened_training`), and folded back to save.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -713,6 +717,10 @@ def train(
     processor = SlowFastProcessor.from_model_config(model.config, tokenizer, video_defaults=defaults)
     processor.prepare_model(model)
     model.model.vision_tower.requires_grad_(False)
+    if whiten_hybrid < 0:
+        raise ValueError(f"whiten_hybrid must be a number of clips >= 0, got {whiten_hybrid}")
+    if whiten_hybrid:
+        whiten_hybrid_projections(model, processor, whiten_hybrid)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if muon and muon not in MUON_MATRICES:
@@ -781,6 +789,8 @@ def train(
         settings["digit_choice"] = digit_choice
     if muon:
         settings |= {"muon": muon, "muon_lr": muon_lr}
+    if whiten_hybrid:
+        settings["whiten_hybrid"] = whiten_hybrid
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -841,6 +851,7 @@ def train(
         return None
     log, seconds = outcome
     model.eval()
+    fold_whitened(model)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "loss_log.json").write_text(json.dumps(log) + "\n")
@@ -1120,6 +1131,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--muon-lr", type=float, default=0.02, help="Muon's learning rate (AdamW-matched RMS)")
     run.add_argument(
+        "--whiten-hybrid",
+        type=int,
+        default=0,
+        metavar="CLIPS",
+        help="train the hybrid layers' query and slow key/value projections in whitened coordinates of their "
+        "inputs, measured on this many clips of a seed of their own",
+    )
+    run.add_argument(
         "--digit-choice",
         type=float,
         default=0.0,
@@ -1232,6 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
                 digit_choice=args.digit_choice,
                 muon=args.muon,
                 muon_lr=args.muon_lr,
+                whiten_hybrid=args.whiten_hybrid,
                 kv_lr_scale=args.kv_lr_scale,
             )  # fmt: skip
         except ValueError as error:
