@@ -1448,6 +1448,25 @@ def test_kv_lr_scale_puts_the_hybrid_key_value_projection_alone_at_its_own_rate(
     assert len(others["params"]) + 2 == len(trainable)
 
 
+def test_whitened_lr_scale_puts_the_whitened_projections_alone_at_their_own_rate():
+    import whitened_training
+
+    model, processor = build_scratch_model(
+        [*"0123456789"], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    whitened_training.whiten_hybrid_projections(model, processor, clips=1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    others, whitened = run.parameter_groups(model, trainable, 1e-3, whitened_lr_scale=10.0)
+    block = model.hybrid_attentions[0]
+    layers = (block.q_proj, block.cross_attn_kv_proj)
+    assert {id(p) for p in whitened["params"]} == {
+        id(p) for layer in layers for p in (layer.weight, layer.bias)
+    }
+    assert whitened["lr"] == pytest.approx(1e-2) and len(others["params"]) + 4 == len(trainable)
+    with pytest.raises(ValueError, match="give one"):
+        run.parameter_groups(model, trainable, 1e-3, kv_lr_scale=10.0, whitened_lr_scale=10.0)
+
+
 def test_muon_trains_the_chosen_matrices_and_steps_schedules_and_resumes_as_one_optimizer():
     model, _ = build_scratch_model(["0"], **run.STAGE1_KNOBS["slow"])
     names = {id(p): n for n, p in model.named_parameters()}

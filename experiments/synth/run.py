@@ -61,7 +61,7 @@ from scoring import chooses_answer, chooses_letter, demo_question, score, test_a
 from torch import nn
 from tqdm import tqdm
 from transformers import BatchFeature
-from whitened_training import fold_whitened, whiten_hybrid_projections
+from whitened_training import WhitenedLinear, fold_whitened, whiten_hybrid_projections
 
 from slowfast_vlm.compute import estimate
 from slowfast_vlm.config import SlowFastConfig
@@ -550,16 +550,28 @@ def prefill_flops(model, processor, name: str) -> dict:
 
 
 def parameter_groups(
-    model: nn.Module, trainable: list[nn.Parameter], lr: float, kv_lr_scale: float = 1.0
+    model: nn.Module,
+    trainable: list[nn.Parameter],
+    lr: float,
+    kv_lr_scale: float = 1.0,
+    whitened_lr_scale: float = 1.0,
 ) -> list[dict]:
     """The optimizer's groups of `model`'s `trainable` parameters: one, or with `kv_lr_scale` != 1 the hybrid
-    layers' key/value projections (`cross_attn_kv_proj`) apart at `lr * kv_lr_scale` (one group otherwise,
-    so that the checkpoints of earlier runs still resume)."""
-    if kv_lr_scale == 1.0:
+    layers' key/value projections (`cross_attn_kv_proj`) apart at `lr * kv_lr_scale`, or with
+    `whitened_lr_scale` != 1 the `WhitenedLinear` layers' parameters apart at `lr * whitened_lr_scale` (one
+    group otherwise, so that the checkpoints of earlier runs still resume)."""
+    if kv_lr_scale != 1.0 and whitened_lr_scale != 1.0:
+        raise ValueError("kv_lr_scale and whitened_lr_scale both scale the key/value projection: give one")
+    if kv_lr_scale != 1.0:
+        apart = [p for n, p in model.named_parameters() if ".cross_attn_kv_proj." in n and p.requires_grad]
+        scale = kv_lr_scale
+    elif whitened_lr_scale != 1.0:
+        apart = [p for m in model.modules() if isinstance(m, WhitenedLinear) for p in m.parameters()]
+        scale = whitened_lr_scale
+    else:
         return [{"params": trainable}]
-    key_value = [p for n, p in model.named_parameters() if ".cross_attn_kv_proj." in n and p.requires_grad]
-    others = [p for p in trainable if all(p is not q for q in key_value)]
-    return [{"params": others}, {"params": key_value, "lr": lr * kv_lr_scale}]
+    others = [p for p in trainable if all(p is not q for q in apart)]
+    return [{"params": others}, {"params": apart, "lr": lr * scale}]
 
 
 MUON_MATRICES = (
@@ -614,13 +626,21 @@ class AdamWAndMuon(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    model: nn.Module, trainable: list[nn.Parameter], lr: float, kv_lr_scale: float, muon: str, muon_lr: float
+    model: nn.Module,
+    trainable: list[nn.Parameter],
+    lr: float,
+    kv_lr_scale: float,
+    muon: str,
+    muon_lr: float,
+    whitened_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW on `parameter_groups`, or with `muon` (a key of `MUON_MATRICES`) Muon at `muon_lr` on those 2-D
     weights of the LLM and AdamW on the rest."""
     adamw = dict(lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     if not muon:
-        return torch.optim.AdamW(parameter_groups(model, trainable, lr, kv_lr_scale), **adamw)
+        return torch.optim.AdamW(
+            parameter_groups(model, trainable, lr, kv_lr_scale, whitened_lr_scale), **adamw
+        )
     matrices = [p for p in muon_matrices(model, muon) if p.requires_grad]
     others = [p for p in trainable if all(p is not q for q in matrices)]
     return AdamWAndMuon(
@@ -654,6 +674,7 @@ def train(
     muon: str = "",
     muon_lr: float = 0.02,
     whiten_hybrid: int = 0,
+    whitened_lr_scale: float = 1.0,
 ) -> dict | None:
     """Stage 2: turn the stage-1 checkpoint into model `name` and train it on the video questions
     (clip order and question forms from `data_seed`, default `seed`); test it, save it in `out`. Given a
@@ -693,7 +714,8 @@ def train(
     multiplies the learning rate of the hybrid layer's key/value projection (`cross_attn_kv_proj`). With
     `muon` ("hybrid" or "decoder", `MUON_MATRICES`) those matrices are trained by Muon at `muon_lr`. With
     `whiten_hybrid` the hybrid layers' query and slow key/value projections are trained in whitened
-    coordinates of their inputs, measured on that many clips (`whitened_training`), and folded back to save.
+    coordinates of their inputs, measured on that many clips (`whitened_training`), and folded back to save;
+    `whitened_lr_scale` multiplies their learning rate.
 
     `out/checkpoint/` is saved every `save_every` steps, after the last one, after step `stop_after`,
     and at the end of the step in which SIGTERM or SIGINT arrived; the last two then return None. The
@@ -725,7 +747,9 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if muon and muon not in MUON_MATRICES:
         raise ValueError(f"muon must be one of {', '.join(MUON_MATRICES)}, got {muon!r}")
-    optimizer = build_optimizer(model, trainable, lr, kv_lr_scale, muon, muon_lr)
+    if whitened_lr_scale != 1.0 and not whiten_hybrid:
+        raise ValueError("whitened_lr_scale scales the whitened projections: it needs whiten_hybrid")
+    optimizer = build_optimizer(model, trainable, lr, kv_lr_scale, muon, muon_lr, whitened_lr_scale)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -791,6 +815,8 @@ def train(
         settings |= {"muon": muon, "muon_lr": muon_lr}
     if whiten_hybrid:
         settings["whiten_hybrid"] = whiten_hybrid
+    if whitened_lr_scale != 1.0:
+        settings["whitened_lr_scale"] = whitened_lr_scale
 
     def one_step(step: int) -> float:
         picked = data_rng.choice(len(clips), batch, replace=False)
@@ -1139,6 +1165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs, measured on this many clips of a seed of their own",
     )
     run.add_argument(
+        "--whitened-lr-scale",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="multiply the learning rate of the whitened projections by this",
+    )
+    run.add_argument(
         "--digit-choice",
         type=float,
         default=0.0,
@@ -1252,6 +1285,7 @@ def main(argv: list[str] | None = None) -> int:
                 muon=args.muon,
                 muon_lr=args.muon_lr,
                 whiten_hybrid=args.whiten_hybrid,
+                whitened_lr_scale=args.whitened_lr_scale,
                 kv_lr_scale=args.kv_lr_scale,
             )  # fmt: skip
         except ValueError as error:
