@@ -1316,7 +1316,7 @@ def test_bilinear_match_binds_a_planted_match_and_whitening_gives_unit_variance(
 
 
 def test_colour_match_features_are_the_hybrid_inputs_at_the_answer_and_the_digit_patches(tmp_path):
-    import colour_match
+    import hybrid_inputs
 
     rendered, records = generate_clip(0, 8, "test", FRAMES, SIZE, FPS)
     model, processor = build_scratch_model(
@@ -1326,9 +1326,13 @@ def test_colour_match_features_are_the_hybrid_inputs_at_the_answer_and_the_digit
     processor.save_pretrained(tmp_path)
     from slowfast_vlm.inference import load_model
 
-    h, s = colour_match.match_features(*load_model(str(tmp_path), "cpu", "float32"), seed=8, clips=2)
+    h, s, attention = hybrid_inputs.match_features(
+        *load_model(str(tmp_path), "cpu", "float32"), seed=8, clips=2
+    )
     assert h.shape == (2 * len(records), model.config.text_config.hidden_size)
     assert s.shape == (2 * len(records), len(records), model.config.text_config.hidden_size)
+    assert attention.shape == (2 * len(records), len(records))
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2 * len(records)))
     # the first clip's candidates, recomputed from the vision tower for the digits found in the pixels
     from slowfast_vlm.synth import glyph, glyph_scale
 
@@ -1532,17 +1536,17 @@ def test_muon_trains_the_chosen_matrices_and_steps_schedules_and_resumes_as_one_
 
 
 def test_whitened_linear_computes_the_layer_folds_back_exactly_and_learns_on_whitened_inputs():
-    import colour_match
+    import hybrid_inputs
     import whitened_training
 
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(500, 8, generator=generator) @ torch.randn(8, 8, generator=generator) + 3.0
     linear = torch.nn.Linear(8, 5)
-    whitened = whitened_training.WhitenedLinear(linear, *colour_match.whitening(inputs))
+    whitened = whitened_training.WhitenedLinear(linear, *hybrid_inputs.whitening(inputs))
     with torch.no_grad():
         torch.testing.assert_close(whitened(inputs), linear(inputs), rtol=1e-4, atol=1e-4)
         # the layer's own gradient: the output gradient times the whitened input, (x - m) @ P
-        mean, matrix = colour_match.whitening(inputs)
+        mean, matrix = hybrid_inputs.whitening(inputs)
     whitened(inputs[:3]).sum().backward()
     expected = torch.ones(3, 5).T @ ((inputs[:3] - mean) @ matrix)
     torch.testing.assert_close(whitened.weight.grad, expected, rtol=1e-4, atol=1e-4)
@@ -1558,6 +1562,9 @@ def test_whitened_linear_computes_the_layer_folds_back_exactly_and_learns_on_whi
 def test_whitening_the_hybrid_projections_and_folding_them_back_restores_the_layers():
     import whitened_training
 
+    def block_of(model):
+        return model.hybrid_attentions[0]
+
     model, processor = build_scratch_model(
         [*"0123456789"], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
     )
@@ -1566,6 +1573,18 @@ def test_whitening_the_hybrid_projections_and_folding_them_back_restores_the_lay
     block = model.hybrid_attentions[0]
     assert isinstance(block.q_proj, whitened_training.WhitenedLinear)
     assert isinstance(block.cross_attn_kv_proj, whitened_training.WhitenedLinear)
+    with torch.no_grad():
+        block.q_proj.weight.add_(0.05)  # as trained
+    state = copy.deepcopy(model.state_dict())  # a training checkpoint's "model"
+    trained_query = block.q_proj.fold().weight
     whitened_training.fold_whitened(model)
-    for name, value in model.state_dict().items():  # the same names and (up to rounding) the same weights
-        torch.testing.assert_close(value, before[name], rtol=1e-3, atol=1e-4)
+    for name, value in model.state_dict().items():  # the same names and, but for the trained query, weights
+        if name != "model.language_model.layers.2.self_attn.q_proj.weight":
+            torch.testing.assert_close(value, before[name], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(block_of(model).q_proj.weight, trained_query)
+    # the checkpoint restored on the starting model gives the same plain layers
+    restored = type(model)(model.config)
+    restored.load_state_dict(before)
+    whitened_training.restore_training_state(restored, state)
+    for name, value in restored.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-4, atol=1e-5)

@@ -5,7 +5,11 @@ scored on the rest (chance 1/6; the wall contact alone gives 1/3). Fit on the fe
 whitening either side: if only the whitened fit binds, the colour is there but in directions too weak for
 gradient descent on the projections to find.
 
-    python experiments/synth/colour_match.py CHECKPOINT [--seed 8] [--clips 300]
+    python experiments/synth/colour_match.py CHECKPOINT [--seed 8] [--clips 300] [--training-state STATE]
+
+Beside it, how often the model's own cross-attention at the answer, over those 6 tokens alone, peaks on the
+asked digit's (`attention_choice`). `--training-state` scores a run still in training: its checkpoint's
+weights (`<run>/checkpoint/state.pt`) on CHECKPOINT, the run's starting model.
 
 BENCHMARKS.md, issue 20, item 15.
 """
@@ -17,47 +21,10 @@ import json
 from pathlib import Path
 
 import torch
-from benchmark import FPS, FRAMES, SIZE, conversation
-from evidence_attention import EvidenceAttention, digit_patch
-from scoring import round_trip
+from hybrid_inputs import match_features, whitening
+from whitened_training import restore_training_state
 
 from slowfast_vlm.inference import load_model
-from slowfast_vlm.synth import generate_clip, open_question
-
-
-@torch.no_grad()
-def match_features(model, processor, seed: int, clips: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(h, s)` over the open questions of `clips` clips of a fresh seed: `h` `(Q, D)` the answer position's
-    input to the hybrid attention, `s` `(Q, 6, D)` its clip's 6 digit-patch slow tokens after the layer's
-    slow norm, in record order (question `q` of a clip asks about its digit `q`)."""
-    was_training = model.training
-    model.eval()
-    hybrid = EvidenceAttention(model.hybrid_attentions[0])  # (its hook keeps the block's inputs)
-    (height, width), patch_side = model.model.visual_grid(FRAMES), model.config.vision_config.patch_size
-    hidden, slow = [], []
-    for index in range(clips):
-        rendered, records = generate_clip(index, seed, "test", FRAMES, SIZE, FPS)
-        frames = round_trip(rendered, processor)
-        prompts = [
-            processor.apply_chat_template(conversation([open_question(r)]), add_generation_prompt=True)
-            for r in records
-        ]
-        inputs = processor(
-            text=prompts,
-            videos=[frames] * len(prompts),
-            padding=True,
-            padding_side="right",
-            return_tensors="pt",
-        )
-        model(**inputs)
-        answer = inputs["attention_mask"].sum(1) - 1
-        hidden.append(hybrid.call["hidden_states"][torch.arange(len(records)), answer])
-        tokens = [r["detail_frames"][0] * height * width + digit_patch(r, width, patch_side) for r in records]
-        digits = hybrid.attention.slow_norm(hybrid.call["slow_cache"].tokens[0, tokens])  # (6, D)
-        slow.append(digits.expand(len(records), -1, -1))
-    hybrid.remove()
-    model.train(was_training)
-    return torch.cat(hidden), torch.cat(slow)
 
 
 def bilinear_match_accuracy(h: torch.Tensor, s: torch.Tensor, iterations: int = 1500) -> dict:
@@ -84,29 +51,26 @@ def bilinear_match_accuracy(h: torch.Tensor, s: torch.Tensor, iterations: int = 
         }
 
 
-def whitening(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean `(D,)` and matrix `(D, D)` that whiten rows like those of `x` `(..., D)`: `(x - mean) @ matrix`
-    is `x` centred, in the basis of its covariance's eigenvectors, each direction divided by the square root of
-    its variance plus 1e-3 of the largest (a variance v becomes v / (v + 1e-3 max v): the weakest directions,
-    mostly noise, are not blown up)."""
-    flat = x.reshape(-1, x.shape[-1])
-    mean = flat.mean(0)
-    variances, directions = torch.linalg.eigh(torch.cov((flat - mean).T))
-    return mean, directions * (variances.clamp_min(0) + 1e-3 * variances.max()).rsqrt()
-
-
 def whiten(x: torch.Tensor) -> torch.Tensor:
     """`x` `(..., D)` whitened by its own `whitening`."""
     mean, matrix = whitening(x)
     return (x - mean) @ matrix
 
 
-def colour_match(checkpoint: Path, seed: int, clips: int) -> dict:
-    """The bilinear match's accuracy on the features as they are, standardised, and whitened on either or both
-    sides, and each side's largest covariance eigenvalues."""
-    h, s = match_features(*load_model(checkpoint, "cpu", "float32"), seed, clips)
+def colour_match(checkpoint: Path, seed: int, clips: int, training_state: Path | None = None) -> dict:
+    """The model's own attention choice among the 6 digit patches, the bilinear match's accuracy on the
+    features as they are, standardised, and whitened on either or both sides, and each side's largest
+    covariance eigenvalues."""
+    model, processor = load_model(checkpoint, "cpu", "float32")
+    report = {"checkpoint": str(checkpoint), "seed": seed}
+    if training_state is not None:
+        state = torch.load(training_state, weights_only=False)  # our own file: numpy's RNG state is a dict
+        restore_training_state(model, state["model"])
+        report |= {"training_state": str(training_state), "step": state["step"]}
+    h, s, attention = match_features(model, processor, seed, clips)
+    own = torch.arange(len(h)) % s.shape[1]
+    report |= {"questions": len(h), "attention_choice": float((attention.argmax(-1) == own).float().mean())}
     standardised = (h - h.mean(0)) / (h.std(0) + 1e-6)
-    report = {"checkpoint": str(checkpoint), "seed": seed, "questions": len(h)}
     for name, (left, right) in {
         "as_read": (h, s),
         "hidden_standardised": (standardised, s),
@@ -125,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--seed", type=int, default=8, help="the clips' seed (not 0: the experiment's)")
     parser.add_argument("--clips", type=int, default=300)
+    parser.add_argument("--training-state", type=Path, help="a run's checkpoint/state.pt, on CHECKPOINT")
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
     torch.set_num_threads(1)
-    print(json.dumps(colour_match(args.checkpoint, args.seed, args.clips)), flush=True)
+    report = colour_match(args.checkpoint, args.seed, args.clips, args.training_state)
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

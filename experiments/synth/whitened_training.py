@@ -12,7 +12,7 @@ the input at unit variance. The reparametrisation changes how the layer learns, 
 from __future__ import annotations
 
 import torch
-from colour_match import match_features, whitening
+from hybrid_inputs import match_features, whitening
 from torch import nn
 
 WHITENING_SEED = 11  # the clips the statistics come from (a seed no score or test uses)
@@ -51,7 +51,7 @@ def whiten_hybrid_projections(model: nn.Module, processor, clips: int) -> None:
     """Replace each hybrid block's `q_proj` and `cross_attn_kv_proj` by a `WhitenedLinear` on the statistics of
     their inputs over the open questions of `clips` clips of `WHITENING_SEED`: the answer position's hidden
     state entering the block (queries) and the slow tokens at the digits' patches (keys and values)."""
-    hidden, slow = match_features(model, processor, WHITENING_SEED, clips)  # (Q, D), (Q, 6, D)
+    hidden, slow, _ = match_features(model, processor, WHITENING_SEED, clips)  # (Q, D), (Q, 6, D)
     digits = slow[:: slow.shape[1]].flatten(0, 1)  # each clip's 6 digit tokens once
     for block in model.hybrid_attentions:
         block.q_proj = WhitenedLinear(block.q_proj, *whitening(hidden))
@@ -64,3 +64,15 @@ def fold_whitened(model: nn.Module) -> None:
         if isinstance(module, WhitenedLinear):
             parent, attribute = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
             setattr(parent, attribute, module.fold())
+
+
+def restore_training_state(model: nn.Module, state_dict: dict) -> None:
+    """Load a training checkpoint's weights (`checkpoints.save_checkpoint`'s "model") onto `model`, the run's
+    starting model, and fold any whitened projections back into plain layers."""
+    if any(key.endswith(".q_proj.matrix") for key in state_dict):
+        for block in model.hybrid_attentions:  # (their statistics come with the state)
+            for name in ("q_proj", "cross_attn_kv_proj"):
+                size = getattr(block, name).in_features
+                setattr(block, name, WhitenedLinear(getattr(block, name), torch.zeros(size), torch.eye(size)))
+    model.load_state_dict(state_dict)
+    fold_whitened(model)
