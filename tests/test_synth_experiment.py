@@ -1576,12 +1576,13 @@ def test_whitening_the_hybrid_projections_and_folding_them_back_restores_the_lay
     with torch.no_grad():
         block.q_proj.weight.add_(0.05)  # as trained
     state = copy.deepcopy(model.state_dict())  # a training checkpoint's "model"
-    trained_query = block.q_proj.fold().weight
+    trained_query = block.q_proj.fold()  # (its bias moves too: b = b' - W m)
     whitened_training.fold_whitened(model)
     for name, value in model.state_dict().items():  # the same names and, but for the trained query, weights
-        if name != "model.language_model.layers.2.self_attn.q_proj.weight":
+        if ".layers.2.self_attn.q_proj." not in name:
             torch.testing.assert_close(value, before[name], rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(block_of(model).q_proj.weight, trained_query)
+    torch.testing.assert_close(block_of(model).q_proj.weight, trained_query.weight)
+    torch.testing.assert_close(block_of(model).q_proj.bias, trained_query.bias)
     # the checkpoint restored on the starting model gives the same plain layers
     restored = type(model)(model.config)
     restored.load_state_dict(before)
