@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 import torch
-from benchmark import FPS, FRAMES, SIZE, conversation, question_cue, question_words
+from benchmark import FRAMES, question_cue, question_words
 from evidence_attention import EvidenceAttention, digit_patch
-from scoring import round_trip
+from hybrid_inputs import open_question_batches
 
 from slowfast_vlm.inference import load_model
-from slowfast_vlm.synth import COLOURS, generate_clip, open_question
+from slowfast_vlm.synth import COLOURS
 
 
 def held_out_accuracy(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3) -> float:
@@ -56,27 +56,14 @@ def binding_probes(checkpoint: Path, seed: int, clips: int) -> dict:
     hybrid = EvidenceAttention(model.hybrid_attentions[0])  # (its hook keeps the block's inputs)
     block = hybrid.attention
     slow, keys, hidden, queries, colours, contacts = [], [], [], [], [], []
-    for index in range(clips):
-        rendered, records = generate_clip(index, seed, "test", FRAMES, SIZE, FPS)
-        frames = round_trip(rendered, processor)
-        prompts = [
-            processor.apply_chat_template(conversation([open_question(r)]), add_generation_prompt=True)
-            for r in records
-        ]
-        inputs = processor(
-            text=prompts,
-            videos=[frames] * len(prompts),
-            padding=True,
-            padding_side="right",
-            return_tensors="pt",
-        )
+    for records, inputs in open_question_batches(processor, seed, clips):
         outputs = model(**inputs, output_hidden_states=True)
         answer = inputs["attention_mask"].sum(1) - 1
-        hidden.append(torch.stack([h[torch.arange(len(prompts)), answer] for h in outputs.hidden_states], 1))
+        hidden.append(torch.stack([h[torch.arange(len(records)), answer] for h in outputs.hidden_states], 1))
         rotated, _ = block.rotated_queries_keys(
             hybrid.call["hidden_states"], hybrid.call["position_embeddings"]
         )
-        queries.extend(rotated[torch.arange(len(prompts)), :, answer].flatten(1))  # each (H*hd,)
+        queries.extend(rotated[torch.arange(len(records)), :, answer].flatten(1))  # each (H*hd,)
         tokens = model.model.encode_visual_items([inputs["pixel_values_videos"][0]])[0]  # (T, h*w, D)
         key, _ = block.project_slow(tokens.flatten(0, 1)[None])  # (1, kv_heads, T*h*w, hd)
         key = key[0].transpose(0, 1).reshape(*tokens.shape[:2], -1)  # (T, h*w, kv_heads*hd)

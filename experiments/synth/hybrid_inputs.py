@@ -5,6 +5,8 @@ the clip's digit patches (`match_features`), and the whitening of such features 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from benchmark import FPS, FRAMES, SIZE, conversation
 from evidence_attention import EvidenceAttention, digit_patch
@@ -13,17 +15,9 @@ from scoring import round_trip
 from slowfast_vlm.synth import generate_clip, open_question
 
 
-@torch.no_grad()
-def match_features(model, processor, seed: int, clips: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(h, s, a)` over the open questions of `clips` clips of a fresh seed: `h` `(Q, D)` the answer position's
-    input to the hybrid attention, `s` `(Q, 6, D)` its clip's 6 digit-patch slow tokens after the layer's
-    slow norm, in record order (question `q` of a clip asks about its digit `q`), and `a` `(Q, 6)` the block's
-    cross-attention at the answer over those 6 tokens alone (`EvidenceAttention.slow_probabilities`)."""
-    was_training = model.training
-    model.eval()
-    hybrid = EvidenceAttention(model.hybrid_attentions[0])  # (its hook keeps the block's inputs)
-    (height, width), patch_side = model.model.visual_grid(FRAMES), model.config.vision_config.patch_size
-    hidden, slow, attention = [], [], []
+def open_question_batches(processor, seed: int, clips: int) -> Iterator[tuple[list[dict], dict]]:
+    """Per clip of the first `clips` of a fresh `seed` (through the mp4 round trip): its records, and its 6 open
+    questions as one batch of chat prompts with the clip (right-padded: the answer position is the last)."""
     for index in range(clips):
         rendered, records = generate_clip(index, seed, "test", FRAMES, SIZE, FPS)
         frames = round_trip(rendered, processor)
@@ -38,6 +32,21 @@ def match_features(model, processor, seed: int, clips: int) -> tuple[torch.Tenso
             padding_side="right",
             return_tensors="pt",
         )
+        yield records, inputs
+
+
+@torch.no_grad()
+def match_features(model, processor, seed: int, clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(h, s, a)` over the open questions of `clips` clips of a fresh seed: `h` `(Q, D)` the answer position's
+    input to the hybrid attention, `s` `(Q, 6, D)` its clip's 6 digit-patch slow tokens after the layer's
+    slow norm, in record order (question `q` of a clip asks about its digit `q`), and `a` `(Q, 6)` the block's
+    cross-attention at the answer over those 6 tokens alone (`EvidenceAttention.slow_probabilities`)."""
+    was_training = model.training
+    model.eval()
+    hybrid = EvidenceAttention(model.hybrid_attentions[0])  # (its hook keeps the block's inputs)
+    (height, width), patch_side = model.model.visual_grid(FRAMES), model.config.vision_config.patch_size
+    hidden, slow, attention = [], [], []
+    for records, inputs in open_question_batches(processor, seed, clips):
         model(**inputs)
         answer = inputs["attention_mask"].sum(1) - 1
         hidden.append(hybrid.call["hidden_states"][torch.arange(len(records)), answer])
