@@ -20,7 +20,7 @@ WHITENING_SEED = 11  # the clips the statistics come from (a seed no score or te
 
 class WhitenedLinear(nn.Module):
     """A linear layer kept as `weight` `W'` `(out, D)` and `bias` `b'` on its whitened input: `y = W' z + b'`,
-    `z = (x - mean) @ matrix` (`colour_match.whitening`); `fold()` gives the equivalent `nn.Linear`."""
+    `z = (x - mean) @ matrix` (`hybrid_inputs.whitening`); `fold()` gives the equivalent `nn.Linear`."""
 
     def __init__(self, linear: nn.Linear, mean: torch.Tensor, matrix: torch.Tensor):
         super().__init__()
