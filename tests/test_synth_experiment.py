@@ -1279,15 +1279,21 @@ def test_binding_probe_scores_a_linear_label_as_read_and_a_random_one_near_chanc
     assert binding.held_out_accuracy(features, unrelated) < 0.35  # chance 0.2
 
 
+def saved_scratch_model(path: Path, records: list[dict]):
+    """A scratch (c) model whose tokenizer knows the records' open questions, saved in `path`."""
+    model, processor = build_scratch_model(
+        [open_question(r) for r in records], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
+
+
 def test_binding_probes_run_on_a_saved_checkpoint(tmp_path):
     import binding
 
     _, records = generate_clip(0, 8, "test", FRAMES, SIZE, FPS)
-    model, processor = build_scratch_model(
-        [open_question(r) for r in records], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
-    )
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    model, _ = saved_scratch_model(tmp_path, records)
     report = binding.binding_probes(tmp_path, seed=8, clips=4)
     assert report["questions"] == 4 * len(records)
     assert len(report["answer_position_entering_layer"]) == model.config.text_config.num_hidden_layers
@@ -1318,14 +1324,10 @@ def test_bilinear_match_binds_a_planted_match_and_whitening_gives_unit_variance(
 def test_colour_match_features_are_the_hybrid_inputs_at_the_answer_and_the_digit_patches(tmp_path):
     import hybrid_inputs
 
-    rendered, records = generate_clip(0, 8, "test", FRAMES, SIZE, FPS)
-    model, processor = build_scratch_model(
-        [open_question(r) for r in records], **run.STAGE1_KNOBS["slow"], video_defaults=run.MODELS["c"][1]
-    )
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
     from slowfast_vlm.inference import load_model
 
+    rendered, records = generate_clip(0, 8, "test", FRAMES, SIZE, FPS)
+    model, _ = saved_scratch_model(tmp_path, records)
     h, s, attention = hybrid_inputs.match_features(
         *load_model(str(tmp_path), "cpu", "float32"), seed=8, clips=2
     )
@@ -1341,9 +1343,14 @@ def test_colour_match_features_are_the_hybrid_inputs_at_the_answer_and_the_digit
     prompt = processor.apply_chat_template(
         benchmark.conversation([open_question(records[0])]), add_generation_prompt=True
     )
-    pixels = processor(text=[prompt], videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
+    inputs = processor(text=[prompt], videos=[frames], return_tensors="pt")
     with torch.no_grad():
-        tokens = model.model.encode_visual_items([pixels])[0]  # (T, h*w, D)
+        # h: the hidden state entering the hybrid layer (2) at the last prompt token, after its input norm
+        entering = model(**inputs, output_hidden_states=True).hidden_states[2][0, -1]
+        torch.testing.assert_close(
+            h[0], model.model.language_model.layers[2].input_layernorm(entering), rtol=1e-4, atol=1e-5
+        )
+        tokens = model.model.encode_visual_items([inputs["pixel_values_videos"][0]])[0]  # (T, h*w, D)
         (_, width), patch = model.model.visual_grid(FRAMES), model.config.vision_config.patch_size
         for candidate, record in enumerate(records):
             ((frame, x, y),) = find_digit(rendered, int(record["answer_text"]))
@@ -1484,6 +1491,8 @@ def test_muon_trains_the_chosen_matrices_and_steps_schedules_and_resumes_as_one_
     }
     assert len(adamw.param_groups[0]["params"]) + 2 == len(trainable)
     decoder = run.build_optimizer(model, trainable, 1e-3, 1.0, "decoder", 0.02).parts[1]
+    with pytest.raises(ValueError, match="its own rate"):  # a scale would otherwise be dropped silently
+        run.build_optimizer(model, trainable, 1e-3, 10.0, "hybrid", 0.02)
     in_decoder = [names[id(p)] for p in decoder.param_groups[0]["params"]]
     assert in_decoder and all(".layers." in n and n.endswith(".weight") for n in in_decoder)
     assert not any("norm" in n or "embed" in n for n in in_decoder)

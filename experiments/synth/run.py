@@ -574,10 +574,8 @@ def parameter_groups(
     return [{"params": others}, {"params": apart, "lr": lr * scale}]
 
 
-MUON_MATRICES = (
-    "hybrid",
-    "decoder",
-)  # the hybrid layers' query and slow key/value side; every decoder matrix
+# the hybrid layers' query and slow key/value side; every decoder matrix
+MUON_MATRICES = ("hybrid", "decoder")
 
 
 def muon_matrices(model: nn.Module, which: str) -> list[nn.Parameter]:
@@ -603,7 +601,6 @@ class AdamWAndMuon(torch.optim.Optimizer):
     def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
         self.parts = (adamw, muon)  # (Optimizer.__init__ is not called: the parts hold the state)
         self.defaults, self.state = {}, {}
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
 
     @property
     def param_groups(self) -> list[dict]:  # the parts' own dicts (a schedule sets their "lr")
@@ -637,6 +634,8 @@ def build_optimizer(
     """AdamW on `parameter_groups`, or with `muon` (a key of `MUON_MATRICES`) Muon at `muon_lr` on those 2-D
     weights of the LLM and AdamW on the rest."""
     adamw = dict(lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if muon and (kv_lr_scale != 1.0 or whitened_lr_scale != 1.0):
+        raise ValueError("muon sets its own rate for the matrices it trains: give no kv/whitened lr scale")
     if not muon:
         return torch.optim.AdamW(
             parameter_groups(model, trainable, lr, kv_lr_scale, whitened_lr_scale), **adamw
