@@ -93,10 +93,6 @@ def chance_floor(questions: int, chance: float = 0.25, level: float = 0.001) -> 
     return 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 2: multiple choice 31 of 96 on these clips (floor 39; open 27, floor 21)",
-)
 def test_shipped_model_answers_fresh_clips_well_above_chance_in_both_forms(tmp_path):
     # Right answers come from the generator; the multiple-choice reply is read as `slowfast-vlm eval` reads it.
     from slowfast_vlm.evaluation.answers import extract_choice, parse_options
