@@ -26,6 +26,7 @@ import run  # noqa: E402
 import scoring  # noqa: E402
 from benchmark import FILLER_WORDS, FPS, FRAMES, SIZE, exercise, one_per_square, question_cue, without_digits  # noqa: E402
 
+from slowfast_vlm.default_model import DEMO_MODEL_DIR  # noqa: E402
 from slowfast_vlm.processing.video import load_video, write_video  # noqa: E402
 from slowfast_vlm.synth import CATEGORIES, CRF, choice_question, find_digit, generate_clip, open_question  # noqa: E402
 from slowfast_vlm.training.scratch import build_scratch_model  # noqa: E402
@@ -1598,3 +1599,23 @@ def test_whitening_the_hybrid_projections_and_folding_them_back_restores_the_lay
     whitened_training.restore_training_state(restored, state)
     for name, value in restored.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (DEMO_MODEL_DIR / "config.json").exists(), reason="this installation ships no demo model"
+)
+def test_readme_eval_of_the_demo_model_on_the_test_split_gives_the_figure_it_states(tmp_path):
+    # README: `run.py prepare` (its test split: `write_split`), then `slowfast-vlm eval --model <demo model>
+    # --data <test split> --output OUT` "scores **X%** (N of M;": the figure is read from the README itself
+    from slowfast_vlm.cli import main
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    stated = re.search(r"--output OUT`\), scores \*\*([\d.]+)%\*\* \((\d+) of (\d+);", readme)
+    percent, correct, total = float(stated[1]), int(stated[2]), int(stated[3])
+    run.write_split("test", tmp_path)
+    argv = ["eval", "--model", str(DEMO_MODEL_DIR), "--data", str(tmp_path / "test.jsonl")]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["num_samples"], metrics["num_correct"]) == (total, correct)
+    assert round(100 * correct / total, 1) == percent

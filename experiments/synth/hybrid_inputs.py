@@ -36,7 +36,9 @@ def open_question_batches(processor, seed: int, clips: int) -> Iterator[tuple[li
 
 
 @torch.no_grad()
-def match_features(model, processor, seed: int, clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+def match_features(
+    model, processor, seed: int, clips: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(h, s, a)` over the open questions of `clips` clips of a fresh seed: `h` `(Q, D)` the answer position's
     input to the hybrid attention, `s` `(Q, 6, D)` its clip's 6 digit-patch slow tokens after the layer's
     slow norm, in record order (question `q` of a clip asks about its digit `q`), and `a` `(Q, 6)` the block's

@@ -132,16 +132,21 @@ def read_clips(split: str) -> list[list[dict]]:
     return [records[i : i + 6] for i in range(0, len(records), 6)]
 
 
+def write_split(split: str, out: Path = DATA) -> None:
+    """Write one split of the experiment's data (`SPLITS`, seed 0) to `out` with `slowfast-vlm synth`."""
+    subprocess.run(
+        ["slowfast-vlm", "synth", "--out", str(out), "--num", str(SPLITS[split]), "--split", split,
+         "--seed", "0", "--size", str(SIZE), "--frames", str(FRAMES), "--fps", str(FPS)],
+        check=True,
+    )  # fmt: skip
+
+
 def prepare(pool_clips: int = POOL_CLIPS) -> None:
     """Write the train and test splits, decode every train clip once into `train_frames.npy`, and write
     the frame pool of the pre-training stages (`write_frame_pool`)."""
-    for split, num in SPLITS.items():
+    for split in SPLITS:
         if not (DATA / f"{split}.jsonl").exists():
-            subprocess.run(
-                ["slowfast-vlm", "synth", "--out", str(DATA), "--num", str(num), "--split", split,
-                 "--seed", "0", "--size", str(SIZE), "--frames", str(FRAMES), "--fps", str(FPS)],
-                check=True,
-            )  # fmt: skip
+            write_split(split)
     if not (DATA / "train_frames.npy").exists():
         frames = [load_video(DATA / clip[0]["video"], FRAMES, fps=FPS)[0] for clip in read_clips("train")]
         np.save(DATA / "train_frames.npy", np.stack(frames))  # (clips, 64, 32, 32, 3) uint8
